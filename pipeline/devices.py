@@ -1,0 +1,18 @@
+"""Which torch device a process uses."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.errors import UserError
+
+
+def choose_device(wanted: str, worker_id: int = 0) -> str:
+    """`auto` spreads workers over the GPUs (cuda:{worker_id % n_gpus}) and
+    falls back to the CPU; `cuda` insists on a GPU."""
+    n_gpus = torch.cuda.device_count()
+    if wanted == "cpu" or (wanted == "auto" and n_gpus == 0):
+        return "cpu"
+    if n_gpus == 0:
+        raise UserError("device: 'cuda' was asked for, but torch sees no CUDA device")
+    return f"cuda:{worker_id % n_gpus}"

@@ -1,0 +1,28 @@
+"""The one error type a user should ever see.
+
+Anything the user can fix (a config key, a path, a dtype, an unreachable
+server) is raised as `UserError` with one line that names the field and the
+reason; `pipeline.cli.cli_main` prints it and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import pydantic
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """A problem with the user's config or data, described in one line."""
+
+
+def describe_validation_error(error: pydantic.ValidationError, source: str = "config") -> str:
+    first = error.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        reason = "unknown key"
+    else:
+        reason = first["msg"].removeprefix("Value error, ")
+    more = len(error.errors()) - 1
+    suffix = f" (and {more} more problem{'s' * (more > 1)})" if more else ""
+    return f"{source}: {field}: {reason}{suffix}"

@@ -1,0 +1,72 @@
+"""Score a finished run against ground truth, one row per threshold.
+
+    python pipeline/evaluate.py CONFIG
+
+`predict.py` calls the same code as its last step when the config names
+`ground_truth`; this command re-scores a finished run (for instance after
+adding thresholds and re-running `predict.py`, which only rebuilds the LUTs).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python pipeline/evaluate.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from funlib.geometry import Roi
+from funlib.persistence import open_ds
+
+from pipeline.config import RunConfig
+from pipeline.cli import cli_main, run_command
+from pipeline.errors import UserError
+from pipeline.lut import apply_mapping, load_lut
+from pipeline.metrics import Contingency, scores
+from pipeline.run_layout import RunDir
+from pipeline.volumes import open_volume, split_path
+
+COLUMNS = ("threshold", "voi_split", "voi_merge", "voi", "arand", "cremi_score")
+
+
+def evaluate_run(config: RunConfig) -> list[dict[str, float]]:
+    run_dir = RunDir(Path(config.run_dir))
+    layout = run_dir.read_layout()
+    gt = open_volume(*split_path(config.ground_truth), field="ground_truth")
+    fragments = open_ds(run_dir.volumes / "fragments")
+    thresholds = sorted(config.agglomerate.thresholds)
+    luts = {t: load_lut(run_dir.lut(config.agglomerate.scoring, t)) for t in thresholds}
+    tables = {t: Contingency() for t in thresholds}
+    roi = layout.roi
+    slab_depth = layout.block_shape[0]
+    for z in range(roi.begin[0], roi.end[0], slab_depth):
+        slab = Roi((z, *roi.begin[1:]), (min(slab_depth, roi.end[0] - z), *roi.shape[1:]))
+        frags, truth = fragments[slab], gt[slab]
+        for t in thresholds:
+            tables[t].add(apply_mapping(frags, *luts[t]), truth)
+    return [{"threshold": t, **scores(tables[t])} for t in thresholds]
+
+
+def format_table(rows: list[dict[str, float]]) -> str:
+    header = "".join(f"{c:>13}" for c in COLUMNS)
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        lines.append(f"{row['threshold']:>13.2f}" + "".join(f"{row[c]:>13.4f}" for c in COLUMNS[1:]))
+    best = min(rows, key=lambda r: r["voi"])
+    lines.append(f"best VOI at threshold {best['threshold']:.2f}: VOI {best['voi']:.4f}, ARAND {best['arand']:.4f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    config, args = run_command("evaluate", __doc__, "print the rows as JSON instead of a table")
+    if config.ground_truth is None:
+        raise UserError("ground_truth: the config names no ground truth to evaluate against")
+    if not RunDir(Path(config.run_dir)).layout.exists():
+        raise UserError(f"run_dir: {config.run_dir} holds no run; run pipeline/predict.py first")
+    rows = evaluate_run(config)
+    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+
+
+if __name__ == "__main__":
+    cli_main(main)

@@ -1,0 +1,317 @@
+"""The region-adjacency graph store: one interface, SQLite and MongoDB behind it.
+
+Contract (design.md, Storage):
+- nodes: id (unique), center (world units, z y x), size, block;
+- edges: u < v (unique pair), merge_score (NaN/missing = never merge),
+  per-offset mean affinities, block;
+- every write replaces a whole block atomically enough that a worker dying
+  halfway leaves nothing that a re-run of the block does not overwrite:
+  SQLite deletes and inserts in one transaction; MongoDB (no multi-document
+  transactions on a standalone server) deletes by block and then inserts,
+  and the block is only marked done by daisy after both returned;
+- reads go by the indexed `block` field, never by bounding-box scans.
+
+Ids are below 2^53 (asserted where they are made), so they fit the signed
+64-bit integers of both backends and survive JSON.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+
+from pipeline.errors import UserError
+
+EDGE_CHUNK = 100_000
+# block indices per `$in` query: 8-byte ints keep a query far below MongoDB's
+# 16 MB document limit
+IN_CHUNK = 50_000
+
+
+@dataclass
+class Nodes:
+    ids: np.ndarray  # uint64 (N,)
+    centers: np.ndarray  # float64 (N, 3), world units
+    sizes: np.ndarray  # int64 (N,)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class Edges:
+    u: np.ndarray  # uint64 (E,), u < v
+    v: np.ndarray  # uint64 (E,)
+    scores: np.ndarray  # float32 (E,), NaN = never merge
+    affinities: np.ndarray  # float32 (E, C), NaN where an offset never links u and v
+
+    def __len__(self) -> int:
+        return len(self.u)
+
+
+class GraphStore(ABC):
+    @abstractmethod
+    def reset(self) -> None:
+        """Drop every node and edge (a fresh run)."""
+
+    @abstractmethod
+    def write_nodes(self, block: int, nodes: Nodes) -> None:
+        """Replace the nodes of `block`."""
+
+    @abstractmethod
+    def write_edges(self, block: int, edges: Edges) -> None:
+        """Replace the edges owned by `block`."""
+
+    @abstractmethod
+    def read_nodes(self, blocks: list[int]) -> Nodes: ...
+
+    @abstractmethod
+    def read_edges(self, blocks: list[int]) -> Edges: ...
+
+    @abstractmethod
+    def node_ids(self) -> np.ndarray:
+        """All node ids, sorted."""
+
+    @abstractmethod
+    def stream_edges(self, chunk: int = EDGE_CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(u, v, merge_score) in numpy chunks, for building look-up tables."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> GraphStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _check_ids(ids: np.ndarray) -> None:
+    if len(ids) and int(ids.max()) >= 2**53:
+        raise ValueError("graph ids must stay below 2^53")
+
+
+class SqliteGraphStore(GraphStore):
+    """The embedded default: one file, safe for several local worker processes
+    (WAL journal, writers wait for the lock instead of failing)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path, timeout=600, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS nodes (
+                id INTEGER PRIMARY KEY, z REAL, y REAL, x REAL, size INTEGER, block INTEGER);
+            CREATE INDEX IF NOT EXISTS nodes_block ON nodes(block);
+            CREATE TABLE IF NOT EXISTS edges (
+                u INTEGER, v INTEGER, merge_score REAL, affinities BLOB, block INTEGER,
+                PRIMARY KEY (u, v)) WITHOUT ROWID;
+            CREATE INDEX IF NOT EXISTS edges_block ON edges(block);
+            """
+        )
+
+    def reset(self) -> None:
+        self.db.execute("DELETE FROM nodes")
+        self.db.execute("DELETE FROM edges")
+
+    def _replace(self, table: str, block: int, columns: str, rows) -> None:
+        marks = ",".join("?" * (columns.count(",") + 1))
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute(f"DELETE FROM {table} WHERE block = ?", (block,))
+            self.db.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def write_nodes(self, block: int, nodes: Nodes) -> None:
+        _check_ids(nodes.ids)
+        # .tolist() converts whole columns at C speed; per-element int()
+        # and float() calls would dominate the write
+        centers = nodes.centers.T.tolist() if len(nodes) else [[], [], []]
+        rows = zip(nodes.ids.tolist(), *centers, nodes.sizes.tolist(), [block] * len(nodes))
+        self._replace("nodes", block, "id,z,y,x,size,block", rows)
+
+    def write_edges(self, block: int, edges: Edges) -> None:
+        _check_ids(edges.v)
+        width = edges.affinities.shape[1] * 4 if len(edges) else 0
+        packed = np.ascontiguousarray(edges.affinities, dtype=np.float32).tobytes()
+        blobs = (packed[i : i + width] for i in range(0, len(packed), width)) if width else ()
+        # NaN scores are stored as NULL: "never merge"
+        scores = [None if s != s else s for s in edges.scores.tolist()]
+        rows = zip(edges.u.tolist(), edges.v.tolist(), scores, blobs, [block] * len(edges))
+        self._replace("edges", block, "u,v,merge_score,affinities,block", rows)
+
+    def _in_blocks(self, query: str, blocks: list[int]) -> list[tuple]:
+        rows: list[tuple] = []
+        for start in range(0, len(blocks), 900):  # SQLite's host-parameter limit
+            chunk = blocks[start : start + 900]
+            rows += self.db.execute(query.format(",".join("?" * len(chunk))), chunk).fetchall()
+        return rows
+
+    def read_nodes(self, blocks: list[int]) -> Nodes:
+        rows = self._in_blocks("SELECT id, z, y, x, size FROM nodes WHERE block IN ({}) ORDER BY id", blocks)
+        return _nodes_from_rows([(r[0], r[1:4], r[4]) for r in rows])
+
+    def read_edges(self, blocks: list[int]) -> Edges:
+        rows = self._in_blocks(
+            "SELECT u, v, merge_score, affinities FROM edges WHERE block IN ({}) ORDER BY u, v", blocks
+        )
+        return _edges_from_rows([(u, v, s, np.frombuffer(a, dtype=np.float32)) for u, v, s, a in rows])
+
+    def node_ids(self) -> np.ndarray:
+        ids = self.db.execute("SELECT id FROM nodes ORDER BY id").fetchall()
+        return np.array([i for (i,) in ids], dtype=np.uint64)
+
+    def stream_edges(self, chunk: int = EDGE_CHUNK):
+        cursor = self.db.execute("SELECT u, v, merge_score FROM edges")
+        while rows := cursor.fetchmany(chunk):
+            yield _edge_arrays(rows)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class MongoGraphStore(GraphStore):
+    """For clusters where many workers write at once. One client per worker
+    process (the store is opened once in a worker's set-up), bulk writes,
+    retries with back-off on transient connection errors."""
+
+    RETRIES = 5
+
+    def __init__(self, uri: str, default_database: str):
+        import pymongo
+        from pymongo.errors import PyMongoError
+
+        self._pymongo = pymongo
+        self.uri = uri
+        self.client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000, connectTimeoutMS=5000)
+        try:
+            self.client.admin.command("ping")
+        except PyMongoError as e:
+            self.client.close()
+            raise UserError(f"store: cannot reach MongoDB at {uri}: {type(e).__name__}") from e
+        name = urlparse(uri).path.strip("/") or default_database
+        self.db = self.client[name]
+        self.nodes = self.db["nodes"]
+        self.edges = self.db["edges"]
+        self._retry(lambda: self.nodes.create_index("block"))
+        self._retry(lambda: self.edges.create_index([("u", 1), ("v", 1)], unique=True))
+        self._retry(lambda: self.edges.create_index("block"))
+
+    def _retry(self, operation):
+        from pymongo.errors import AutoReconnect, NetworkTimeout
+
+        for attempt in range(self.RETRIES):
+            try:
+                return operation()
+            except (AutoReconnect, NetworkTimeout):
+                if attempt == self.RETRIES - 1:
+                    raise
+                time.sleep(0.5 * 2**attempt)
+
+    def reset(self) -> None:
+        self._retry(lambda: self.nodes.delete_many({}))
+        self._retry(lambda: self.edges.delete_many({}))
+
+    def _replace(self, collection, block: int, documents: list[dict]) -> None:
+        # delete and insert retry as a pair: a retried insert may otherwise
+        # meet half of its own earlier attempt
+        def replace():
+            collection.delete_many({"block": block})
+            if documents:
+                collection.insert_many(documents, ordered=False)
+
+        self._retry(replace)
+
+    def write_nodes(self, block: int, nodes: Nodes) -> None:
+        _check_ids(nodes.ids)
+        documents = [
+            {"_id": i, "center": c, "size": s, "block": block}
+            for i, c, s in zip(nodes.ids.tolist(), nodes.centers.tolist(), nodes.sizes.tolist())
+        ]
+        self._replace(self.nodes, block, documents)
+
+    def write_edges(self, block: int, edges: Edges) -> None:
+        _check_ids(edges.v)
+        documents = [
+            {"u": u, "v": v, "merge_score": None if s != s else s, "affinities": a, "block": block}
+            for u, v, s, a in zip(
+                edges.u.tolist(), edges.v.tolist(), edges.scores.tolist(), edges.affinities.tolist()
+            )
+        ]
+        self._replace(self.edges, block, documents)
+
+    def _find_in_blocks(self, collection, blocks: list[int], projection: dict) -> list[dict]:
+        documents: list[dict] = []
+        for start in range(0, len(blocks), IN_CHUNK):
+            chunk = blocks[start : start + IN_CHUNK]
+            documents += self._retry(lambda: list(collection.find({"block": {"$in": chunk}}, projection)))
+        return documents
+
+    def read_nodes(self, blocks: list[int]) -> Nodes:
+        documents = self._find_in_blocks(self.nodes, blocks, {"center": 1, "size": 1})
+        documents.sort(key=lambda d: d["_id"])
+        return _nodes_from_rows([(d["_id"], d["center"], d["size"]) for d in documents])
+
+    def read_edges(self, blocks: list[int]) -> Edges:
+        documents = self._find_in_blocks(self.edges, blocks, {"_id": 0, "u": 1, "v": 1, "merge_score": 1, "affinities": 1})
+        documents.sort(key=lambda d: (d["u"], d["v"]))
+        return _edges_from_rows([(d["u"], d["v"], d["merge_score"], d["affinities"]) for d in documents])
+
+    def node_ids(self) -> np.ndarray:
+        ids = [d["_id"] for d in self._retry(lambda: list(self.nodes.find({}, {"_id": 1}).sort("_id", 1)))]
+        return np.array(ids, dtype=np.uint64)
+
+    def stream_edges(self, chunk: int = EDGE_CHUNK):
+        cursor = self.edges.find({}, {"_id": 0, "u": 1, "v": 1, "merge_score": 1}, batch_size=chunk)
+        rows = []
+        for d in cursor:
+            rows.append((d["u"], d["v"], d["merge_score"]))
+            if len(rows) == chunk:
+                yield _edge_arrays(rows)
+                rows = []
+        if rows:
+            yield _edge_arrays(rows)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _nodes_from_rows(rows: list[tuple]) -> Nodes:
+    return Nodes(
+        ids=np.array([r[0] for r in rows], dtype=np.uint64),
+        centers=np.array([r[1] for r in rows], dtype=np.float64).reshape(-1, 3),
+        sizes=np.array([r[2] for r in rows], dtype=np.int64),
+    )
+
+
+def _edges_from_rows(rows: list[tuple]) -> Edges:
+    u, v, s = _edge_arrays([r[:3] for r in rows])
+    affinities = np.array([r[3] for r in rows], dtype=np.float32)
+    return Edges(u, v, s, affinities.reshape(len(rows), -1))
+
+
+def _edge_arrays(rows: list[tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    u = np.fromiter((r[0] for r in rows), dtype=np.uint64, count=len(rows))
+    v = np.fromiter((r[1] for r in rows), dtype=np.uint64, count=len(rows))
+    s = np.fromiter((np.nan if r[2] is None else r[2] for r in rows), dtype=np.float32, count=len(rows))
+    return u, v, s
+
+
+def open_store(store: str, run_dir: Path) -> GraphStore:
+    """`store` is a RunConfig.store value: 'sqlite' or a MongoDB URI."""
+    if store == "sqlite":
+        return SqliteGraphStore(run_dir / "graph.sqlite")
+    return MongoGraphStore(store, default_database=f"affseg_{run_dir.name}")

@@ -1,0 +1,206 @@
+"""Turn a PNG/TIFF section stack or an HDF5 dataset into a zarr dataset.
+
+    python pipeline/ingest.py SOURCE --out CONTAINER.zarr/DATASET --voxel-size Z Y X
+
+SOURCE is one of
+  - a directory of PNG or TIFF sections, one file per z, sorted by name;
+  - a multi-page TIFF file (pages are z);
+  - FILE.h5:/path/to/dataset (also .hdf5, .hdf).
+
+Ground truth given as supervoxels plus a supervoxel -> body table (as in the
+FlyEM FIB-SEM samples) is mapped to bodies with --body-map FILE.h5:/table;
+supervoxels missing from the table keep their id. The volume is read and
+written in slabs of one chunk depth, so memory stays bounded by a slab.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from funlib.geometry import Coordinate, Roi
+
+if __package__ in (None, ""):  # run as `python pipeline/ingest.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.cli import cli_main
+from pipeline.errors import UserError
+from pipeline.lut import apply_mapping
+from pipeline.volumes import prepare_volume, split_path
+
+SECTION_SUFFIXES = (".png", ".tif", ".tiff")
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+
+
+class SectionStack:
+    """A directory of 2D images, or one multi-page TIFF, read lazily by z."""
+
+    def __init__(self, path: Path):
+        if path.is_dir():
+            self.files = sorted(p for p in path.iterdir() if p.suffix.lower() in SECTION_SUFFIXES)
+            if not self.files:
+                raise UserError(f"source: {path} holds no PNG or TIFF sections")
+            first = self._read_file(self.files[0])
+            self.pages = None
+            self.shape = (len(self.files), *first.shape)
+        else:
+            import tifffile
+
+            self.files = []
+            self.pages = tifffile.imread(path)
+            if self.pages.ndim != 3:
+                raise UserError(f"source: {path} is not a stack of 2D pages (shape {self.pages.shape})")
+            first = self.pages[0]
+            self.shape = self.pages.shape
+        if first.ndim != 2:
+            raise UserError(f"source: sections must be single-channel 2D images, got shape {first.shape}")
+        self.dtype = first.dtype
+
+    @staticmethod
+    def _read_file(path: Path) -> np.ndarray:
+        if path.suffix.lower() == ".png":
+            import imageio.v3 as iio
+
+            return iio.imread(path)
+        import tifffile
+
+        return tifffile.imread(path)
+
+    def read(self, z0: int, z1: int) -> np.ndarray:
+        if self.pages is not None:
+            return self.pages[z0:z1]
+        sections = [self._read_file(f) for f in self.files[z0:z1]]
+        for f, s in zip(self.files[z0:z1], sections):
+            if s.shape != self.shape[1:]:
+                raise UserError(f"source: section {f.name} has shape {s.shape}, expected {self.shape[1:]}")
+        return np.stack(sections)
+
+
+class Hdf5Dataset:
+    def __init__(self, spec: str):
+        import h5py
+
+        path, dataset = _split_hdf5(spec)
+        self._file = h5py.File(path, "r")
+        if dataset not in self._file:
+            raise UserError(f"source: dataset {dataset!r} not found in {path}")
+        self._data = self._file[dataset]
+        if self._data.ndim != 3:
+            raise UserError(f"source: {spec} must be 3D (z, y, x), has shape {self._data.shape}")
+        self.shape = self._data.shape
+        self.dtype = self._data.dtype
+
+    def read(self, z0: int, z1: int) -> np.ndarray:
+        return self._data[z0:z1]
+
+
+def _split_hdf5(spec: str) -> tuple[Path, str]:
+    path, _, dataset = spec.partition(":")
+    if not dataset:
+        raise UserError(f"source: {spec}: name the dataset as FILE.h5:/dataset")
+    if not Path(path).exists():
+        raise UserError(f"source: {path} does not exist")
+    return Path(path), dataset
+
+
+def open_source(spec: str) -> SectionStack | Hdf5Dataset:
+    path = Path(spec.partition(":")[0])
+    if path.suffix.lower() in HDF5_SUFFIXES:
+        return Hdf5Dataset(spec)
+    if not path.exists():
+        raise UserError(f"source: {spec} does not exist")
+    if path.is_dir() or path.suffix.lower() in (".tif", ".tiff"):
+        return SectionStack(path)
+    raise UserError(f"source: {spec} is neither a section directory, a TIFF stack nor FILE.h5:/dataset")
+
+
+class BodyMap:
+    """Supervoxel -> body look-up, vectorised with a sorted key array."""
+
+    def __init__(self, spec: str):
+        import h5py
+
+        path, dataset = _split_hdf5(spec)
+        with h5py.File(path, "r") as f:
+            if dataset not in f:
+                raise UserError(f"--body-map: dataset {dataset!r} not found in {path}")
+            table = np.asarray(f[dataset])
+        if table.ndim != 2 or table.shape[1] != 2:
+            raise UserError(f"--body-map: {spec} must be an (N, 2) table of [supervoxel, body]")
+        order = np.argsort(table[:, 0])
+        self.keys = table[order, 0].astype(np.uint64)
+        self.values = table[order, 1].astype(np.uint64)
+
+    def __call__(self, supervoxels: np.ndarray) -> np.ndarray:
+        return apply_mapping(supervoxels.astype(np.uint64), self.keys, self.values)
+
+
+def slabs(depth: int, step: int) -> Iterator[tuple[int, int]]:
+    for z0 in range(0, depth, step):
+        yield z0, min(depth, z0 + step)
+
+
+def ingest(
+    source: str,
+    out: str,
+    voxel_size: tuple[int, int, int],
+    offset: tuple[int, int, int] = (0, 0, 0),
+    z_range: tuple[int, int] | None = None,
+    body_map: str | None = None,
+    chunk_shape: tuple[int, int, int] = (64, 64, 64),
+) -> None:
+    src = open_source(source)
+    z0, z1 = z_range if z_range is not None else (0, src.shape[0])
+    if not 0 <= z0 < z1 <= src.shape[0]:
+        raise UserError(f"--z-range: {z0}..{z1} is outside the source's {src.shape[0]} sections")
+    mapping = BodyMap(body_map) if body_map else None
+    dtype = "uint64" if mapping is not None else src.dtype.name
+    vs = Coordinate(voxel_size)
+    shape = Coordinate((z1 - z0, *src.shape[1:]))
+    roi = Roi(Coordinate(offset), shape * vs)
+    try:
+        container, dataset = split_path(out)
+    except ValueError as e:
+        raise UserError(f"--out: {e}") from e
+    container.mkdir(parents=True, exist_ok=True)
+    chunks = Coordinate(min(c, s) for c, s in zip(chunk_shape, shape))
+    array = prepare_volume(container, dataset, roi, vs, dtype, chunks * vs)
+    for a, b in slabs(z1 - z0, chunks[0]):
+        data = src.read(z0 + a, z0 + b)
+        if mapping is not None:
+            data = mapping(data)
+        slab = Roi(roi.offset + Coordinate(a, 0, 0) * vs, Coordinate(b - a, *shape[1:]) * vs)
+        array[slab] = data
+    print(f"wrote {container}/{dataset}: shape {tuple(shape)}, {dtype}, voxel size {tuple(vs)}, offset {tuple(offset)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python pipeline/ingest.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("source", help="section directory, TIFF stack or FILE.h5:/dataset")
+    parser.add_argument("--out", required=True, help="CONTAINER.zarr/DATASET to write")
+    parser.add_argument("--voxel-size", type=int, nargs=3, required=True, metavar=("Z", "Y", "X"), help="world units (nm) per voxel")
+    parser.add_argument("--offset", type=int, nargs=3, default=(0, 0, 0), metavar=("Z", "Y", "X"), help="world offset of the first voxel (default 0 0 0)")
+    parser.add_argument("--z-range", type=int, nargs=2, metavar=("BEGIN", "END"), help="only sections BEGIN..END-1")
+    parser.add_argument("--body-map", help="FILE.h5:/table of [supervoxel, body] rows to apply to labels")
+    parser.add_argument("--chunk-shape", type=int, nargs=3, default=(64, 64, 64), metavar=("Z", "Y", "X"), help="zarr chunk shape in voxels (default 64 64 64)")
+    args = parser.parse_args()
+    ingest(
+        args.source,
+        args.out,
+        tuple(args.voxel_size),
+        tuple(args.offset),
+        tuple(args.z_range) if args.z_range else None,
+        args.body_map,
+        tuple(args.chunk_shape),
+    )
+
+
+if __name__ == "__main__":
+    cli_main(main)

@@ -1,0 +1,161 @@
+"""The main job: raw EM volume in, (evaluated) segmentation out, block by block.
+
+    python pipeline/predict.py CONFIG
+
+Steps: predict -> fragments -> agglomerate (daisy, pipelined block by block),
+segments (look-up tables), relabel (daisy), evaluate (with ground truth).
+Everything lands in the config's run_dir. Re-running the same command after
+a crash or Ctrl-C resumes: finished blocks are skipped. `status.py CONFIG`
+shows progress from another terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python pipeline/predict.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import daisy
+import numpy as np
+from daisy import logging as daisy_logging
+
+from pipeline.config import RunConfig, load_json
+from pipeline.cli import cli_main
+from pipeline.errors import UserError
+from pipeline.evaluate import evaluate_run, format_table
+from pipeline.graph_store import open_store
+from pipeline.progress import ProgressLog
+from pipeline.run_layout import RunDir, RunLayout, claim_run_dir, load_network
+from pipeline.segments import write_luts
+from pipeline.tasks import graph_pipeline, relabel_task
+from pipeline.volumes import prepare_volume
+
+EXIT_FAILED = 1
+
+
+class RunFailed(Exception):
+    pass
+
+
+def _prepare_volumes(layout: RunLayout, run_dir: RunDir) -> None:
+    vs = layout.voxel_size
+    prepare_volume(run_dir.volumes, "affs", layout.roi, vs, "uint8", layout.predict_output, channels=len(layout.offsets))
+    for name in ("fragments", "segmentation"):
+        prepare_volume(run_dir.volumes, name, layout.roi, vs, "uint64", layout.block_shape)
+
+
+def _run_daisy(pipeline, progress: ProgressLog, report: dict) -> None:
+    server = daisy.Server()
+    states = server.run_blockwise(pipeline, progress=progress, summary=False)
+    per_task = (server.last_tracking_summary or {}).get("per_task", {})
+    failed = []
+    for step, state in states.items():
+        blocks = int(state.completed_count)
+        fresh = blocks - int(state.skipped_count)
+        wall = progress.wall_time(step)
+        report["steps"][step] = {
+            "blocks": int(state.total_block_count),
+            "completed": blocks,
+            "skipped": int(state.skipped_count),
+            "failed": int(state.failed_count),
+            "orphaned": int(state.orphaned_count),
+            "worker_restarts": int(state.worker_restart_count),
+            "wall_s": round(wall, 2),
+            "voxels_per_s": round(fresh * progress.voxels_per_block[step] / wall, 1) if wall > 0 else None,
+            # in-block CPU seconds summed over workers: throughput per core
+            # is voxels / cpu_s, whatever the number of workers
+            "cpu_s": round(float(per_task.get(step, {}).get("total_cpu_secs", 0.0)), 2),
+            "peak_worker_rss_bytes": int(per_task.get(step, {}).get("max_peak_rss_bytes", 0)),
+        }
+        if blocks != state.total_block_count:
+            failed.append(f"{step}: {state.total_block_count - blocks} of {state.total_block_count} blocks did not finish"
+                          + (f" ({state.last_worker_error.strip().splitlines()[-1]})" if state.last_worker_error else ""))
+    if failed:
+        raise RunFailed("; ".join(failed))
+
+
+def _master_step(step: str, progress: ProgressLog, report: dict, function):
+    progress.log_step(step, "start")
+    started = time.time()
+    result = function()
+    wall = time.time() - started
+    report["steps"][step] = {
+        "wall_s": round(wall, 2),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    progress.log_step(step, "finish", wall_s=round(wall, 2))
+    return result
+
+
+def run(config: RunConfig, config_source: str) -> dict:
+    network = load_network(config)
+    layout = RunLayout.from_config(config, network)
+    run_dir = RunDir(Path(config.run_dir))
+    # reach the store before touching the run dir: a bad URI leaves nothing behind
+    with open_store(config.store, run_dir.path) as store:
+        if claim_run_dir(run_dir.path, layout, config.store):
+            store.reset()
+    run_dir.config.write_text(config.model_dump_json(indent=2))
+    _prepare_volumes(layout, run_dir)
+    daisy_logging.set_log_basedir(run_dir.logs)
+
+    vs = layout.voxel_size
+    voxels = {
+        "predict": int(np.prod(layout.predict_output / vs)),
+        "fragments": layout.voxels_per_block,
+        "agglomerate": layout.voxels_per_block,
+        "relabel": layout.voxels_per_block,
+    }
+    order = ["predict", "fragments", "agglomerate", "relabel"]
+    progress = ProgressLog(run_dir.progress, order, voxels)
+    progress.log_step("run", "start", config=config_source)
+    report: dict = {
+        "config": config_source,
+        "run_dir": str(run_dir.path),
+        "volume_voxels": int(np.prod(layout.roi.shape / vs)),
+        "steps": {},
+    }
+    started = time.time()
+    _run_daisy(graph_pipeline(config, layout, run_dir), progress, report)
+    with open_store(config.store, run_dir.path) as store:
+        report["graph"] = _master_step("segments", progress, report, lambda: write_luts(config, run_dir, store))
+    _run_daisy(relabel_task(config, layout, run_dir), progress, report)
+    if config.ground_truth:
+        report["scores"] = _master_step("evaluate", progress, report, lambda: evaluate_run(config))
+    report["wall_s"] = round(time.time() - started, 2)
+    tmp = run_dir.report.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(run_dir.report)
+    progress.log_step("run", "finish", wall_s=report["wall_s"])
+    return report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python pipeline/predict.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="run config JSON (see configs/demo.json and the README's config reference)")
+    args = parser.parse_args()
+    config = RunConfig(**load_json(args.config))
+    try:
+        report = run(config, str(Path(args.config).absolute()))
+    except RunFailed as e:
+        print(f"affseg: run failed: {e}\nworker logs: {Path(config.run_dir) / 'logs'}; "
+              "re-run the same command to retry the unfinished blocks", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("\naffseg: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    print(f"\nsegmentation: {Path(config.run_dir) / 'volumes.zarr' / 'segmentation'} "
+          f"(threshold {config.agglomerate.threshold}); report: {RunDir(Path(config.run_dir)).report}")
+    if "scores" in report:
+        print(format_table(report["scores"]))
+    return 0
+
+
+if __name__ == "__main__":
+    cli_main(main)

@@ -1,0 +1,104 @@
+"""Region adjacency graphs of a block: edges, per-offset mean affinities, and
+the score at which waterz first joined the two fragments of each edge."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _shifted_pairs(labels: np.ndarray, offset) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """Slices of voxels i and i + offset that both lie inside the block."""
+    here, there = [], []
+    for o, size in zip(offset, labels.shape):
+        # an offset longer than the block leaves no pair: two empty slices
+        n = max(0, size - abs(o))
+        here.append(slice(max(0, -o), max(0, -o) + n))
+        there.append(slice(max(0, o), max(0, o) + n))
+    return tuple(here), tuple(there)
+
+
+def rag_edges(labels: np.ndarray, affs: np.ndarray, offsets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Edges between consecutive labels (0 = background, ignored).
+
+    Returns (u, v, mean affinities (E, C)) with u < v. The graph is that of
+    face-adjacent labels (offsets[:3], the nearest neighbours); channel c's
+    mean is over the voxel pairs (i, i + offsets[c]) that link u and v, NaN
+    where the offset never does. `affs[c][i]` is the affinity of i and
+    i + offsets[c] (gunpowder's convention)."""
+    n = int(labels.max())
+    stride = np.int64(n + 1)
+    per_channel = []
+    for channel, offset in enumerate(offsets):
+        here, there = _shifted_pairs(labels, offset)
+        a = labels[here].astype(np.int64)
+        b = labels[there].astype(np.int64)
+        # only boundary pairs: a small fraction of the block, so the sort is cheap
+        linking = (a != b) & (a > 0) & (b > 0)
+        a, b = a[linking], b[linking]
+        keys = np.minimum(a, b) * stride + np.maximum(a, b)
+        per_channel.append((keys, affs[channel][here][linking].astype(np.float64)))
+    edge_keys = np.unique(np.concatenate([k for k, _ in per_channel[:3]]))
+    means = np.full((len(edge_keys), len(offsets)), np.nan, dtype=np.float32)
+    for channel, (keys, values) in enumerate(per_channel):
+        at = np.searchsorted(edge_keys, keys)
+        at_clipped = np.minimum(at, len(edge_keys) - 1)
+        on_edge = (at < len(edge_keys)) & (edge_keys[at_clipped] == keys) if len(edge_keys) else at < 0
+        counts = np.bincount(at[on_edge], minlength=len(edge_keys))
+        sums = np.bincount(at[on_edge], weights=values[on_edge], minlength=len(edge_keys))
+        linked = counts > 0
+        means[linked, channel] = sums[linked] / counts[linked]
+    return (edge_keys // stride).astype(np.int64), (edge_keys % stride).astype(np.int64), means
+
+
+def first_join_scores(n: int, history: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """For each edge (u, v) of labels 1..n, the score of the merge at which u
+    and v first ended up in one region (NaN if they never did).
+
+    The merges build a binary merge tree (leaves 1..n, one inner node per
+    merge, created in merge order); the wanted score is that of the lowest
+    common ancestor, found for all edges at once by binary lifting."""
+    m = len(history)
+    a, b, c = (history[:, k].astype(np.int64) for k in range(3))
+    merge = np.arange(m, dtype=np.int64)
+    # merge j joins the nodes that regions a_j and b_j were last turned into:
+    # inner node n+1+j' for the latest j' < j with c_j' == region, else the
+    # leaf itself. Found for all merges at once on keys region * (m+1) + j.
+    made = np.sort(c * (m + 1) + merge)
+
+    def node_before(region: np.ndarray) -> np.ndarray:
+        at = np.searchsorted(made, region * (m + 1) + merge) - 1
+        hit = (at >= 0) & (made[np.maximum(at, 0)] // (m + 1) == region)
+        return np.where(hit, n + 1 + made[np.maximum(at, 0)] % (m + 1), region)
+
+    parent = np.arange(n + 1 + m)
+    parent[node_before(a)] = n + 1 + merge
+    parent[node_before(b)] = n + 1 + merge
+    score = np.full(n + 1 + m, np.nan)
+    score[n + 1 :] = history[:, 3]
+    # pointer jumping: after round k, `pointer` is each node's 2^k-th
+    # ancestor (or its root) and `depth` the distance to it, so the rounds
+    # yield the binary-lifting table and, at the end, every node's depth
+    is_root = parent == np.arange(len(parent))
+    depth = (~is_root).astype(np.int64)
+    pointer = parent
+    up = [parent]
+    while not np.array_equal(pointer[pointer], pointer):
+        depth = depth + depth[pointer]
+        pointer = pointer[pointer]
+        up.append(pointer)
+    levels = len(up)
+    x, y = u.astype(np.int64).copy(), v.astype(np.int64).copy()
+    swap = depth[x] < depth[y]
+    x[swap], y[swap] = y[swap], x[swap]
+    diff = depth[x] - depth[y]
+    for k in range(levels):
+        step = (diff >> k) & 1 == 1
+        x[step] = up[k][x[step]]
+    for k in reversed(range(levels)):
+        differ = up[k][x] != up[k][y]
+        x[differ] = up[k][x[differ]]
+        y[differ] = up[k][y[differ]]
+    lca = np.where(x == y, x, parent[x])
+    joined = (lca == parent[y]) | (x == y)
+    result = np.where(joined & (lca > n), score[lca], np.nan)
+    return result.astype(np.float32)

@@ -1,0 +1,198 @@
+"""Block geometry of a run, checked against the data, and the run directory.
+
+`RunLayout` is computed once from the config, the raw volume and the model:
+ROIs, block shapes and the fragment-id arithmetic that every worker shares.
+The run directory records it in `layout.json`; a later run of the same
+directory with a different layout is refused, because finished blocks of the
+old layout would silently mix with new ones.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from funlib.geometry import Coordinate, Roi
+
+from pipeline.config import RunConfig
+from pipeline.errors import UserError
+from pipeline.volumes import open_volume, split_path
+
+RAW_DTYPES = ("uint8",)
+LABEL_DTYPES = ("uint8", "uint16", "uint32", "uint64", "int32", "int64")
+MAX_ID = 2**53
+
+
+def load_network(config: RunConfig):
+    from networks.models import baseline_model, load_model
+
+    if config.model.baseline is not None:
+        return baseline_model(config.model.baseline)
+    if not Path(config.model.checkpoint).exists():
+        raise UserError(f"model.checkpoint: {config.model.checkpoint} does not exist")
+    try:
+        return load_model(config.model.checkpoint)
+    except ValueError as e:
+        raise UserError(f"model.checkpoint: {e}") from e
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    voxel_size: Coordinate
+    roi: Roi  # the volume to segment, world units
+    offsets: tuple[tuple[int, int, int], ...]
+    predict_output: Coordinate  # world units
+    predict_context: Coordinate  # world units, per side
+    block_shape: Coordinate  # world units
+    context: Coordinate  # world units, per side
+
+    @property
+    def block_grid(self) -> Coordinate:
+        return Coordinate(-(-s // b) for s, b in zip(self.roi.shape, self.block_shape))
+
+    @property
+    def voxels_per_block(self) -> int:
+        return int(np.prod(self.block_shape / self.voxel_size))
+
+    def block_index(self, write_roi: Roi) -> int:
+        """Row-major index of a post-processing block in the grid over `roi`."""
+        position = (write_roi.offset - self.roi.offset) / self.block_shape
+        return int(np.ravel_multi_index(tuple(position), tuple(self.block_grid)))
+
+    def block_of_fragment(self, ids: np.ndarray) -> np.ndarray:
+        """Fragment ids are `block_index * voxels_per_block + local_id` with
+        local ids from 1, so the block is recovered without a look-up."""
+        return ((ids.astype(np.uint64) - 1) // np.uint64(self.voxels_per_block)).astype(np.int64)
+
+    def neighbour_blocks(self, index: int) -> list[int]:
+        """The block and its (up to 26) neighbours, for reads by block."""
+        grid = tuple(self.block_grid)
+        centre = np.array(np.unravel_index(index, grid))
+        result = []
+        for delta in np.ndindex(3, 3, 3):
+            position = centre + np.array(delta) - 1
+            if (position >= 0).all() and (position < grid).all():
+                result.append(int(np.ravel_multi_index(tuple(position), grid)))
+        return result
+
+    def to_json(self) -> dict:
+        return {
+            "voxel_size": list(self.voxel_size),
+            "roi": {"offset": list(self.roi.offset), "shape": list(self.roi.shape)},
+            "offsets": [list(o) for o in self.offsets],
+            "predict_output": list(self.predict_output),
+            "predict_context": list(self.predict_context),
+            "block_shape": list(self.block_shape),
+            "context": list(self.context),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> RunLayout:
+        return cls(
+            voxel_size=Coordinate(data["voxel_size"]),
+            roi=Roi(data["roi"]["offset"], data["roi"]["shape"]),
+            offsets=tuple(tuple(o) for o in data["offsets"]),
+            predict_output=Coordinate(data["predict_output"]),
+            predict_context=Coordinate(data["predict_context"]),
+            block_shape=Coordinate(data["block_shape"]),
+            context=Coordinate(data["context"]),
+        )
+
+    @classmethod
+    def from_config(cls, config: RunConfig, network=None) -> RunLayout:
+        raw = open_volume(*split_path(config.raw), field="raw", dtypes=RAW_DTYPES)
+        if len(raw.shape) != 3:
+            raise UserError(f"raw: expected a 3D (z, y, x) volume, got shape {raw.shape}")
+        vs = raw.voxel_size
+        roi = raw.roi
+        if config.roi is not None:
+            roi = Roi(config.roi.offset, config.roi.shape)
+            if not roi.snap_to_grid(vs) == roi:
+                raise UserError(f"roi: {roi} is not a multiple of the voxel size {tuple(vs)}")
+            if not raw.roi.contains(roi):
+                raise UserError(f"roi: {roi} is not inside the raw volume {raw.roi}")
+        if config.ground_truth:
+            gt = open_volume(*split_path(config.ground_truth), field="ground_truth", dtypes=LABEL_DTYPES)
+            if gt.voxel_size != vs:
+                raise UserError(f"ground_truth: voxel size {tuple(gt.voxel_size)} differs from raw's {tuple(vs)}")
+            if not gt.roi.contains(roi):
+                raise UserError(f"ground_truth: its ROI {gt.roi} does not cover the run's {roi}")
+
+        pp = config.postprocess
+        for name, value in (("block_shape", pp.block_shape), ("context", pp.context)):
+            if any(v % s for v, s in zip(value, vs)):
+                raise UserError(f"postprocess.{name}: {list(value)} is not a multiple of the voxel size {list(vs)}")
+        if any(c < s for c, s in zip(pp.context, vs)):
+            raise UserError(f"postprocess.context: {list(pp.context)} must be at least one voxel ({list(vs)}) per axis")
+        block_shape = Coordinate(pp.block_shape)
+        if any(r < b for r, b in zip(roi.shape, block_shape)):
+            raise UserError(
+                f"postprocess.block_shape: the volume {list(roi.shape)} is smaller than one block "
+                f"{list(block_shape)}; use a smaller block"
+            )
+
+        network = network if network is not None else load_network(config)
+        geometry = network.geometry
+        output = Coordinate(geometry.valid_output_shape(config.predict.output_shape))
+        context = Coordinate(geometry.context)
+        if any(c % 2 for c in context):
+            raise UserError("model: the network's context is not symmetric")
+        layout = cls(
+            voxel_size=vs,
+            roi=roi,
+            offsets=tuple(tuple(int(x) for x in o) for o in network.offsets),
+            predict_output=output * vs,
+            predict_context=context / 2 * vs,
+            block_shape=block_shape,
+            context=Coordinate(pp.context),
+        )
+        if int(np.prod(layout.block_grid)) * layout.voxels_per_block >= MAX_ID:
+            raise UserError("postprocess.block_shape: the volume has too many voxels for fragment ids below 2^53")
+        return layout
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Where a run keeps everything; one place, so workers and status agree."""
+
+    path: Path
+
+    volumes = property(lambda self: self.path / "volumes.zarr")
+    config = property(lambda self: self.path / "config.json")
+    layout = property(lambda self: self.path / "layout.json")
+    progress = property(lambda self: self.path / "progress.jsonl")
+    report = property(lambda self: self.path / "report.json")
+    logs = property(lambda self: self.path / "logs")
+
+    def tracking(self, step: str) -> Path:
+        return self.path / "tracking" / step
+
+    def lut(self, scoring: str, threshold: float) -> Path:
+        return self.path / "luts" / scoring / f"{threshold:.2f}.npz"
+
+    def read_layout(self) -> RunLayout:
+        return RunLayout.from_json(json.loads(self.layout.read_text()))
+
+
+def claim_run_dir(run_dir: Path, layout: RunLayout, store: str) -> bool:
+    """Create or re-open a run directory. Returns True for a fresh run.
+    Refuses a directory made with another layout or store."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "layout.json"
+    wanted = {**layout.to_json(), "store": store}
+    if path.exists():
+        existing = json.loads(path.read_text())
+        changed = [key for key in wanted if existing.get(key) != wanted[key]]
+        if changed:
+            key = changed[0]
+            raise UserError(
+                f"run_dir {run_dir} was made with {key} = {json.dumps(existing.get(key))}, this config gives "
+                f"{json.dumps(wanted[key])}; changing the layout of a run is refused: use a new run_dir"
+            )
+        return False
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(wanted, indent=2))
+    tmp.replace(path)
+    return True

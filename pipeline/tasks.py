@@ -1,0 +1,64 @@
+"""daisy tasks for the block-wise steps of a run.
+
+Each task's process function is a launcher (a worker command); its block
+geometry comes from the run layout; its done markers live under
+RUN_DIR/tracking, which is what lets a re-run skip finished blocks.
+"""
+
+from __future__ import annotations
+
+import daisy
+from funlib.geometry import Coordinate, Roi
+
+from pipeline.config import RunConfig
+from pipeline.launchers import make_launcher
+from pipeline.run_layout import RunDir, RunLayout
+
+MAX_RETRIES = 2
+
+
+def _task(step: str, tracking: str, config: RunConfig, run_dir: RunDir, total: Roi, read: Roi, write: Roi, fit: str, workers: int) -> daisy.Task:
+    return daisy.Task(
+        step,
+        total_roi=total,
+        read_roi=read,
+        write_roi=write,
+        process_function=make_launcher(step, str(run_dir.config), config.launcher),
+        read_write_conflict=False,
+        fit=fit,
+        max_workers=workers,
+        max_retries=MAX_RETRIES,
+        timeout=config.block_timeout_s,
+        tracking_path=str(run_dir.tracking(tracking)),
+        resource_tracking=True,
+    )
+
+
+def blockwise_geometry(layout: RunLayout, block: Coordinate, context: Coordinate) -> tuple[Roi, Roi, Roi]:
+    total = layout.roi.grow(context, context)
+    read = Roi((0, 0, 0), block + context * 2)
+    write = Roi(context, block)
+    return total, read, write
+
+
+def graph_pipeline(config: RunConfig, layout: RunLayout, run_dir: RunDir) -> daisy.Pipeline:
+    """predict -> fragments -> agglomerate, pipelined block by block."""
+    # predict blocks overhang the far edges: the network needs its full
+    # (valid) shape, and the worker keeps the part inside the volume
+    predict = _task(
+        "predict", "predict", config, run_dir,
+        *blockwise_geometry(layout, layout.predict_output, layout.predict_context),
+        fit="overhang", workers=config.predict.workers,
+    )
+    postprocess = blockwise_geometry(layout, layout.block_shape, layout.context)
+    fragments = _task("fragments", "fragments", config, run_dir, *postprocess, fit="shrink", workers=config.postprocess.workers)
+    agglomerate = _task("agglomerate", "agglomerate", config, run_dir, *postprocess, fit="shrink", workers=config.postprocess.workers)
+    return predict + fragments + agglomerate
+
+
+def relabel_task(config: RunConfig, layout: RunLayout, run_dir: RunDir) -> daisy.Task:
+    agglomerate = config.agglomerate
+    # done markers per LUT: relabelling with another threshold redoes every block
+    tracking = f"relabel_{agglomerate.scoring}_{agglomerate.threshold:.2f}"
+    geometry = blockwise_geometry(layout, layout.block_shape, Coordinate(0, 0, 0))
+    return _task("relabel", tracking, config, run_dir, *geometry, fit="shrink", workers=config.postprocess.workers)

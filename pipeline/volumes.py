@@ -1,0 +1,78 @@
+"""Typed access to zarr volumes through funlib.persistence.
+
+Every open goes through here so that a missing container, a missing dataset
+or a wrong dtype becomes one clear `UserError` instead of a zarr traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from funlib.geometry import Coordinate, Roi
+from funlib.persistence import Array, open_ds, prepare_ds
+from numcodecs import Blosc
+
+from pipeline.errors import UserError
+
+# zstd compresses EM intensities and label volumes well at a modest cost;
+# bit-shuffle helps the wide integer label types most.
+COMPRESSOR = Blosc(cname="zstd", clevel=5, shuffle=Blosc.BITSHUFFLE)
+
+
+def split_path(path: str | Path) -> tuple[Path, str]:
+    """`a/b.zarr/c/d` -> (`a/b.zarr`, `c/d`)."""
+    text = str(path)
+    marker = ".zarr"
+    at = text.find(marker + "/")
+    if at < 0:
+        raise ValueError(f"{text}: expected CONTAINER.zarr/DATASET")
+    return Path(text[: at + len(marker)]), text[at + len(marker) + 1 :]
+
+
+def open_volume(container: Path, dataset: str, *, field: str, dtypes: tuple[str, ...] = (), mode: str = "r") -> Array:
+    if not container.exists():
+        raise UserError(f"{field}: container {container} does not exist")
+    if not (container / dataset).exists():
+        raise UserError(f"{field}: dataset {dataset!r} not found in {container}")
+    try:
+        array = open_ds(container / dataset, mode=mode)
+    except Exception as e:  # zarr raises a zoo of types for corrupt metadata
+        raise UserError(f"{field}: cannot open {container}/{dataset}: {e}") from e
+    if dtypes and array.dtype.name not in dtypes:
+        raise UserError(
+            f"{field}: {container}/{dataset} has dtype {array.dtype.name}, expected {' or '.join(dtypes)}"
+        )
+    return array
+
+
+def prepare_volume(
+    container: Path,
+    dataset: str,
+    roi: Roi,
+    voxel_size: Coordinate,
+    dtype: str,
+    block_shape: Coordinate,
+    channels: int | None = None,
+) -> Array:
+    """Create (or reopen, if compatible) a dataset whose chunks are exactly
+    one write block, so that no two workers ever write the same chunk."""
+    spatial = tuple(roi.shape / voxel_size)
+    chunks = tuple(block_shape / voxel_size)
+    if channels is not None:
+        spatial = (channels, *spatial)
+        chunks = (channels, *chunks)
+    axis_names = (["c^"] if channels is not None else []) + ["z", "y", "x"]
+    return prepare_ds(
+        str(container / dataset),
+        shape=spatial,
+        offset=roi.offset,
+        voxel_size=voxel_size,
+        axis_names=axis_names,
+        units=["nm"] * 3,
+        chunk_shape=chunks,
+        dtype=np.dtype(dtype),
+        mode="a",
+        compressor=COMPRESSOR,
+    )
+

@@ -1,0 +1,108 @@
+"""Fragment extraction and agglomeration primitives (waterz and a seeded
+watershed), on in-memory block arrays. Workers add the I/O around them."""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+
+import numpy as np
+import waterz
+from scipy import ndimage
+
+# prebuilt in the waterz wheel: no compiler or boost headers needed
+SCORING_FUNCTIONS = {
+    "hist_quant_50": "OneMinus<HistogramQuantileAffinity<RegionGraphType,50,ScoreValue,256,false>>",
+    "hist_quant_75": "OneMinus<HistogramQuantileAffinity<RegionGraphType,75,ScoreValue,256,false>>",
+    "mean": "OneMinus<MeanAffinity<RegionGraphType,ScoreValue>>",
+}
+
+
+@contextmanager
+def _quiet_stdout():
+    """waterz's C++ core prints several lines per call to the process's
+    stdout; on a large run that would bury the worker logs."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 1)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def waterz_watershed(affs: np.ndarray) -> np.ndarray:
+    """waterz's own watershed on the 3 nearest-neighbour affinities (float32
+    in [0, 1]); fragments as uint64, 0 where no fragment."""
+    with _quiet_stdout():
+        # waterz reuses one output buffer across thresholds: copy it
+        return next(waterz.agglomerate(np.ascontiguousarray(affs[:3], dtype=np.float32), [0.0])).copy()
+
+
+def distance_watershed(affs: np.ndarray, voxel_size, per_section: bool) -> np.ndarray:
+    """Seeded watershed on the distance transform of the boundary map:
+    seeds are the maxima of the distance to the nearest boundary, where the
+    mean nearest-neighbour affinity is at most 0.5."""
+    inside = affs[:3].mean(axis=0) > 0.5
+    if per_section:
+        fragments = np.zeros(inside.shape, dtype=np.uint64)
+        next_id = 0
+        for z in range(inside.shape[0]):
+            section = _seeded(inside[z], voxel_size[1:])
+            fragments[z] = np.where(section > 0, section + next_id, 0)
+            next_id += int(section.max())
+        return fragments
+    return _seeded(inside, voxel_size).astype(np.uint64)
+
+
+def _seeded(inside: np.ndarray, sampling) -> np.ndarray:
+    from skimage.segmentation import watershed
+
+    distance = ndimage.distance_transform_edt(inside, sampling=sampling)
+    maxima = (ndimage.maximum_filter(distance, size=3) == distance) & inside
+    seeds, _ = ndimage.label(maxima)
+    return watershed(-distance, seeds, mask=inside).astype(np.uint64)
+
+
+def merge_history(affs: np.ndarray, fragments: np.ndarray, scoring: str) -> np.ndarray:
+    """Agglomerate consecutive-labelled `fragments` (0 = background) to the
+    end and return the merges as rows (a, b, c, score): regions a and b
+    became region c at that score."""
+    with _quiet_stdout():
+        generator = waterz.agglomerate(
+            np.ascontiguousarray(affs[:3], dtype=np.float32),
+            [1.0],
+            fragments=np.ascontiguousarray(fragments, dtype=np.uint64),
+            scoring_function=SCORING_FUNCTIONS[scoring],
+            discretize_queue=256,
+            return_merge_history=True,
+        )
+        _, history = next(generator)
+    rows = np.array([(m["a"], m["b"], m["c"], m["score"]) for m in history], dtype=np.float64)
+    return rows.reshape(-1, 4)
+
+
+def relabel_consecutive(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(consecutive labels with 0 kept as 0, sorted original ids of 1..n)."""
+    ids, inverse = np.unique(labels, return_inverse=True)
+    inverse = inverse.reshape(labels.shape)
+    if len(ids) and ids[0] == 0:
+        return inverse.astype(np.uint64), ids[1:]
+    return (inverse + 1).astype(np.uint64), ids
+
+
+def node_statistics(local: np.ndarray, n: int, offset, voxel_size) -> tuple[np.ndarray, np.ndarray]:
+    """Sizes (voxels) and centres (world units, z y x) of labels 1..n."""
+    flat = local.ravel()
+    sizes = np.bincount(flat, minlength=n + 1)[1:]
+    centers = np.empty((n, 3))
+    for axis in range(3):
+        shape = [1, 1, 1]
+        shape[axis] = local.shape[axis]
+        position = np.broadcast_to(np.arange(local.shape[axis]).reshape(shape), local.shape).ravel()
+        sums = np.bincount(flat, weights=position, minlength=n + 1)[1:]
+        centers[:, axis] = offset[axis] + sums / np.maximum(sizes, 1) * voxel_size[axis]
+    return sizes.astype(np.int64), centers

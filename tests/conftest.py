@@ -1,0 +1,76 @@
+"""Shared fixtures: the bundled FIB-SEM sample, run configs, and a real
+MongoDB-wire-protocol server (secantus) on 127.0.0.1, or MONGODB_URI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+RAW = REPO / "data/fib25_medulla/fib25.zarr/raw"
+GROUNDTRUTH_H5 = REPO / "data/fib25_medulla/groundtruth.h5"
+MODEL = REPO / "models/fib25_mala.pt"
+
+# a 40 x 160 x 160 voxel crop of the held-out sections 120..159
+TEST_ROI = {"offset": [1200, 0, 0], "shape": [400, 1600, 1600]}
+
+
+def run_cli(*args: str, cwd: Path = REPO, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def labels(tmp_path_factory) -> str:
+    """Ground-truth bodies, ingested from the bundled HDF5 with its body map."""
+    out = tmp_path_factory.mktemp("gt") / "fib25.zarr" / "labels"
+    result = run_cli(
+        "pipeline/ingest.py", f"{GROUNDTRUTH_H5}:/stack", "--body-map", f"{GROUNDTRUTH_H5}:/transforms",
+        "--out", str(out), "--voxel-size", "10", "10", "10",
+    )
+    assert result.returncode == 0, result.stderr
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def run_config(labels):
+    """Writes a run config for the test crop; keyword arguments override keys."""
+
+    def make(path: Path, **overrides) -> Path:
+        config = {
+            "run_dir": str(path.parent / "run"),
+            "raw": str(RAW),
+            "ground_truth": labels,
+            "roi": TEST_ROI,
+            "model": {"checkpoint": str(MODEL)},
+            "store": "sqlite",
+            "predict": {"device": "cpu", "output_shape": [40, 80, 80], "workers": 1},
+            "agglomerate": {"thresholds": [0.3, 0.5, 0.7], "threshold": 0.5},
+            # 2 x 2 x 2 = 8 blocks
+            "postprocess": {"block_shape": [200, 800, 800], "context": [30, 100, 100], "workers": 2},
+        }
+        config.update(overrides)
+        path.write_text(json.dumps(config))
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def mongodb_uri(tmp_path_factory):
+    """A MongoDB URI: MONGODB_URI if set, else a secantus server started here."""
+    if os.environ.get("MONGODB_URI"):
+        yield os.environ["MONGODB_URI"]
+        return
+    from secantus import SecantusDBServer
+
+    server = SecantusDBServer(host="127.0.0.1", port=0, storage_path=str(tmp_path_factory.mktemp("secantus")))
+    server.start()
+    try:
+        yield server.uri
+    finally:
+        server.stop()

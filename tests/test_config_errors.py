@@ -1,0 +1,72 @@
+"""Bad input gives one clear line on stderr and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import RAW, run_cli
+
+
+def broken(tmp_path, labels, **changes):
+    config = {
+        "run_dir": str(tmp_path / "run"),
+        "raw": str(RAW),
+        "ground_truth": labels,
+        "roi": {"offset": [1200, 0, 0], "shape": [400, 800, 800]},
+        "model": {"baseline": "intensity"},
+        "postprocess": {"block_shape": [200, 400, 400], "context": [30, 50, 50]},
+    }
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        if field:
+            config[section][field] = value
+        else:
+            config[section] = value
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+CASES = {
+    "unknown key": ({"postprocess__blok_shape": [1, 1, 1]}, "postprocess.blok_shape: unknown key"),
+    "unknown top-level key": ({"thresholds": [0.5]}, "thresholds: unknown key"),
+    "missing container": ({"raw": "/nowhere/sample.zarr/raw"}, "raw: container /nowhere/sample.zarr does not exist"),
+    "missing dataset": ({"raw": str(RAW.parent / "nope")}, "raw: dataset 'nope' not found"),
+    "wrong dtype": ({"raw": "GT"}, "has dtype uint64, expected uint8"),
+    "block not a voxel multiple": ({"postprocess__block_shape": [200, 405, 400]}, "not a multiple of the voxel size"),
+    "volume smaller than a block": ({"postprocess__block_shape": [800, 400, 400]}, "smaller than one block"),
+    "unreachable mongodb": ({"store": "mongodb://127.0.0.1:9/affseg"}, "cannot reach MongoDB at mongodb://127.0.0.1:9/affseg"),
+    "not a store": ({"store": "postgres://x"}, "store: 'postgres://x' is neither"),
+    "threshold not listed": ({"agglomerate": {"thresholds": [0.3], "threshold": 0.5}}, "must be one of thresholds"),
+    "negative shape": ({"roi": {"offset": [0, 0, 0], "shape": [-1, 10, 10]}}, "roi.shape.0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_config_is_one_line_and_exit_2(case, tmp_path, labels):
+    changes, message = CASES[case]
+    if changes.get("raw") == "GT":
+        changes = {"raw": labels}
+    result = run_cli("pipeline/predict.py", str(broken(tmp_path, labels, **changes)))
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("affseg: error: ") and message in lines[0], lines[0]
+    assert not (tmp_path / "run" / "layout.json").exists()
+
+
+def test_missing_and_malformed_config_files(tmp_path):
+    result = run_cli("pipeline/predict.py", str(tmp_path / "absent.json"))
+    assert result.returncode == 2 and "does not exist" in result.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    result = run_cli("pipeline/predict.py", str(bad))
+    assert result.returncode == 2 and "not valid JSON" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("script", ["predict", "train", "ingest", "status", "evaluate"])
+def test_every_command_has_help(script):
+    result = run_cli(f"pipeline/{script}.py", "--help")
+    assert result.returncode == 0 and "usage:" in result.stdout

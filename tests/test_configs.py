@@ -1,0 +1,31 @@
+"""The shipped configs are valid, and docker-compose matches its config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from pipeline.config import RunConfig, TrainConfig
+from tests.conftest import REPO
+
+CONFIGS = sorted((REPO / "configs").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_config_validates(path: Path):
+    data = json.loads(path.read_text())
+    model = TrainConfig if "experiment_dir" in data else RunConfig
+    model(**data)
+
+
+def test_compose_runs_the_mongodb_config_against_its_mongo_service():
+    compose = (REPO / "docker-compose.yml").read_text()
+    config = RunConfig(**json.loads((REPO / "configs/cluster_mongodb.json").read_text()))
+    uri = urlparse(config.store)
+    assert "configs/cluster_mongodb.json" in compose
+    assert f"\n  {uri.hostname}:\n" in compose, "the store's host must be a compose service"
+    assert f'"{uri.port}:27017"' in compose
+    assert config.launcher.kind == "local"

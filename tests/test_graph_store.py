@@ -1,0 +1,93 @@
+"""One test module, both backends: SQLite and a real MongoDB-wire server."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.errors import UserError
+from pipeline.graph_store import Edges, Nodes, open_store
+
+
+@pytest.fixture(params=["sqlite", "mongodb"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        spec = "sqlite"
+    else:
+        uri = request.getfixturevalue("mongodb_uri")
+        spec = uri.rstrip("/") + f"/test_{tmp_path.name}"
+    with open_store(spec, tmp_path / "run") as s:
+        s.reset()
+        yield s
+
+
+def nodes(ids, block):
+    ids = np.array(ids, dtype=np.uint64)
+    return Nodes(ids, np.tile([[block * 10.0, 1.5, 2.5]], (len(ids), 1)), np.arange(len(ids), dtype=np.int64) + 1)
+
+
+def edges(pairs, scores, channels=3):
+    u = np.array([p[0] for p in pairs], dtype=np.uint64)
+    v = np.array([p[1] for p in pairs], dtype=np.uint64)
+    affinities = np.arange(len(pairs) * channels, dtype=np.float32).reshape(-1, channels) / 10
+    return Edges(u, v, np.array(scores, dtype=np.float32), affinities)
+
+
+def test_nodes_round_trip_by_block(store):
+    store.write_nodes(0, nodes([1, 2, 3], 0))
+    store.write_nodes(1, nodes([101, 102], 1))
+    read = store.read_nodes([1])
+    assert read.ids.tolist() == [101, 102]
+    np.testing.assert_allclose(read.centers, [[10.0, 1.5, 2.5]] * 2)
+    assert read.sizes.tolist() == [1, 2]
+    assert store.read_nodes([0, 1]).ids.tolist() == [1, 2, 3, 101, 102]
+    assert store.node_ids().tolist() == [1, 2, 3, 101, 102]
+
+
+def test_rewriting_a_block_leaves_no_duplicates(store):
+    store.write_nodes(0, nodes([1, 2, 3], 0))
+    store.write_edges(0, edges([(1, 2), (2, 3)], [0.1, 0.2]))
+    # the block runs again (a retry after a worker died), with other results
+    store.write_nodes(0, nodes([1, 2], 0))
+    store.write_edges(0, edges([(1, 2)], [0.3]))
+    assert store.node_ids().tolist() == [1, 2]
+    chunks = list(store.stream_edges())
+    u = np.concatenate([c[0] for c in chunks])
+    assert u.tolist() == [1]
+    assert np.concatenate([c[2] for c in chunks]).tolist() == pytest.approx([0.3])
+
+
+def test_edges_keep_nan_scores_and_affinities(store):
+    store.write_edges(4, edges([(1, 5), (2, 7), (3, 9)], [0.25, np.nan, 0.75]))
+    store.write_edges(5, edges([(10, 11)], [0.5]))
+    read = store.read_edges([4])
+    assert read.u.tolist() == [1, 2, 3] and read.v.tolist() == [5, 7, 9]
+    assert read.scores[0] == pytest.approx(0.25) and np.isnan(read.scores[1])
+    np.testing.assert_allclose(read.affinities, np.arange(9).reshape(3, 3) / 10, rtol=1e-6)
+    streamed = list(store.stream_edges(chunk=2))
+    assert [len(c[0]) for c in streamed] == [2, 2]
+    assert sorted(np.concatenate([c[1] for c in streamed]).tolist()) == [5, 7, 9, 11]
+
+
+def test_large_ids_below_2_53_survive(store):
+    big = 2**53 - 5
+    store.write_nodes(7, nodes([big], 7))
+    store.write_edges(7, edges([(big - 1, big)], [0.5]))
+    assert store.node_ids().tolist() == [big]
+    assert store.read_edges([7]).v.tolist() == [big]
+    with pytest.raises(ValueError):
+        store.write_nodes(8, nodes([2**53], 8))
+
+
+def test_reset_empties_the_store(store):
+    store.write_nodes(0, nodes([1], 0))
+    store.write_edges(0, edges([(1, 2)], [0.1]))
+    store.reset()
+    assert len(store.node_ids()) == 0
+    assert list(store.stream_edges()) == []
+
+
+def test_unreachable_mongodb_names_the_uri(tmp_path):
+    uri = "mongodb://127.0.0.1:9/affseg"  # port 9 (discard): nothing listens
+    with pytest.raises(UserError, match="cannot reach MongoDB at mongodb://127.0.0.1:9/affseg"):
+        open_store(uri, tmp_path)

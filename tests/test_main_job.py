@@ -1,0 +1,171 @@
+"""The main job end to end on the real sample (held-out sections 120..159):
+report and scores, block-wise vs one block, SQLite vs MongoDB, and
+kill-and-resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from funlib.persistence import open_ds
+
+from pipeline.metrics import evaluate_arrays
+from pipeline.status import read_status
+from tests.conftest import REPO, run_cli
+
+
+def run_predict(config: Path) -> Path:
+    result = run_cli("pipeline/predict.py", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return Path(json.loads(config.read_text())["run_dir"])
+
+
+def volume(run_dir: Path, name: str) -> np.ndarray:
+    array = open_ds(run_dir / "volumes.zarr" / name)
+    return array[array.roi]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, run_config) -> Path:
+    """An uninterrupted run with 8 post-processing blocks and SQLite."""
+    return run_predict(run_config(tmp_path_factory.mktemp("reference") / "config.json"))
+
+
+def test_run_leaves_segmentation_report_and_scores(reference):
+    report = json.loads((reference / "report.json").read_text())
+    for step in ("predict", "fragments", "agglomerate", "relabel"):
+        assert report["steps"][step]["completed"] == report["steps"][step]["blocks"] > 0
+        assert report["steps"][step]["failed"] == 0
+        assert report["steps"][step]["peak_worker_rss_bytes"] > 0
+    assert report["steps"]["fragments"]["blocks"] == 8
+    assert report["steps"]["segments"]["wall_s"] >= 0
+    assert [row["threshold"] for row in report["scores"]] == [0.3, 0.5, 0.7]
+    for row in report["scores"]:
+        assert row["cremi_score"] == pytest.approx(np.sqrt(row["voi"] * row["arand"]))
+    segmentation = volume(reference, "segmentation")
+    fragments = volume(reference, "fragments")
+    assert segmentation.dtype == np.uint64 and segmentation.shape == (40, 160, 160)
+    # relabelling only merges fragments: every segment is a union of fragments
+    assert len(np.unique(segmentation)) < len(np.unique(fragments))
+    assert np.all((segmentation == 0) == (fragments == 0))
+    # fragment ids are unique across blocks: each id lies in one block only
+    ids_per_block = [set(np.unique(fragments[z:z + 20, y:y + 80, x:x + 80]).tolist()) - {0}
+                     for z in (0, 20) for y in (0, 80) for x in (0, 80)]
+    assert sum(len(s) for s in ids_per_block) == len(set().union(*ids_per_block))
+
+
+def test_status_reports_every_step_done(reference, run_config, tmp_path):
+    status = read_status(reference / "progress.jsonl")
+    assert status["finished"]
+    for step in ("predict", "fragments", "agglomerate", "relabel"):
+        assert status["steps"][step]["state"] == "done"
+        assert status["steps"][step]["completed"] == status["steps"][step]["total"]
+    config = tmp_path / "config.json"
+    config.write_text((reference / "config.json").read_text())
+    result = run_cli("pipeline/status.py", str(config))
+    assert result.returncode == 0 and "run finished" in result.stdout
+    assert "agglomerate done" in " ".join(result.stdout.split())
+
+
+def test_blockwise_matches_one_block_over_the_whole_volume(reference, run_config, tmp_path):
+    single = run_predict(run_config(
+        tmp_path / "config.json",
+        postprocess={"block_shape": [400, 1600, 1600], "context": [30, 100, 100], "workers": 1},
+    ))
+    np.testing.assert_array_equal(volume(single, "affs"), volume(reference, "affs"))
+    one_block, eight_blocks = volume(single, "segmentation"), volume(reference, "segmentation")
+    assert json.loads((single / "report.json").read_text())["steps"]["fragments"]["blocks"] == 1
+    arand = evaluate_arrays(eight_blocks, one_block)["arand"]
+    assert arand < 0.02, f"block-wise segmentation differs from the one-block one: ARAND {arand:.4f}"
+
+
+def test_mongodb_store_gives_the_same_segmentation(reference, run_config, tmp_path, mongodb_uri):
+    uri = mongodb_uri.rstrip("/") + f"/affseg_{tmp_path.name}"
+    mongo = run_predict(run_config(tmp_path / "config.json", store=uri))
+    np.testing.assert_array_equal(volume(mongo, "segmentation"), volume(reference, "segmentation"))
+
+
+def test_killed_run_resumes_to_the_identical_segmentation(reference, run_config, tmp_path):
+    config = run_config(tmp_path / "config.json")
+    run_dir = Path(json.loads(config.read_text())["run_dir"])
+    process = subprocess.Popen(
+        [sys.executable, "pipeline/predict.py", str(config)], cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline:
+            progress = run_dir / "progress.jsonl"
+            records = [json.loads(line) for line in progress.read_text().splitlines()] if progress.exists() else []
+            if any(r["step"] == "fragments" and r.get("completed", 0) >= 2 for r in records):
+                break
+            assert process.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.1)
+    finally:
+        # the whole process group: master and every worker, mid-block
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not (run_dir / "report.json").exists(), "the run finished before the kill"
+
+    run_predict(config)
+    np.testing.assert_array_equal(volume(run_dir, "segmentation"), volume(reference, "segmentation"))
+    steps = json.loads((run_dir / "report.json").read_text())["steps"]
+    assert steps["predict"]["skipped"] > 0 and steps["fragments"]["skipped"] >= 2
+
+    # a finished run re-run skips every block and changes nothing
+    run_predict(config)
+    steps = json.loads((run_dir / "report.json").read_text())["steps"]
+    assert all(steps[s]["skipped"] == steps[s]["blocks"] for s in ("predict", "fragments", "agglomerate", "relabel"))
+    np.testing.assert_array_equal(volume(run_dir, "segmentation"), volume(reference, "segmentation"))
+
+
+def worker_pids(step: str, config: Path) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if f"workers.{step}".encode() in cmdline and any(str(config.parent).encode() in a for a in cmdline):
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_a_killed_worker_is_replaced_and_nothing_is_lost(reference, run_config, tmp_path):
+    config = run_config(tmp_path / "config.json")
+    run_dir = Path(json.loads(config.read_text())["run_dir"])
+    process = subprocess.Popen(
+        [sys.executable, "pipeline/predict.py", str(config)], cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 600
+        while not (pids := worker_pids("agglomerate", run_dir / "config.json")):
+            assert process.poll() is None and time.time() < deadline, "no agglomerate worker appeared"
+            time.sleep(0.05)
+        os.kill(pids[0], signal.SIGKILL)
+        assert process.wait(timeout=900) == 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    steps = json.loads((run_dir / "report.json").read_text())["steps"]
+    assert steps["agglomerate"]["worker_restarts"] >= 1
+    np.testing.assert_array_equal(volume(run_dir, "segmentation"), volume(reference, "segmentation"))
+
+
+def test_changing_the_block_size_of_a_run_is_refused(reference, tmp_path):
+    config = json.loads((reference / "config.json").read_text())
+    config["postprocess"]["block_shape"] = [200, 400, 400]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    result = run_cli("pipeline/predict.py", str(path))
+    assert result.returncode == 2
+    assert "changing the layout of a run is refused" in result.stderr and "block_shape" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

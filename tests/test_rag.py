@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.rag import first_join_scores, rag_edges
+from pipeline.watershed import merge_history, relabel_consecutive, waterz_watershed
+
+
+def brute_force_first_join(n, history, u, v):
+    """Replay the merges with explicit member sets for every edge."""
+    scores = []
+    for x, y in zip(u, v):
+        members = {i: {i} for i in range(n + 1)}
+        where = {i: i for i in range(n + 1)}
+        found = np.nan
+        for a, b, c, s in history:
+            ra, rb = where[int(a)], where[int(b)]
+            merged = members.pop(ra) | members.pop(rb)
+            members[ra] = merged
+            where[int(c)] = ra
+            if x in merged and y in merged:
+                found = s
+                break
+        scores.append(found)
+    return np.array(scores)
+
+
+def test_rag_edges_and_means_match_brute_force():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 6, size=(4, 5, 6)).astype(np.uint64)
+    # the last offset is longer than the block: it links nothing
+    offsets = [(-1, 0, 0), (0, -1, 0), (0, 0, -1), (0, -2, 0), (-9, 0, 0)]
+    affs = rng.random((5, 4, 5, 6)).astype(np.float32)
+    u, v, means = rag_edges(labels, affs, offsets)
+    expected: dict[tuple[int, int], list[list[float]]] = {}
+    for c, o in enumerate(offsets):
+        for i in np.ndindex(labels.shape):
+            j = tuple(np.add(i, o))
+            if any(x < 0 or x >= s for x, s in zip(j, labels.shape)):
+                continue
+            a, b = int(labels[i]), int(labels[j])
+            if a and b and a != b:
+                expected.setdefault((min(a, b), max(a, b)), [[] for _ in offsets])[c].append(affs[c][i])
+    nearest = {k: val for k, val in expected.items() if any(val[c] for c in range(3))}
+    assert list(zip(u.tolist(), v.tolist())) == sorted(nearest)
+    for k, (a, b) in enumerate(zip(u, v)):
+        for c in range(len(offsets)):
+            values = nearest[(a, b)][c]
+            if values:
+                assert means[k, c] == pytest.approx(np.mean(values), rel=1e-5)
+            else:
+                assert np.isnan(means[k, c])
+
+
+def test_first_join_scores_on_a_real_waterz_history():
+    rng = np.random.default_rng(2)
+    affs = rng.random((3, 12, 20, 20)).astype(np.float32)
+    affs = (affs + np.roll(affs, 1, axis=2)) / 2  # some spatial structure
+    local, ids = relabel_consecutive(waterz_watershed(affs))
+    history = merge_history(affs, local, "hist_quant_50")
+    assert len(history) > 10
+    u, v, _ = rag_edges(local, affs, [(-1, 0, 0), (0, -1, 0), (0, 0, -1)])
+    scores = first_join_scores(len(ids), history, u, v)
+    np.testing.assert_allclose(scores, brute_force_first_join(len(ids), history, u, v), rtol=1e-6)

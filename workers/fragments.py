@@ -1,0 +1,59 @@
+"""Block-wise watershed: affinities (block + context) in, fragments of the
+block out, one RAG node per fragment.
+
+Fragment ids are `block_index * voxels_per_block + local_id` (local ids from
+1), unique across blocks without any coordination between workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+from funlib.persistence import open_ds
+
+from pipeline.graph_store import Nodes, open_store
+from pipeline.watershed import distance_watershed, node_statistics, relabel_consecutive, waterz_watershed
+from workers.loop import ProcessBlock, WorkerRun, run_worker
+
+
+def block_fragments(affs: np.ndarray, method: str, voxel_size, per_section: bool) -> np.ndarray:
+    if method == "waterz":
+        return waterz_watershed(affs)
+    return distance_watershed(affs, voxel_size, per_section)
+
+
+@contextmanager
+def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
+    layout, options = run.layout, run.config.fragments
+    affs = open_ds(run.run_dir.volumes / "affs")
+    fragments = open_ds(run.run_dir.volumes / "fragments", mode="r+")
+    vs = layout.voxel_size
+    with open_store(run.config.store, run.run_dir.path) as store:
+
+        def process_block(block) -> None:
+            data = affs.to_ndarray(block.read_roi, fill_value=0)[:3].astype(np.float32) / 255.0
+            labels = block_fragments(data, options.method, vs, options.per_section)
+            start = (block.write_roi.offset - block.read_roi.offset) / vs
+            crop = tuple(slice(s, s + n) for s, n in zip(start, block.write_roi.shape / vs))
+            local, _ = relabel_consecutive(labels[crop])
+            n = int(local.max())
+            if n > layout.voxels_per_block:
+                raise AssertionError("more fragments than voxels in a block")
+            index = layout.block_index(block.write_roi)
+            bump = np.uint64(index * layout.voxels_per_block)
+            fragments[block.write_roi] = np.where(local > 0, local + bump, np.uint64(0))
+            sizes, centers = node_statistics(local, n, block.write_roi.offset, vs)
+            ids = np.arange(1, n + 1, dtype=np.uint64) + bump
+            store.write_nodes(index, Nodes(ids, centers, sizes))
+
+        yield process_block
+
+
+def main() -> None:
+    run_worker(setup, "fragments")
+
+
+if __name__ == "__main__":
+    main()
