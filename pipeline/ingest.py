@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from funlib.geometry import Coordinate, Roi
+from tqdm import tqdm
 
 if __package__ in (None, ""):  # run as `python pipeline/ingest.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -168,7 +169,7 @@ def ingest(
     container.mkdir(parents=True, exist_ok=True)
     chunks = Coordinate(min(c, s) for c, s in zip(chunk_shape, shape))
     array = prepare_volume(container, dataset, roi, vs, dtype, chunks * vs)
-    for a, b in slabs(z1 - z0, chunks[0]):
+    for a, b in tqdm(list(slabs(z1 - z0, chunks[0])), desc=f"ingest {dataset}", unit="slab"):
         data = src.read(z0 + a, z0 + b)
         if mapping is not None:
             data = mapping(data)

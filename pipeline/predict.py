@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import sys
 import time
@@ -50,7 +51,21 @@ def _prepare_volumes(layout: RunLayout, run_dir: RunDir) -> None:
         prepare_volume(run_dir.volumes, name, layout.roi, vs, "uint64", layout.block_shape)
 
 
-def _run_daisy(pipeline, progress: ProgressLog, report: dict) -> None:
+_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*")
+
+
+def _worker_error(logs: Path, step: str) -> str | None:
+    """The last exception a worker of `step` logged: daisy only knows that
+    the worker command failed, the cause is in the worker's stderr."""
+    found = None
+    for path in sorted((logs / step).glob("*.err"), key=lambda p: p.stat().st_mtime):
+        for line in path.read_text(errors="replace").splitlines():
+            if _ERROR_LINE.match(line) and not line.startswith("subprocess.CalledProcessError"):
+                found = line.strip()
+    return found
+
+
+def _run_daisy(pipeline, progress: ProgressLog, report: dict, logs: Path) -> None:
     server = daisy.Server()
     states = server.run_blockwise(pipeline, progress=progress, summary=False)
     per_task = (server.last_tracking_summary or {}).get("per_task", {})
@@ -74,8 +89,11 @@ def _run_daisy(pipeline, progress: ProgressLog, report: dict) -> None:
             "peak_worker_rss_bytes": int(per_task.get(step, {}).get("max_peak_rss_bytes", 0)),
         }
         if blocks != state.total_block_count:
-            failed.append(f"{step}: {state.total_block_count - blocks} of {state.total_block_count} blocks did not finish"
-                          + (f" ({state.last_worker_error.strip().splitlines()[-1]})" if state.last_worker_error else ""))
+            cause = _worker_error(logs, step)
+            failed.append(
+                f"{step}: {state.total_block_count - blocks} of {state.total_block_count} blocks did not finish"
+                + (f" ({cause})" if cause else "")
+            )
     if failed:
         raise RunFailed("; ".join(failed))
 
@@ -122,10 +140,10 @@ def run(config: RunConfig, config_source: str) -> dict:
         "steps": {},
     }
     started = time.time()
-    _run_daisy(graph_pipeline(config, layout, run_dir), progress, report)
+    _run_daisy(graph_pipeline(config, layout, run_dir), progress, report, run_dir.logs)
     with open_store(config.store, run_dir.path) as store:
         report["graph"] = _master_step("segments", progress, report, lambda: write_luts(config, run_dir, store))
-    _run_daisy(relabel_task(config, layout, run_dir), progress, report)
+    _run_daisy(relabel_task(config, layout, run_dir), progress, report, run_dir.logs)
     if config.ground_truth:
         report["scores"] = _master_step("evaluate", progress, report, lambda: evaluate_run(config))
     report["wall_s"] = round(time.time() - started, 2)

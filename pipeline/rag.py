@@ -30,11 +30,10 @@ def rag_edges(labels: np.ndarray, affs: np.ndarray, offsets) -> tuple[np.ndarray
     per_channel = []
     for channel, offset in enumerate(offsets):
         here, there = _shifted_pairs(labels, offset)
-        a = labels[here].astype(np.int64)
-        b = labels[there].astype(np.int64)
+        a, b = labels[here], labels[there]  # views: no copy of the block
         # only boundary pairs: a small fraction of the block, so the sort is cheap
         linking = (a != b) & (a > 0) & (b > 0)
-        a, b = a[linking], b[linking]
+        a, b = a[linking].astype(np.int64), b[linking].astype(np.int64)
         keys = np.minimum(a, b) * stride + np.maximum(a, b)
         per_channel.append((keys, affs[channel][here][linking].astype(np.float64)))
     edge_keys = np.unique(np.concatenate([k for k, _ in per_channel[:3]]))

@@ -66,17 +66,6 @@ class RunLayout:
         local ids from 1, so the block is recovered without a look-up."""
         return ((ids.astype(np.uint64) - 1) // np.uint64(self.voxels_per_block)).astype(np.int64)
 
-    def neighbour_blocks(self, index: int) -> list[int]:
-        """The block and its (up to 26) neighbours, for reads by block."""
-        grid = tuple(self.block_grid)
-        centre = np.array(np.unravel_index(index, grid))
-        result = []
-        for delta in np.ndindex(3, 3, 3):
-            position = centre + np.array(delta) - 1
-            if (position >= 0).all() and (position < grid).all():
-                result.append(int(np.ravel_multi_index(tuple(position), grid)))
-        return result
-
     def to_json(self) -> dict:
         return {
             "voxel_size": list(self.voxel_size),

@@ -50,8 +50,9 @@ def run_config(labels):
             "store": "sqlite",
             "predict": {"device": "cpu", "output_shape": [40, 80, 80], "workers": 1},
             "agglomerate": {"thresholds": [0.3, 0.5, 0.7], "threshold": 0.5},
-            # 2 x 2 x 2 = 8 blocks
-            "postprocess": {"block_shape": [200, 800, 800], "context": [30, 100, 100], "workers": 2},
+            # 2 x 2 x 2 = 8 blocks; context about 10 x 30 x 30 voxels, enough for
+            # agglomeration near a block border to see the objects it joins
+            "postprocess": {"block_shape": [200, 800, 800], "context": [100, 300, 300], "workers": 2},
         }
         config.update(overrides)
         path.write_text(json.dumps(config))

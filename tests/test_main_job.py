@@ -160,6 +160,27 @@ def test_a_killed_worker_is_replaced_and_nothing_is_lost(reference, run_config, 
     np.testing.assert_array_equal(volume(run_dir, "segmentation"), volume(reference, "segmentation"))
 
 
+def test_a_block_that_keeps_failing_fails_the_run_with_its_cause(reference, run_config, tmp_path):
+    config = run_config(tmp_path / "config.json")
+    run_dir = Path(json.loads(config.read_text())["run_dir"])
+    # a file where the directory of the last two fragments chunks must go:
+    # every write of those blocks fails, as on a broken disk, and no retry
+    # can fix it
+    blocker = run_dir / "volumes.zarr" / "fragments" / "1" / "1"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("")
+    result = run_cli("pipeline/predict.py", str(config))
+    assert result.returncode == 1
+    assert "fragments: 2 of 8 blocks did not finish (KeyError" in result.stderr, result.stderr[-2000:]
+    assert "re-run the same command" in result.stderr
+    assert not (run_dir / "report.json").exists()
+
+    # repaired, the same command finishes the run, equal to the reference
+    blocker.unlink()
+    run_predict(config)
+    np.testing.assert_array_equal(volume(run_dir, "segmentation"), volume(reference, "segmentation"))
+
+
 def test_changing_the_block_size_of_a_run_is_refused(reference, tmp_path):
     config = json.loads((reference / "config.json").read_text())
     config["postprocess"]["block_shape"] = [200, 400, 400]
