@@ -74,6 +74,10 @@ class FragmentsConfig(Strict):
     method: Literal["waterz", "distance"] = "waterz"
     # for "distance": run slice by slice (anisotropic data)
     per_section: bool = False
+    # merge fragments whose score is below this first, in block + context
+    # (see pipeline/watershed.py); 0 keeps the plain watershed. Every
+    # agglomerate threshold must be at least this.
+    epsilon_agglomerate: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
 
 
 class AgglomerateConfig(Strict):
@@ -141,6 +145,16 @@ class RunConfig(Strict):
         if value == "sqlite" or value.startswith(("mongodb://", "mongodb+srv://")):
             return value
         raise ValueError(f"{value!r} is neither 'sqlite' nor a mongodb:// URI")
+
+    @model_validator(mode="after")
+    def _epsilon_below_thresholds(self) -> RunConfig:
+        smallest = min(self.agglomerate.thresholds)
+        if self.fragments.epsilon_agglomerate > smallest:
+            raise ValueError(
+                f"fragments.epsilon_agglomerate {self.fragments.epsilon_agglomerate} is above the smallest "
+                f"agglomerate threshold {smallest}: that segmentation would not exist"
+            )
+        return self
 
     @property
     def steps(self) -> tuple[str, ...]:

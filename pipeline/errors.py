@@ -18,11 +18,12 @@ class UserError(Exception):
 
 def describe_validation_error(error: pydantic.ValidationError, source: str = "config") -> str:
     first = error.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    field = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
         reason = "unknown key"
     else:
         reason = first["msg"].removeprefix("Value error, ")
     more = len(error.errors()) - 1
     suffix = f" (and {more} more problem{'s' * (more > 1)})" if more else ""
-    return f"{source}: {field}: {reason}{suffix}"
+    # checks across several keys name their keys in the reason
+    return f"{source}: {field + ': ' if field else ''}{reason}{suffix}"

@@ -42,6 +42,28 @@ def waterz_watershed(affs: np.ndarray) -> np.ndarray:
         return next(waterz.agglomerate(np.ascontiguousarray(affs[:3], dtype=np.float32), [0.0])).copy()
 
 
+def epsilon_agglomerate(affs: np.ndarray, fragments: np.ndarray, epsilon: float, scoring: str) -> np.ndarray:
+    """Merge fragments whose agglomeration score is below `epsilon`.
+
+    Watershed basins of real affinities are tiny and many (tens of voxels);
+    every later hierarchical decision on them is noisy, and a block border
+    that cuts them changes those decisions. Merging the confident ones
+    first gives a few times fewer, larger fragments: the same scores at every
+    threshold >= epsilon, a smaller graph, and block-wise results much closer
+    to a one-block run (measured in the README)."""
+    with _quiet_stdout():
+        merged = next(
+            waterz.agglomerate(
+                np.ascontiguousarray(affs[:3], dtype=np.float32),
+                [epsilon],
+                fragments=np.ascontiguousarray(fragments, dtype=np.uint64),
+                scoring_function=SCORING_FUNCTIONS[scoring],
+                discretize_queue=256,
+            )
+        )
+    return merged.copy()
+
+
 def distance_watershed(affs: np.ndarray, voxel_size, per_section: bool) -> np.ndarray:
     """Seeded watershed on the distance transform of the boundary map:
     seeds are the maxima of the distance to the nearest boundary, where the

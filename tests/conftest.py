@@ -49,6 +49,8 @@ def run_config(labels):
             "model": {"checkpoint": str(MODEL)},
             "store": "sqlite",
             "predict": {"device": "cpu", "output_shape": [40, 80, 80], "workers": 1},
+            "fragments": {"method": "waterz", "epsilon_agglomerate": 0.3},
+            # the demo's operating threshold (see the README's results)
             "agglomerate": {"thresholds": [0.3, 0.5, 0.7], "threshold": 0.5},
             # 2 x 2 x 2 = 8 blocks; context about 10 x 30 x 30 voxels, enough for
             # agglomeration near a block border to see the objects it joins

@@ -40,6 +40,10 @@ CASES = {
     "unreachable mongodb": ({"store": "mongodb://127.0.0.1:9/affseg"}, "cannot reach MongoDB at mongodb://127.0.0.1:9/affseg"),
     "not a store": ({"store": "postgres://x"}, "store: 'postgres://x' is neither"),
     "threshold not listed": ({"agglomerate": {"thresholds": [0.3], "threshold": 0.5}}, "must be one of thresholds"),
+    "epsilon above thresholds": (
+        {"fragments": {"epsilon_agglomerate": 0.4}, "agglomerate": {"thresholds": [0.3, 0.5], "threshold": 0.5}},
+        "config: fragments.epsilon_agglomerate 0.4 is above the smallest agglomerate threshold 0.3",
+    ),
     "negative shape": ({"roi": {"offset": [0, 0, 0], "shape": [-1, 10, 10]}}, "roi.shape.0"),
 }
 

@@ -13,15 +13,26 @@ from contextlib import contextmanager
 import numpy as np
 from funlib.persistence import open_ds
 
+from pipeline.config import FragmentsConfig
 from pipeline.graph_store import Nodes, open_store
-from pipeline.watershed import distance_watershed, node_statistics, relabel_consecutive, waterz_watershed
+from pipeline.watershed import (
+    distance_watershed,
+    epsilon_agglomerate,
+    node_statistics,
+    relabel_consecutive,
+    waterz_watershed,
+)
 from workers.loop import ProcessBlock, WorkerRun, run_worker
 
 
-def block_fragments(affs: np.ndarray, method: str, voxel_size, per_section: bool) -> np.ndarray:
-    if method == "waterz":
-        return waterz_watershed(affs)
-    return distance_watershed(affs, voxel_size, per_section)
+def block_fragments(affs: np.ndarray, options: FragmentsConfig, scoring: str, voxel_size) -> np.ndarray:
+    if options.method == "waterz":
+        fragments = waterz_watershed(affs)
+    else:
+        fragments = distance_watershed(affs, voxel_size, options.per_section)
+    if options.epsilon_agglomerate > 0:
+        fragments = epsilon_agglomerate(affs, fragments, options.epsilon_agglomerate, scoring)
+    return fragments
 
 
 @contextmanager
@@ -34,7 +45,7 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
 
         def process_block(block) -> None:
             data = affs.to_ndarray(block.read_roi, fill_value=0)[:3].astype(np.float32) / 255.0
-            labels = block_fragments(data, options.method, vs, options.per_section)
+            labels = block_fragments(data, options, run.config.agglomerate.scoring, vs)
             start = (block.write_roi.offset - block.read_roi.offset) / vs
             crop = tuple(slice(s, s + n) for s, n in zip(start, block.write_roi.shape / vs))
             local, _ = relabel_consecutive(labels[crop])
