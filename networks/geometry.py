@@ -36,15 +36,6 @@ class Geometry:
             self._min_input(a) - self.axis_output(self._min_input(a), a) for a in range(3)
         )
 
-    def output_shape(self, input_shape: Shape) -> Shape:
-        out = [self.axis_output(n, a) for a, n in enumerate(input_shape)]
-        if any(o is None for o in out):
-            raise ValueError(
-                f"input shape {tuple(input_shape)} is not valid for this network; "
-                f"valid shapes are {self.describe_valid_inputs()}"
-            )
-        return tuple(out)  # type: ignore[arg-type]
-
     def input_shape(self, output_shape: Shape) -> Shape:
         return tuple(o + c for o, c in zip(output_shape, self.context))
 
@@ -61,8 +52,3 @@ class Geometry:
                     break
                 n += 1
         return tuple(shape)
-
-    def describe_valid_inputs(self) -> str:
-        return " x ".join(
-            f"({self._min_input(a)} + k*{self.alignment[a]})" for a in range(3)
-        )

@@ -156,12 +156,6 @@ class RunConfig(Strict):
             )
         return self
 
-    @property
-    def steps(self) -> tuple[str, ...]:
-        return ("predict", "fragments", "agglomerate", "segments", "relabel") + (
-            ("evaluate",) if self.ground_truth else ()
-        )
-
 
 class TrainVolume(Strict):
     raw: ZarrPath

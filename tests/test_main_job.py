@@ -105,6 +105,12 @@ def test_killed_run_resumes_to_the_identical_segmentation(reference, run_config,
             progress = run_dir / "progress.jsonl"
             records = [json.loads(line) for line in progress.read_text().splitlines()] if progress.exists() else []
             if any(r["step"] == "fragments" and r.get("completed", 0) >= 2 for r in records):
+                # status while the run is going: the step is running, with a speed
+                during = read_status(progress)
+                assert not during["finished"]
+                assert during["steps"]["fragments"]["state"] == "running"
+                assert during["steps"]["fragments"]["completed"] >= 2
+                assert during["steps"]["fragments"]["voxels_per_s"] > 0
                 break
             assert process.poll() is None, "the run ended before it could be killed"
             time.sleep(0.1)
