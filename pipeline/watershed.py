@@ -34,12 +34,28 @@ def _quiet_stdout():
             os.close(saved)
 
 
-def waterz_watershed(affs: np.ndarray) -> np.ndarray:
-    """waterz's own watershed on the 3 nearest-neighbour affinities (float32
-    in [0, 1]); fragments as uint64, 0 where no fragment."""
+def _agglomerate(affs: np.ndarray, threshold: float, scoring: str, fragments: np.ndarray | None, history: bool):
+    """One waterz run up to `threshold` on the 3 nearest-neighbour channels:
+    its own watershed first when no fragments are given."""
     with _quiet_stdout():
-        # waterz reuses one output buffer across thresholds: copy it
-        return next(waterz.agglomerate(np.ascontiguousarray(affs[:3], dtype=np.float32), [0.0])).copy()
+        result = next(
+            waterz.agglomerate(
+                np.ascontiguousarray(affs[:3], dtype=np.float32),
+                [threshold],
+                fragments=None if fragments is None else np.ascontiguousarray(fragments, dtype=np.uint64),
+                scoring_function=SCORING_FUNCTIONS[scoring],
+                discretize_queue=256,
+                return_merge_history=history,
+            )
+        )
+    # waterz reuses one output buffer across thresholds: copy it
+    return (result[0].copy(), result[1]) if history else result.copy()
+
+
+def waterz_fragments(affs: np.ndarray, epsilon: float, scoring: str) -> np.ndarray:
+    """waterz's own watershed, then agglomeration up to `epsilon`, in one
+    pass (the region graph is built once); 0 where no fragment."""
+    return _agglomerate(affs, epsilon, scoring, None, history=False)
 
 
 def epsilon_agglomerate(affs: np.ndarray, fragments: np.ndarray, epsilon: float, scoring: str) -> np.ndarray:
@@ -51,17 +67,7 @@ def epsilon_agglomerate(affs: np.ndarray, fragments: np.ndarray, epsilon: float,
     first gives a few times fewer, larger fragments: the same scores at every
     threshold >= epsilon, a smaller graph, and block-wise results much closer
     to a one-block run (measured in the README)."""
-    with _quiet_stdout():
-        merged = next(
-            waterz.agglomerate(
-                np.ascontiguousarray(affs[:3], dtype=np.float32),
-                [epsilon],
-                fragments=np.ascontiguousarray(fragments, dtype=np.uint64),
-                scoring_function=SCORING_FUNCTIONS[scoring],
-                discretize_queue=256,
-            )
-        )
-    return merged.copy()
+    return _agglomerate(affs, epsilon, scoring, fragments, history=False)
 
 
 def distance_watershed(affs: np.ndarray, voxel_size, per_section: bool) -> np.ndarray:
@@ -93,16 +99,7 @@ def merge_history(affs: np.ndarray, fragments: np.ndarray, scoring: str) -> np.n
     """Agglomerate consecutive-labelled `fragments` (0 = background) to the
     end and return the merges as rows (a, b, c, score): regions a and b
     became region c at that score."""
-    with _quiet_stdout():
-        generator = waterz.agglomerate(
-            np.ascontiguousarray(affs[:3], dtype=np.float32),
-            [1.0],
-            fragments=np.ascontiguousarray(fragments, dtype=np.uint64),
-            scoring_function=SCORING_FUNCTIONS[scoring],
-            discretize_queue=256,
-            return_merge_history=True,
-        )
-        _, history = next(generator)
+    _, history = _agglomerate(affs, 1.0, scoring, fragments, history=True)
     rows = np.array([(m["a"], m["b"], m["c"], m["score"]) for m in history], dtype=np.float64)
     return rows.reshape(-1, 4)
 

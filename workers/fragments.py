@@ -20,16 +20,15 @@ from pipeline.watershed import (
     epsilon_agglomerate,
     node_statistics,
     relabel_consecutive,
-    waterz_watershed,
+    waterz_fragments,
 )
 from workers.loop import ProcessBlock, WorkerRun, run_worker
 
 
 def block_fragments(affs: np.ndarray, options: FragmentsConfig, scoring: str, voxel_size) -> np.ndarray:
     if options.method == "waterz":
-        fragments = waterz_watershed(affs)
-    else:
-        fragments = distance_watershed(affs, voxel_size, options.per_section)
+        return waterz_fragments(affs, options.epsilon_agglomerate, scoring)
+    fragments = distance_watershed(affs, voxel_size, options.per_section)
     if options.epsilon_agglomerate > 0:
         fragments = epsilon_agglomerate(affs, fragments, options.epsilon_agglomerate, scoring)
     return fragments
@@ -39,12 +38,14 @@ def block_fragments(affs: np.ndarray, options: FragmentsConfig, scoring: str, vo
 def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     layout, options = run.layout, run.config.fragments
     affs = open_ds(run.run_dir.volumes / "affs")
+    # the watershed reads the 3 nearest-neighbour channels only
+    affs.lazy_op(np.s_[0:3])
     fragments = open_ds(run.run_dir.volumes / "fragments", mode="r+")
     vs = layout.voxel_size
     with open_store(run.config.store, run.run_dir.path) as store:
 
         def process_block(block) -> None:
-            data = affs.to_ndarray(block.read_roi, fill_value=0)[:3].astype(np.float32) / 255.0
+            data = affs.to_ndarray(block.read_roi, fill_value=0).astype(np.float32) / 255.0
             labels = block_fragments(data, options, run.config.agglomerate.scoring, vs)
             start = (block.write_roi.offset - block.read_roi.offset) / vs
             crop = tuple(slice(s, s + n) for s, n in zip(start, block.write_roi.shape / vs))
