@@ -26,9 +26,8 @@ import daisy
 import numpy as np
 from daisy import logging as daisy_logging
 
-from pipeline.config import RunConfig, load_json
 from pipeline.cli import cli_main
-from pipeline.errors import UserError
+from pipeline.config import RunConfig, load_json
 from pipeline.evaluate import evaluate_run, format_table
 from pipeline.graph_store import open_store
 from pipeline.progress import ProgressLog
@@ -111,9 +110,10 @@ def _master_step(step: str, progress: ProgressLog, report: dict, function):
     return result
 
 
-def run(config: RunConfig, config_source: str) -> dict:
-    network = load_network(config)
-    layout = RunLayout.from_config(config, network)
+def open_run(config: RunConfig) -> tuple[RunLayout, RunDir]:
+    """Check the config against the data, claim (or re-open) the run
+    directory, and prepare its volumes: everything before the first block."""
+    layout = RunLayout.from_config(config, load_network(config))
     run_dir = RunDir(Path(config.run_dir))
     # reach the store before touching the run dir: a bad URI leaves nothing behind
     with open_store(config.store, run_dir.path) as store:
@@ -122,6 +122,11 @@ def run(config: RunConfig, config_source: str) -> dict:
     run_dir.config.write_text(config.model_dump_json(indent=2))
     _prepare_volumes(layout, run_dir)
     daisy_logging.set_log_basedir(run_dir.logs)
+    return layout, run_dir
+
+
+def run(config: RunConfig, config_source: str) -> dict:
+    layout, run_dir = open_run(config)
 
     vs = layout.voxel_size
     voxels = {

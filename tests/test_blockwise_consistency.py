@@ -20,8 +20,7 @@ from pipeline.config import RunConfig
 from pipeline.graph_store import open_store
 from pipeline.lut import apply_mapping, load_lut
 from pipeline.metrics import evaluate_arrays
-from pipeline.predict import _prepare_volumes
-from pipeline.run_layout import RunDir, RunLayout, claim_run_dir
+from pipeline.predict import open_run
 from pipeline.segments import write_luts
 from pipeline.tasks import blockwise_geometry
 from tests.conftest import RAW, TEST_ROI
@@ -49,17 +48,11 @@ def postprocess(run_dir: Path, labels_path: str, block_shape, epsilon: float) ->
         agglomerate={"thresholds": list(THRESHOLDS), "threshold": 0.5},
         postprocess={"block_shape": block_shape, "context": [100, 300, 300]},
     )
-    layout = RunLayout.from_config(config)
-    directory = RunDir(run_dir)
-    with open_store("sqlite", run_dir) as store:
-        claim_run_dir(run_dir, layout, "sqlite")
-    directory.config.write_text(config.model_dump_json())
-    _prepare_volumes(layout, directory)
+    layout, directory = open_run(config)
     labels = open_ds(labels_path)[layout.roi]
     affs = open_ds(directory.volumes / "affs", mode="r+")
     affs[layout.roi] = noisy_ground_truth_affinities(labels, layout.offsets, noise=0.2)
 
-    daisy.logging.set_log_basedir(run_dir / "logs")
     run = WorkerRun(config, layout, directory)
     for step in (fragments, agglomerate):
         with step.setup(run) as process_block:

@@ -3,7 +3,6 @@ whole volume with the same valid-padding network, up to uint8 rounding."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import daisy
 import numpy as np
@@ -13,9 +12,8 @@ from funlib.persistence import open_ds
 
 from networks.models import build_network, load_model, save_model
 from pipeline.config import RunConfig
-from pipeline.run_layout import RunDir, RunLayout, claim_run_dir
+from pipeline.predict import open_run
 from pipeline.tasks import blockwise_geometry
-from pipeline.volumes import prepare_volume
 from tests.conftest import RAW
 from workers.loop import WorkerRun
 from workers.predict import predict_roi, setup
@@ -39,12 +37,7 @@ def test_blockwise_prediction_equals_single_pass(tmp_path):
         postprocess={"block_shape": [300, 540, 460], "context": [10, 10, 10]},
     )
     network = load_model(checkpoint)
-    layout = RunLayout.from_config(config, network)
-    run_dir = RunDir(Path(config.run_dir))
-    claim_run_dir(run_dir.path, layout, config.store)
-    prepare_volume(run_dir.volumes, "affs", layout.roi, layout.voxel_size, "uint8", layout.predict_output, channels=4)
-
-    daisy.logging.set_log_basedir(tmp_path / "logs")
+    layout, run_dir = open_run(config)
     run = WorkerRun(config, layout, run_dir)
     with setup(run) as process_block:
         task = daisy.Task(
