@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 
 
-def _shifted_pairs(labels: np.ndarray, offset) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+def offset_pairs(shape, offset) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
     """Slices of voxels i and i + offset that both lie inside the block."""
     here, there = [], []
-    for o, size in zip(offset, labels.shape):
+    for o, size in zip(offset, shape):
         # an offset longer than the block leaves no pair: two empty slices
         n = max(0, size - abs(o))
         here.append(slice(max(0, -o), max(0, -o) + n))
@@ -29,7 +29,7 @@ def rag_edges(labels: np.ndarray, affs: np.ndarray, offsets) -> tuple[np.ndarray
     stride = np.int64(n + 1)
     per_channel = []
     for channel, offset in enumerate(offsets):
-        here, there = _shifted_pairs(labels, offset)
+        here, there = offset_pairs(labels.shape, offset)
         a, b = labels[here], labels[there]  # views: no copy of the block
         # only boundary pairs: a small fraction of the block, so the sort is cheap
         linking = (a != b) & (a > 0) & (b > 0)

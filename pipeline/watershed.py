@@ -52,14 +52,10 @@ def _agglomerate(affs: np.ndarray, threshold: float, scoring: str, fragments: np
     return (result[0].copy(), result[1]) if history else result.copy()
 
 
-def waterz_fragments(affs: np.ndarray, epsilon: float, scoring: str) -> np.ndarray:
-    """waterz's own watershed, then agglomeration up to `epsilon`, in one
-    pass (the region graph is built once); 0 where no fragment."""
-    return _agglomerate(affs, epsilon, scoring, None, history=False)
-
-
-def epsilon_agglomerate(affs: np.ndarray, fragments: np.ndarray, epsilon: float, scoring: str) -> np.ndarray:
-    """Merge fragments whose agglomeration score is below `epsilon`.
+def epsilon_agglomerate(affs: np.ndarray, fragments: np.ndarray | None, epsilon: float, scoring: str) -> np.ndarray:
+    """Merge fragments whose agglomeration score is below `epsilon`; with
+    `fragments=None`, waterz's own watershed makes them first, in the same
+    pass (the region graph is built once). 0 where no fragment.
 
     Watershed basins of real affinities are tiny and many (tens of voxels);
     every later hierarchical decision on them is noisy, and a block border

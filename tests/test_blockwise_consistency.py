@@ -21,6 +21,7 @@ from pipeline.graph_store import open_store
 from pipeline.lut import apply_mapping, load_lut
 from pipeline.metrics import evaluate_arrays
 from pipeline.predict import open_run
+from pipeline.rag import offset_pairs
 from pipeline.segments import write_luts
 from pipeline.tasks import blockwise_geometry
 from tests.conftest import RAW, TEST_ROI
@@ -33,8 +34,7 @@ THRESHOLDS = (0.3, 0.5, 0.7)
 def noisy_ground_truth_affinities(labels: np.ndarray, offsets, noise: float) -> np.ndarray:
     affs = np.zeros((len(offsets), *labels.shape), dtype=np.float32)
     for c, offset in enumerate(offsets):
-        here = tuple(slice(max(0, -o), s - max(0, o)) for o, s in zip(offset, labels.shape))
-        there = tuple(slice(max(0, o), s - max(0, -o)) for o, s in zip(offset, labels.shape))
+        here, there = offset_pairs(labels.shape, offset)
         affs[c][here] = (labels[here] == labels[there]) & (labels[here] > 0)
     affs += np.random.default_rng(0).normal(0, noise, affs.shape).astype(np.float32)
     return (np.clip(affs, 0, 1) * 255).round().astype(np.uint8)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pipeline.rag import first_join_scores, rag_edges
-from pipeline.watershed import merge_history, relabel_consecutive, waterz_fragments
+from pipeline.watershed import epsilon_agglomerate, merge_history, relabel_consecutive
 
 
 def brute_force_first_join(n, history, u, v):
@@ -57,7 +57,7 @@ def test_first_join_scores_on_a_real_waterz_history():
     rng = np.random.default_rng(2)
     affs = rng.random((3, 12, 20, 20)).astype(np.float32)
     affs = (affs + np.roll(affs, 1, axis=2)) / 2  # some spatial structure
-    local, ids = relabel_consecutive(waterz_fragments(affs, 0.0, "hist_quant_50"))
+    local, ids = relabel_consecutive(epsilon_agglomerate(affs, None, 0.0, "hist_quant_50"))
     history = merge_history(affs, local, "hist_quant_50")
     assert len(history) > 10
     u, v, _ = rag_edges(local, affs, [(-1, 0, 0), (0, -1, 0), (0, 0, -1)])

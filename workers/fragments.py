@@ -20,14 +20,14 @@ from pipeline.watershed import (
     epsilon_agglomerate,
     node_statistics,
     relabel_consecutive,
-    waterz_fragments,
 )
 from workers.loop import ProcessBlock, WorkerRun, run_worker
 
 
 def block_fragments(affs: np.ndarray, options: FragmentsConfig, scoring: str, voxel_size) -> np.ndarray:
     if options.method == "waterz":
-        return waterz_fragments(affs, options.epsilon_agglomerate, scoring)
+        # waterz's watershed and the epsilon merges in one pass
+        return epsilon_agglomerate(affs, None, options.epsilon_agglomerate, scoring)
     fragments = distance_watershed(affs, voxel_size, options.per_section)
     if options.epsilon_agglomerate > 0:
         fragments = epsilon_agglomerate(affs, fragments, options.epsilon_agglomerate, scoring)
