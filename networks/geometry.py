@@ -44,11 +44,18 @@ class Geometry:
         multiple of the alignment (so that blocks tiled by it stay aligned)."""
         shape = []
         for axis, want in enumerate(at_least):
-            n = self._min_input(axis)
-            while True:
+            # outputs grow by at most the alignment per step of the input, so
+            # a valid one, if any, lies within this many inputs
+            first = self._min_input(axis)
+            last = first + want + self.context[axis] + 64 * self.alignment[axis]
+            for n in range(first, last):
                 out = self.axis_output(n, axis)
                 if out is not None and out >= want and out % self.alignment[axis] == 0:
                     shape.append(out)
                     break
-                n += 1
+            else:
+                raise ValueError(
+                    f"no output of at least {want} voxels along axis {axis} is a multiple of the total "
+                    f"downsampling {self.alignment[axis]}; block-wise prediction needs one (change the factors)"
+                )
         return tuple(shape)

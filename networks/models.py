@@ -14,22 +14,31 @@ from torch import nn
 
 from networks.intensity_baseline import IntensityAffinities
 from networks.mala_unet import MalaUNet, MalaUNetSpec
+from networks.residual_unet import ResidualUNet, ResidualUNetSpec
 
 CHECKPOINT_FORMAT = "affseg-model-1"
 
+# the backbones, by the `name` of a network spec
+BACKBONES = {
+    "mala_unet": (MalaUNet, MalaUNetSpec),
+    "residual_unet": (ResidualUNet, ResidualUNetSpec),
+}
+
+
+def _tuples(value):
+    """JSON gives lists; the frozen specs hold tuples."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list | tuple) else value
+
 
 def build_network(spec: dict, offsets: list[tuple[int, int, int]]) -> nn.Module:
+    """The backbone `spec["name"]` with one output channel per offset, and
+    `.offsets` and `.geometry` set."""
     spec = dict(spec)
     name = spec.pop("name")
-    if name != "mala_unet":
+    if name not in BACKBONES:
         raise ValueError(f"unknown network {name!r}")
-    net = MalaUNet(
-        MalaUNetSpec(
-            out_channels=len(offsets),
-            downsample_factors=tuple(tuple(f) for f in spec.pop("downsample_factors")),
-            **spec,
-        )
-    )
+    network_class, spec_class = BACKBONES[name]
+    net = network_class(spec_class(out_channels=len(offsets), **{k: _tuples(v) for k, v in spec.items()}))
     net.offsets = tuple(tuple(o) for o in offsets)
     return net
 

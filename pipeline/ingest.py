@@ -9,8 +9,18 @@ SOURCE is one of
 
 Ground truth given as supervoxels plus a supervoxel -> body table (as in the
 FlyEM FIB-SEM samples) is mapped to bodies with --body-map FILE.h5:/table;
-supervoxels missing from the table keep their id. The volume is read and
-written in slabs of one chunk depth, so memory stays bounded by a slab.
+supervoxels missing from the table keep their id.
+
+Boundary masks such as the ISBI 2012 labels (non-zero = cell interior)
+become instance labels with --components: the connected components of the
+interior of each section, numbered across the stack.
+
+--keep-instances makes a sparse copy of dense labels: N (or, below 1, that
+fraction of) whole instances chosen at random with --seed; every other voxel
+becomes 0, which training reads as "unknown" (`sparse: true`).
+
+The volume is read and written in slabs of one chunk depth, so memory stays
+bounded by a slab (plus the list of instance ids with --keep-instances).
 """
 
 from __future__ import annotations
@@ -139,6 +149,27 @@ class BodyMap:
         return apply_mapping(supervoxels.astype(np.uint64), self.keys, self.values)
 
 
+def section_components(sections: np.ndarray, first_id: int) -> tuple[np.ndarray, int]:
+    """Per section, the 4-connected components of the non-zero pixels,
+    numbered from `first_id + 1`. Returns (labels, last id used)."""
+    from scipy import ndimage
+
+    labels = np.zeros(sections.shape, dtype=np.uint64)
+    for z, section in enumerate(sections):
+        components, n = ndimage.label(section != 0)
+        labels[z] = np.where(components > 0, components.astype(np.uint64) + np.uint64(first_id), 0)
+        first_id += n
+    return labels, first_id
+
+
+def choose_instances(ids: np.ndarray, keep: float, seed: int) -> np.ndarray:
+    """`keep` >= 1: that many ids; below 1: that fraction (at least one)."""
+    count = int(keep) if keep >= 1 else max(1, round(keep * len(ids)))
+    if count > len(ids):
+        raise UserError(f"--keep-instances: {count} instances asked for, the labels hold {len(ids)}")
+    return np.sort(np.random.default_rng(seed).choice(ids, size=count, replace=False))
+
+
 def slabs(depth: int, step: int) -> Iterator[tuple[int, int]]:
     for z0 in range(0, depth, step):
         yield z0, min(depth, z0 + step)
@@ -152,13 +183,19 @@ def ingest(
     z_range: tuple[int, int] | None = None,
     body_map: str | None = None,
     chunk_shape: tuple[int, int, int] = (64, 64, 64),
+    components: bool = False,
+    keep_instances: float | None = None,
+    seed: int = 0,
 ) -> None:
     src = open_source(source)
     z0, z1 = z_range if z_range is not None else (0, src.shape[0])
     if not 0 <= z0 < z1 <= src.shape[0]:
         raise UserError(f"--z-range: {z0}..{z1} is outside the source's {src.shape[0]} sections")
+    if keep_instances is not None and keep_instances <= 0:
+        raise UserError(f"--keep-instances: must be positive, got {keep_instances}")
     mapping = BodyMap(body_map) if body_map else None
-    dtype = "uint64" if mapping is not None else src.dtype.name
+    labels = mapping is not None or components or keep_instances is not None
+    dtype = "uint64" if labels else src.dtype.name
     vs = Coordinate(voxel_size)
     shape = Coordinate((z1 - z0, *src.shape[1:]))
     roi = Roi(Coordinate(offset), shape * vs)
@@ -168,14 +205,30 @@ def ingest(
         raise UserError(f"--out: {e}") from e
     container.mkdir(parents=True, exist_ok=True)
     chunks = Coordinate(min(c, s) for c, s in zip(chunk_shape, shape))
+    steps = list(slabs(z1 - z0, chunks[0]))
+
+    def converted() -> Iterator[tuple[int, int, np.ndarray]]:
+        last_id = 0
+        for a, b in steps:
+            data = src.read(z0 + a, z0 + b)
+            if mapping is not None:
+                data = mapping(data)
+            if components:
+                data, last_id = section_components(data, last_id)
+            yield a, b, data
+
+    kept = None
+    if keep_instances is not None:
+        ids = np.unique(np.concatenate([np.unique(data) for _, _, data in converted()]))
+        kept = choose_instances(ids[ids != 0], keep_instances, seed)
     array = prepare_volume(container, dataset, roi, vs, dtype, chunks * vs)
-    for a, b in tqdm(list(slabs(z1 - z0, chunks[0])), desc=f"ingest {dataset}", unit="slab"):
-        data = src.read(z0 + a, z0 + b)
-        if mapping is not None:
-            data = mapping(data)
+    for a, b, data in tqdm(converted(), total=len(steps), desc=f"ingest {dataset}", unit="slab"):
+        if kept is not None:
+            data = np.where(np.isin(data, kept), data, 0)
         slab = Roi(roi.offset + Coordinate(a, 0, 0) * vs, Coordinate(b - a, *shape[1:]) * vs)
-        array[slab] = data
-    print(f"wrote {container}/{dataset}: shape {tuple(shape)}, {dtype}, voxel size {tuple(vs)}, offset {tuple(offset)}")
+        array[slab] = data.astype(dtype)
+    note = f"; kept {len(kept)} instances (seed {seed})" if kept is not None else ""
+    print(f"wrote {container}/{dataset}: shape {tuple(shape)}, {dtype}, voxel size {tuple(vs)}, offset {tuple(offset)}{note}")
 
 
 def main() -> None:
@@ -191,6 +244,9 @@ def main() -> None:
     parser.add_argument("--z-range", type=int, nargs=2, metavar=("BEGIN", "END"), help="only sections BEGIN..END-1")
     parser.add_argument("--body-map", help="FILE.h5:/table of [supervoxel, body] rows to apply to labels")
     parser.add_argument("--chunk-shape", type=int, nargs=3, default=(64, 64, 64), metavar=("Z", "Y", "X"), help="zarr chunk shape in voxels (default 64 64 64)")
+    parser.add_argument("--components", action="store_true", help="label the connected components of each section's non-zero pixels (boundary masks -> instances)")
+    parser.add_argument("--keep-instances", type=float, metavar="K", help="sparse copy: keep K random whole instances (K < 1: that fraction)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for --keep-instances (default 0)")
     args = parser.parse_args()
     ingest(
         args.source,
@@ -200,6 +256,9 @@ def main() -> None:
         tuple(args.z_range) if args.z_range else None,
         args.body_map,
         tuple(args.chunk_shape),
+        args.components,
+        args.keep_instances,
+        args.seed,
     )
 
 

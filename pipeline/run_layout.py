@@ -9,7 +9,9 @@ old layout would silently mix with new ones.
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +62,18 @@ class RunLayout:
         """Row-major index of a post-processing block in the grid over `roi`."""
         position = (write_roi.offset - self.roi.offset) / self.block_shape
         return int(np.ravel_multi_index(tuple(position), tuple(self.block_grid)))
+
+    def blocks_meeting(self, roi: Roi) -> Iterator[tuple[int, Roi]]:
+        """(index, write ROI) of every post-processing block whose write ROI
+        meets `roi`, by increasing index."""
+        # numpy's floor division: Coordinate's `/` truncates towards zero
+        begin = np.subtract(roi.begin, self.roi.begin)
+        start = begin // self.block_shape
+        end = -(-(begin + np.array(roi.shape)) // self.block_shape)
+        ranges = [range(max(0, int(s)), min(g, int(e))) for s, e, g in zip(start, end, self.block_grid)]
+        for position in itertools.product(*ranges):
+            cell = Roi(self.roi.begin + Coordinate(position) * self.block_shape, self.block_shape)
+            yield self.block_index(cell), cell.intersect(self.roi)
 
     def block_of_fragment(self, ids: np.ndarray) -> np.ndarray:
         """Fragment ids are `block_index * voxels_per_block + local_id` with
@@ -123,8 +137,19 @@ class RunLayout:
             )
 
         network = network if network is not None else load_network(config)
+        nearest = [tuple(int(x) for x in o) for o in network.offsets[:3]]
+        if nearest != [(-1, 0, 0), (0, -1, 0), (0, 0, -1)]:
+            # 2D models (in-plane offsets only) need mutex-watershed
+            # post-processing, which the block-wise job does not run yet
+            raise UserError(
+                f"model: its first offsets are {[list(o) for o in nearest]}; the waterz post-processing needs the z, y, x nearest "
+                "neighbours [-1,0,0], [0,-1,0], [0,0,-1] first (2D models are not supported by predict.py yet)"
+            )
         geometry = network.geometry
-        output = Coordinate(geometry.valid_output_shape(config.predict.output_shape))
+        try:
+            output = Coordinate(geometry.valid_output_shape(config.predict.output_shape))
+        except ValueError as e:
+            raise UserError(f"model: {e}") from e
         context = Coordinate(geometry.context)
         if any(c % 2 for c in context):
             raise UserError("model: the network's context is not symmetric")

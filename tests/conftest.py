@@ -14,6 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 RAW = REPO / "data/fib25_medulla/fib25.zarr/raw"
 GROUNDTRUTH_H5 = REPO / "data/fib25_medulla/groundtruth.h5"
+ISBI = REPO / "data/isbi2012"
 MODEL = REPO / "models/fib25_mala.pt"
 
 # a 40 x 160 x 160 voxel crop of the held-out sections 120..159
@@ -34,6 +35,20 @@ def labels(tmp_path_factory) -> str:
     )
     assert result.returncode == 0, result.stderr
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def isbi(tmp_path_factory) -> tuple[str, str]:
+    """ISBI 2012 sections as zarr: (raw, instance labels = connected
+    components of each section's interior)."""
+    container = tmp_path_factory.mktemp("isbi") / "isbi.zarr"
+    for name, extra in (("raw", ()), ("labels", ("--components",))):
+        result = run_cli(
+            "pipeline/ingest.py", str(ISBI / ("image" if name == "raw" else "label")), "--out", str(container / name),
+            "--voxel-size", "50", "4", "4", "--chunk-shape", "1", "512", "512", *extra,
+        )
+        assert result.returncode == 0, result.stderr
+    return str(container / "raw"), str(container / "labels")
 
 
 @pytest.fixture(scope="session")

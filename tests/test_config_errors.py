@@ -74,3 +74,52 @@ def test_missing_and_malformed_config_files(tmp_path):
 def test_every_command_has_help(script):
     result = run_cli(f"pipeline/{script}.py", "--help")
     assert result.returncode == 0 and "usage:" in result.stdout
+
+
+TRAIN_CASES = {
+    "2D offsets with z": (
+        {"network": {"name": "residual_unet", "dims": 2}, "offsets": [[0, -1, 0], [0, 0, -1], [-1, 0, 0]]},
+        "offsets of a 2D network",
+    ),
+    "crop off the pooling grid": (
+        {"network": {"name": "residual_unet", "widths": [4, 6], "downsample_factors": [[1, 4, 4]], "crop": [0, 1, 1]}},
+        "multiple of the total downsampling",
+    ),
+    "unknown backbone": ({"network": {"name": "vgg"}}, "network: "),
+    "unknown augmentation key": ({"augment": {"elastc": None}}, "augment.elastc: unknown key"),
+    "unreachable output alignment": (
+        {"network": {"name": "mala_unet", "num_fmaps": 2, "downsample_factors": [[1, 3, 3], [1, 3, 3]]}},
+        "network: no output of at least",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAIN_CASES))
+def test_bad_train_config_is_one_line_and_exit_2(case, tmp_path, labels):
+    changes, message = TRAIN_CASES[case]
+    config = {
+        "experiment_dir": str(tmp_path / "experiment"),
+        "volumes": [{"raw": str(RAW), "labels": labels}],
+        "offsets": [[-1, 0, 0], [0, -1, 0], [0, 0, -1]],
+        "iterations": 1,
+        **changes,
+    }
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(config))
+    result = run_cli("pipeline/train.py", str(path), "--device", "cpu")
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_2d_model_is_refused_by_the_3d_job(tmp_path, labels):
+    from networks.models import build_network, save_model
+
+    spec = {"name": "residual_unet", "dims": 2, "widths": [4, 6], "downsample_factors": [[1, 2, 2]], "crop": [0, 2, 2]}
+    offsets = [[0, -1, 0], [0, 0, -1], [0, -3, 0]]
+    save_model(tmp_path / "model2d.pt", spec, offsets, build_network(spec, offsets).state_dict())
+    result = run_cli("pipeline/predict.py", str(broken(tmp_path, labels, model={"checkpoint": str(tmp_path / "model2d.pt")})))
+    assert result.returncode == 2, result.stderr
+    assert "2D models are not supported by predict.py yet" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -69,3 +69,38 @@ def test_bad_sources_give_one_line_and_exit_2(tmp_path):
         assert result.returncode == 2
         assert message in result.stderr and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_isbi_boundary_masks_become_section_components(isbi):
+    from scipy import ndimage
+
+    from tests.conftest import ISBI
+
+    labels = open_ds(isbi[1])
+    data = labels[labels.roi]
+    assert tuple(labels.voxel_size) == (50, 4, 4)
+    ids_per_section = [set(np.unique(section[section > 0]).tolist()) for section in data]
+    for z, ids in enumerate(ids_per_section):
+        interior = iio.imread(ISBI / "label" / f"{z:02d}.png") != 0
+        np.testing.assert_array_equal(data[z] > 0, interior)
+        assert len(ids) == ndimage.label(interior)[1] > 10
+        assert not ids & set().union(*ids_per_section[:z])  # unique across the stack
+
+
+def test_sparse_copy_keeps_whole_random_instances(tmp_path, labels):
+    dense = open_ds(labels)[open_ds(labels).roi]
+    copies = {}
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        out = tmp_path / "sparse.zarr" / name
+        result = run_cli(
+            "pipeline/ingest.py", f"{GROUNDTRUTH_H5}:/stack", "--body-map", f"{GROUNDTRUTH_H5}:/transforms",
+            "--out", str(out), "--voxel-size", "10", "10", "10", "--keep-instances", "12", "--seed", seed,
+        )
+        assert result.returncode == 0, result.stderr
+        copies[name] = open_ds(str(out))[open_ds(str(out)).roi]
+    kept = np.unique(copies["a"][copies["a"] > 0])
+    assert len(kept) == 12
+    np.testing.assert_array_equal(copies["a"] > 0, np.isin(dense, kept))  # whole instances, nothing else
+    np.testing.assert_array_equal(copies["a"][copies["a"] > 0], dense[copies["a"] > 0])
+    np.testing.assert_array_equal(copies["a"], copies["b"])
+    assert not np.array_equal(copies["a"], copies["c"])

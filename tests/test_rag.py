@@ -2,9 +2,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from funlib.geometry import Coordinate, Roi
 
 from pipeline.rag import first_join_scores, rag_edges
+from pipeline.run_layout import RunLayout
 from pipeline.watershed import epsilon_agglomerate, merge_history, relabel_consecutive
+from workers.agglomerate import compact_fragments
 
 
 def brute_force_first_join(n, history, u, v):
@@ -63,3 +66,28 @@ def test_first_join_scores_on_a_real_waterz_history():
     u, v, _ = rag_edges(local, affs, [(-1, 0, 0), (0, -1, 0), (0, 0, -1)])
     scores = first_join_scores(len(ids), history, u, v)
     np.testing.assert_allclose(scores, brute_force_first_join(len(ids), history, u, v), rtol=1e-6)
+
+
+def test_compact_fragments_equals_sorting_the_ids():
+    # a 3 x 4 x 5 grid of 4 x 5 x 6 blocks; block + context reads across
+    # the volume's edge and across up to 27 blocks
+    layout = RunLayout(
+        voxel_size=Coordinate(1, 1, 1), roi=Roi((0, 0, 0), (12, 20, 30)), offsets=(),
+        predict_output=Coordinate(1, 1, 1), predict_context=Coordinate(0, 0, 0),
+        block_shape=Coordinate(4, 5, 6), context=Coordinate(2, 2, 2),
+    )
+    rng = np.random.default_rng(3)
+    fragments = np.zeros(layout.roi.shape, dtype=np.uint64)
+    for index, cell in layout.blocks_meeting(layout.roi):
+        window = cell.to_slices()
+        fragments[window] = rng.integers(1, 40, size=cell.shape) + np.uint64(index * layout.voxels_per_block)
+        fragments[window][rng.random(cell.shape) < 0.2] = 0  # no fragment
+    for begin in [(-2, -2, -2), (2, 3, 4), (6, 13, 22)]:
+        roi = Roi(begin, (8, 9, 10))
+        block = np.zeros(roi.shape, dtype=np.uint64)
+        inside = roi.intersect(layout.roi)
+        block[(inside - roi.begin).to_slices()] = fragments[inside.to_slices()]
+        labels, ids = compact_fragments(block, roi, layout)
+        expected_ids, inverse = np.unique(block, return_inverse=True)
+        np.testing.assert_array_equal(ids, expected_ids[1:])
+        np.testing.assert_array_equal(labels, inverse.reshape(block.shape))

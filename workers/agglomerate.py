@@ -13,22 +13,52 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
+from funlib.geometry import Roi
 from funlib.persistence import open_ds
 
 from pipeline.graph_store import Edges, open_store
 from pipeline.rag import first_join_scores, rag_edges
+from pipeline.run_layout import RunLayout
 from pipeline.watershed import merge_history, relabel_consecutive
 from workers.loop import ProcessBlock, WorkerRun, run_worker
 
 
-def block_edges(affs: np.ndarray, fragments: np.ndarray, offsets, scoring: str) -> Edges:
-    """All RAG edges of the block, in fragment ids, with merge scores."""
-    local, ids = relabel_consecutive(fragments)
-    u, v, means = rag_edges(local, affs, offsets)
-    history = merge_history(affs, local, scoring)
+def compact_fragments(fragments: np.ndarray, roi: Roi, layout: RunLayout) -> tuple[np.ndarray, np.ndarray]:
+    """`relabel_consecutive` of the fragment ids of block + context (`roi`)
+    without sorting its voxels.
+
+    Each block's fragments lie in its write ROI with ids `bump + 1 .. bump +
+    n`, so shifting every neighbouring block's ids onto a running base gives
+    small labels in the order of the ids, which a presence table then closes
+    up. Returns (labels 1..n, 0 kept, and the sorted fragment id of each)."""
+    vs = layout.voxel_size
+    packed = np.zeros(fragments.shape, dtype=np.int64)
+    bases, bumps = [], []
+    base = 0
+    for index, cell in layout.blocks_meeting(roi):
+        inside = cell.intersect(roi)
+        window = tuple(slice(b, e) for b, e in zip((inside.begin - roi.begin) / vs, (inside.end - roi.begin) / vs))
+        part = fragments[window].astype(np.int64)
+        bump = index * layout.voxels_per_block
+        local = np.where(part > 0, part - bump, 0)
+        packed[window] = np.where(part > 0, local + base, 0)
+        bases.append(base)
+        bumps.append(bump)
+        base += int(local.max()) if local.size else 0
+    labels, packed_ids = relabel_consecutive(packed)
+    which = np.searchsorted(np.array(bases), packed_ids, side="left") - 1
+    return labels, (np.array(bumps, dtype=np.int64)[which] + packed_ids - np.array(bases)[which]).astype(np.uint64)
+
+
+def block_edges(affs: np.ndarray, labels: np.ndarray, ids: np.ndarray, offsets, scoring: str) -> Edges:
+    """All RAG edges of the block with merge scores, for consecutive
+    `labels` 1..n whose fragment ids are `ids` (sorted). `affs` is uint8."""
+    u, v, means = rag_edges(labels, affs, offsets)
+    # waterz takes float affinities; the 3 nearest-neighbour channels suffice
+    history = merge_history(affs[:3].astype(np.float32) / 255.0, labels, scoring)
     scores = first_join_scores(len(ids), history, u, v)
-    # local labels are ranks of the sorted ids, so u < v holds for ids too
-    return Edges(ids[u - 1], ids[v - 1], scores, means)
+    # labels are ranks of the sorted ids, so u < v holds for ids too
+    return Edges(ids[u - 1], ids[v - 1], scores, (means / 255.0).astype(np.float32))
 
 
 @contextmanager
@@ -39,9 +69,9 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     with open_store(run.config.store, run.run_dir.path) as store:
 
         def process_block(block) -> None:
-            data = affs.to_ndarray(block.read_roi, fill_value=0).astype(np.float32) / 255.0
-            labels = fragments.to_ndarray(block.read_roi, fill_value=0)
-            edges = block_edges(data, labels, layout.offsets, run.config.agglomerate.scoring)
+            data = affs.to_ndarray(block.read_roi, fill_value=0)
+            labels, ids = compact_fragments(fragments.to_ndarray(block.read_roi, fill_value=0), block.read_roi, layout)
+            edges = block_edges(data, labels, ids, layout.offsets, run.config.agglomerate.scoring)
             index = layout.block_index(block.write_roi)
             own = layout.block_of_fragment(edges.u) == index
             store.write_edges(index, Edges(edges.u[own], edges.v[own], edges.scores[own], edges.affinities[own]))

@@ -1,0 +1,185 @@
+"""The gunpowder pipeline that feeds training: sources, augmentations and
+targets, up to (not including) the torch node.
+
+    sources (one per volume: raw, labels, annotation mask; Normalize; Pad;
+             RandomLocation, rejecting poorly annotated locations)
+    -> RandomProvider -> ElasticAugment (rotation, slips, shifts)
+    -> SimpleAugment (mirror; transpose between axes of equal voxel size)
+    -> IntensityAugment -> DefectAugment -> GrowBoundary
+    -> AddAffinities (with the annotation mask) -> Unsqueeze/Stack
+
+Kept apart from `train.py` so tests can request batches from exactly the
+pipeline that training uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gunpowder as gp
+import numpy as np
+from funlib.geometry import Coordinate, Roi
+
+from pipeline.config import AugmentConfig, TrainConfig, TrainVolume
+from pipeline.errors import UserError
+from pipeline.volumes import open_volume, split_path
+
+LABEL_DTYPES = ("uint8", "uint16", "uint32", "uint64", "int32", "int64")
+
+
+@dataclass(frozen=True)
+class TrainingKeys:
+    raw: gp.ArrayKey = gp.ArrayKey("RAW")
+    labels: gp.ArrayKey = gp.ArrayKey("LABELS")
+    labels_mask: gp.ArrayKey = gp.ArrayKey("LABELS_MASK")
+    affs: gp.ArrayKey = gp.ArrayKey("AFFS")
+    affs_mask: gp.ArrayKey = gp.ArrayKey("AFFS_MASK")
+    prediction: gp.ArrayKey = gp.ArrayKey("PREDICTION")
+
+
+class AnnotationMask(gp.BatchFilter):
+    """Makes `mask` (1 = annotated voxel) and zeroes the labels outside it.
+
+    Dense volumes are annotated everywhere. With `sparse`, label 0 means
+    unknown. With a mask dataset upstream (`given`), voxels outside it are
+    unknown whatever their label, so their labels become 0: an unknown voxel
+    must never look like a part of an annotated instance."""
+
+    def __init__(self, labels: gp.ArrayKey, mask: gp.ArrayKey, sparse: bool, given: gp.ArrayKey | None):
+        self.labels, self.mask, self.sparse, self.given = labels, mask, sparse, given
+
+    def setup(self):
+        if self.given is None:
+            spec = self.spec[self.labels].copy()
+            spec.dtype = np.uint8
+            spec.interpolatable = False
+            self.provides(self.mask, spec)
+        else:
+            self.updates(self.labels, self.spec[self.labels].copy())
+            self.updates(self.mask, self.spec[self.mask].copy())
+
+    def prepare(self, request):
+        deps = gp.BatchRequest()
+        roi = request[self.mask].roi if self.mask in request else None
+        if self.labels in request:
+            roi = request[self.labels].roi if roi is None else roi.union(request[self.labels].roi)
+        deps[self.labels] = gp.ArraySpec(roi=roi)
+        if self.given is not None:
+            deps[self.given] = gp.ArraySpec(roi=roi)
+        return deps
+
+    def process(self, batch, request):
+        labels = batch[self.labels]
+        if self.given is not None:
+            annotated = batch[self.given].crop(labels.spec.roi).data != 0
+        elif self.sparse:
+            annotated = labels.data != 0
+        else:
+            annotated = np.ones(labels.data.shape, dtype=bool)
+        outputs = gp.Batch()
+        mask_spec = self.spec[self.mask].copy()
+        mask_spec.roi = labels.spec.roi
+        mask = gp.Array(annotated.astype(mask_spec.dtype), mask_spec)
+        if self.mask in request:
+            outputs[self.mask] = mask.crop(request[self.mask].roi)
+        if self.labels in request:
+            cleared = gp.Array(np.where(annotated, labels.data, 0).astype(labels.data.dtype), labels.spec.copy())
+            outputs[self.labels] = cleared.crop(request[self.labels].roi)
+        return outputs
+
+
+def _source(index: int, volume: TrainVolume, keys: TrainingKeys, min_annotated: float):
+    field = f"volumes.{index}"
+    raw = open_volume(*split_path(volume.raw), field=f"{field}.raw", dtypes=("uint8",))
+    labels = open_volume(*split_path(volume.labels), field=f"{field}.labels", dtypes=LABEL_DTYPES)
+    if raw.voxel_size != labels.voxel_size:
+        raise UserError(f"{field}: raw voxel size {tuple(raw.voxel_size)} differs from the labels' {tuple(labels.voxel_size)}")
+    roi = labels.roi
+    if volume.roi is not None:
+        roi = Roi(volume.roi.offset, volume.roi.shape)
+        if not labels.roi.contains(roi):
+            raise UserError(f"{field}.roi: {roi} is not inside the labels' ROI {labels.roi}")
+    arrays = [gp.ArraySource(keys.raw, raw, interpolatable=True), gp.ArraySource(keys.labels, labels, interpolatable=False)]
+    given = None
+    if volume.labels_mask is not None:
+        mask = open_volume(*split_path(volume.labels_mask), field=f"{field}.labels_mask", dtypes=LABEL_DTYPES)
+        if mask.voxel_size != labels.voxel_size or not mask.roi.contains(roi):
+            raise UserError(f"{field}.labels_mask: must have the labels' voxel size and cover the training ROI {roi}")
+        given = keys.labels_mask
+        arrays.append(gp.ArraySource(keys.labels_mask, mask, interpolatable=False))
+    sparse = volume.sparse or given is not None
+    source = tuple(arrays) + gp.MergeProvider() + gp.Crop(keys.raw, roi) + gp.Crop(keys.labels, roi)
+    if given is not None:
+        source += gp.Crop(keys.labels_mask, roi)
+    source += (
+        AnnotationMask(keys.labels, keys.labels_mask, volume.sparse, given)
+        + gp.Normalize(keys.raw)
+        # zero padding, exactly what prediction sees beyond the volume
+        + gp.Pad(keys.raw, None)
+    )
+    if sparse and min_annotated > 0:
+        return source + gp.RandomLocation(min_masked=min_annotated, mask=keys.labels_mask)
+    return source + gp.RandomLocation()
+
+
+def _augmentations(augment: AugmentConfig, keys: TrainingKeys, voxel_size: Coordinate):
+    nodes = []
+    if augment.elastic is not None:
+        e = augment.elastic
+        nodes.append(gp.ElasticAugment(
+            control_point_spacing=e.control_point_spacing,
+            jitter_sigma=e.jitter_sigma,
+            rotation_interval=(0.0, np.pi / 2.0 if e.rotate else 0.0),
+            prob_slip=e.prob_slip,
+            prob_shift=e.prob_shift,
+            max_misalign=e.max_misalign,
+            subsample=e.subsample,
+        ))
+    if augment.mirror or augment.transpose:
+        # axes with the voxel size of y (and x) may swap; z of anisotropic data stays
+        swappable = tuple(axis for axis in range(3) if voxel_size[axis] == voxel_size[2])
+        nodes.append(gp.SimpleAugment(
+            mirror_only=None if augment.mirror else (),
+            transpose_only=swappable if augment.transpose else (),
+        ))
+    if augment.intensity is not None:
+        i = augment.intensity
+        nodes.append(gp.IntensityAugment(keys.raw, *i.scale, *i.shift, z_section_wise=voxel_size[0] != voxel_size[1]))
+    if augment.defects is not None:
+        d = augment.defects
+        nodes.append(gp.DefectAugment(
+            keys.raw, prob_missing=d.prob_missing, prob_low_contrast=d.prob_low_contrast,
+            contrast_scale=d.contrast_scale, axis=0,
+        ))
+    if augment.grow_boundary:
+        nodes.append(gp.GrowBoundary(keys.labels, steps=augment.grow_boundary, only_xy=True))
+    return nodes
+
+
+def training_pipeline(config: TrainConfig, keys: TrainingKeys, voxel_size: Coordinate):
+    """Batches of raw, labels, labels_mask, affs and affs_mask with a batch
+    dimension (raw also with a channel dimension), as torch wants them."""
+    sources = tuple(_source(i, v, keys, config.min_annotated) for i, v in enumerate(config.volumes))
+    pipeline = sources + gp.RandomProvider()
+    for node in _augmentations(config.augment, keys, voxel_size):
+        pipeline += node
+    pipeline += gp.AddAffinities(
+        [tuple(o) for o in config.offsets], keys.labels, keys.affs,
+        unlabelled=keys.labels_mask, affinities_mask=keys.affs_mask, dtype=np.float32,
+    )
+    return pipeline + gp.Unsqueeze([keys.raw]) + gp.Stack(1)
+
+
+def training_request(keys: TrainingKeys, input_shape: Coordinate, output_shape: Coordinate, voxel_size: Coordinate):
+    request = gp.BatchRequest()
+    request.add(keys.raw, input_shape * voxel_size)
+    for key in (keys.labels, keys.labels_mask, keys.affs, keys.affs_mask):
+        request.add(key, output_shape * voxel_size)
+    return request  # gunpowder centres the ROIs: raw's context lies evenly around the output
+
+
+def volume_voxel_size(config: TrainConfig) -> Coordinate:
+    sizes = {open_volume(*split_path(v.raw), field=f"volumes.{i}.raw").voxel_size for i, v in enumerate(config.volumes)}
+    if len(sizes) > 1:
+        raise UserError(f"volumes: all training volumes need one voxel size, got {sorted(tuple(s) for s in sizes)}")
+    return sizes.pop()
