@@ -10,7 +10,7 @@ INSTALLED := $(VENV)/.installed
 GROUNDTRUTH := data/fib25_medulla/groundtruth.h5
 LABELS := runs/fib25.zarr/labels
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench accuracy clean
 
 $(INSTALLED): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,16 @@ test: $(INSTALLED)
 
 bench: $(INSTALLED) $(LABELS)/.zarray
 	$(BIN)/python benchmarks/postprocess.py
+
+# the second bundled volume of the accuracy benchmark (gala FIB-SEM crop)
+GALA := data/gala_fibsem
+runs/gala.zarr/raw/.zarray: $(INSTALLED)
+	$(BIN)/python pipeline/ingest.py $(GALA)/train-image.h5:/stack --out runs/gala.zarr/raw --voxel-size 10 10 10
+runs/gala.zarr/labels/.zarray: $(INSTALLED)
+	$(BIN)/python pipeline/ingest.py $(GALA)/train-gt.lzf.h5:/stack --out runs/gala.zarr/labels --voxel-size 10 10 10
+
+accuracy: $(INSTALLED) $(LABELS)/.zarray runs/gala.zarr/raw/.zarray runs/gala.zarr/labels/.zarray
+	$(BIN)/python benchmarks/accuracy.py configs/accuracy_cpu.json
 
 clean:
 	rm -rf runs

@@ -8,6 +8,7 @@ from urllib.parse import urlparse
 
 import pytest
 
+from benchmarks.accuracy import AccuracyConfig
 from pipeline.config import RunConfig, TrainConfig
 from tests.conftest import REPO
 
@@ -17,7 +18,10 @@ CONFIGS = sorted((REPO / "configs").glob("*.json"))
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_config_validates(path: Path):
     data = json.loads(path.read_text())
-    model = TrainConfig if "experiment_dir" in data else RunConfig
+    if "experiments" in data:
+        model = AccuracyConfig
+    else:
+        model = TrainConfig if "experiment_dir" in data else RunConfig
     model(**data)
 
 
