@@ -42,7 +42,14 @@ runs/gala.zarr/raw/.zarray: $(INSTALLED)
 runs/gala.zarr/labels/.zarray: $(INSTALLED)
 	$(BIN)/python pipeline/ingest.py $(GALA)/train-gt.lzf.h5:/stack --out runs/gala.zarr/labels --voxel-size 10 10 10
 
-accuracy: $(INSTALLED) $(LABELS)/.zarray runs/gala.zarr/raw/.zarray runs/gala.zarr/labels/.zarray
+# ISBI 2012 sections (4 x 4 x 50 nm); labels = each section's interior components
+runs/isbi2012.zarr/raw/.zarray: $(INSTALLED)
+	$(BIN)/python pipeline/ingest.py data/isbi2012/image --out runs/isbi2012.zarr/raw --voxel-size 50 4 4 --chunk-shape 1 512 512
+runs/isbi2012.zarr/labels/.zarray: $(INSTALLED)
+	$(BIN)/python pipeline/ingest.py data/isbi2012/label --out runs/isbi2012.zarr/labels --voxel-size 50 4 4 --chunk-shape 1 512 512 --components
+
+accuracy: $(INSTALLED) $(LABELS)/.zarray runs/gala.zarr/raw/.zarray runs/gala.zarr/labels/.zarray \
+		runs/isbi2012.zarr/raw/.zarray runs/isbi2012.zarr/labels/.zarray
 	$(BIN)/python benchmarks/accuracy.py configs/accuracy_cpu.json
 
 clean:

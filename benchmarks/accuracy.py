@@ -6,7 +6,7 @@ parts of the bundled data, and tabulate the scores.
 For every experiment in CONFIG:
   1. train with its `train` config (pipeline/train.py), or take `model`;
   2. run pipeline/predict.py on the validation ROI and pick the threshold
-     with the lowest VOI there;
+     with the lowest VOI there (2D models have one row, the mutex bias);
   3. run pipeline/predict.py on the test ROI and report the scores at that
      threshold, and separately the best threshold in hindsight.
 
@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.cli import cli_main  # noqa: E402
 from pipeline.config import AbsPath, RoiConfig, RunConfig, Strict, TrainConfig, ZarrPath, load_json  # noqa: E402
+from pipeline.run_layout import in_plane  # noqa: E402
 
 COLUMNS = ("dataset", "method", "backbone", "post-processing", "threshold", "VOI split", "VOI merge", "VOI", "ARAND", "CREMI score")
 
@@ -89,12 +90,15 @@ def run_experiment(experiment: Experiment, out_dir: Path) -> dict:
         model = Path(train.experiment_dir) / "model.pt"
     else:
         model = Path(experiment.model)
-    network = torch.load(model, map_location="cpu", weights_only=True)["network"]
-    result["backbone"] = network["name"]
+    checkpoint = torch.load(model, map_location="cpu", weights_only=True)
+    result["backbone"] = checkpoint["network"]["name"] + (" 2D" if checkpoint["network"].get("dims") == 2 else "")
     run = RunConfig(run_dir=str(out), raw=experiment.raw, model={"checkpoint": str(model)}, **experiment.run)
-    result["post_processing"] = (
-        f"{run.fragments.method} fragments, epsilon {run.fragments.epsilon_agglomerate}, waterz {run.agglomerate.scoring}"
-    )
+    if in_plane(checkpoint["offsets"]):
+        result["post_processing"] = f"mutex watershed (bias {run.mutex.bias}), small-segment merging"
+    else:
+        result["post_processing"] = (
+            f"{run.fragments.method} fragments, epsilon {run.fragments.epsilon_agglomerate}, waterz {run.agglomerate.scoring}"
+        )
     result["validation"] = _scores(experiment, model, "validation", experiment.validation_roi, out)
     result["test"] = _scores(experiment, model, "test", experiment.test_roi, out)
     chosen = min(result["validation"], key=lambda r: r["voi"])["threshold"]

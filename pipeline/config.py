@@ -96,6 +96,20 @@ class AgglomerateConfig(Strict):
         return self
 
 
+class MutexConfig(Strict):
+    """2D models only (in-plane offsets): each section is partitioned by
+    mutex watershed instead of the waterz steps."""
+
+    # affinities above it attract, below it repel
+    bias: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
+    # (size, window) in pixels, in turn: segments smaller than `size` join
+    # the most frequent label in a window x window neighbourhood (the
+    # methods notes' cascade for EM and leaves)
+    merge_small: list[tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]]] = [
+        (5, 5), (20, 11), (50, 11), (300, 21)
+    ]
+
+
 class PostprocessConfig(Strict):
     """Block geometry for fragments, agglomerate and relabel, world units."""
 
@@ -134,6 +148,7 @@ class RunConfig(Strict):
     predict: PredictConfig = PredictConfig()
     fragments: FragmentsConfig = FragmentsConfig()
     agglomerate: AgglomerateConfig = AgglomerateConfig()
+    mutex: MutexConfig = MutexConfig()
     postprocess: PostprocessConfig
     launcher: LauncherConfig = LauncherConfig()
     # seconds before a block is considered stuck and retried elsewhere

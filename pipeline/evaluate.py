@@ -31,21 +31,26 @@ COLUMNS = ("threshold", "voi_split", "voi_merge", "voi", "arand", "cremi_score")
 
 
 def evaluate_run(config: RunConfig) -> list[dict[str, float]]:
+    """One row per agglomeration threshold; a 2D (mutex watershed) run has
+    one segmentation, reported in the row of its bias."""
     run_dir = RunDir(Path(config.run_dir))
     layout = run_dir.read_layout()
     gt = open_volume(*split_path(config.ground_truth), field="ground_truth")
-    fragments = open_ds(run_dir.volumes / "fragments")
-    thresholds = sorted(config.agglomerate.thresholds)
-    luts = {t: load_lut(run_dir.lut(config.agglomerate.scoring, t)) for t in thresholds}
-    tables = {t: Contingency() for t in thresholds}
+    if layout.is_2d:
+        labels = open_ds(run_dir.volumes / "segmentation")
+        luts = {config.mutex.bias: None}
+    else:
+        labels = open_ds(run_dir.volumes / "fragments")
+        luts = {t: load_lut(run_dir.lut(config.agglomerate.scoring, t)) for t in sorted(config.agglomerate.thresholds)}
+    tables = {t: Contingency() for t in luts}
     roi = layout.roi
     slab_depth = layout.block_shape[0]
     for z in range(roi.begin[0], roi.end[0], slab_depth):
         slab = Roi((z, *roi.begin[1:]), (min(slab_depth, roi.end[0] - z), *roi.shape[1:]))
-        frags, truth = fragments[slab], gt[slab]
-        for t in thresholds:
-            tables[t].add(apply_mapping(frags, *luts[t]), truth)
-    return [{"threshold": t, **scores(tables[t])} for t in thresholds]
+        data, truth = labels[slab], gt[slab]
+        for t, lut in luts.items():
+            tables[t].add(data if lut is None else apply_mapping(data, *lut), truth)
+    return [{"threshold": t, **scores(tables[t])} for t in luts]
 
 
 def format_table(rows: list[dict[str, float]]) -> str:

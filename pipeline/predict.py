@@ -4,6 +4,8 @@
 
 Steps: predict -> fragments -> agglomerate (daisy, pipelined block by block),
 segments (look-up tables), relabel (daisy), evaluate (with ground truth).
+A 2D model (in-plane offsets only) runs predict -> mutex (mutex watershed
+per section, then small-segment merging) -> evaluate instead.
 Everything lands in the config's run_dir. Re-running the same command after
 a crash or Ctrl-C resumes: finished blocks are skipped. `status.py CONFIG`
 shows progress from another terminal.
@@ -33,7 +35,7 @@ from pipeline.graph_store import open_store
 from pipeline.progress import ProgressLog
 from pipeline.run_layout import RunDir, RunLayout, claim_run_dir, load_network
 from pipeline.segments import write_luts
-from pipeline.tasks import graph_pipeline, relabel_task
+from pipeline.tasks import graph_pipeline, mutex_pipeline, relabel_task
 from pipeline.volumes import prepare_volume
 
 EXIT_FAILED = 1
@@ -46,7 +48,7 @@ class RunFailed(Exception):
 def _prepare_volumes(layout: RunLayout, run_dir: RunDir) -> None:
     vs = layout.voxel_size
     prepare_volume(run_dir.volumes, "affs", layout.roi, vs, "uint8", layout.predict_output, channels=len(layout.offsets))
-    for name in ("fragments", "segmentation"):
+    for name in ("segmentation",) if layout.is_2d else ("fragments", "segmentation"):
         prepare_volume(run_dir.volumes, name, layout.roi, vs, "uint64", layout.block_shape)
 
 
@@ -129,14 +131,10 @@ def run(config: RunConfig, config_source: str) -> dict:
     layout, run_dir = open_run(config)
 
     vs = layout.voxel_size
-    voxels = {
-        "predict": int(np.prod(layout.predict_output / vs)),
-        "fragments": layout.voxels_per_block,
-        "agglomerate": layout.voxels_per_block,
-        "relabel": layout.voxels_per_block,
-    }
-    order = ["predict", "fragments", "agglomerate", "relabel"]
-    progress = ProgressLog(run_dir.progress, order, voxels)
+    blockwise = [step for step in layout.steps if step not in ("segments", "evaluate")]
+    voxels = {step: layout.voxels_per_block for step in blockwise}
+    voxels["predict"] = int(np.prod(layout.predict_output / vs))
+    progress = ProgressLog(run_dir.progress, blockwise, voxels)
     progress.log_step("run", "start", config=config_source)
     report: dict = {
         "config": config_source,
@@ -145,10 +143,13 @@ def run(config: RunConfig, config_source: str) -> dict:
         "steps": {},
     }
     started = time.time()
-    _run_daisy(graph_pipeline(config, layout, run_dir), progress, report, run_dir.logs)
-    with open_store(config.store, run_dir.path) as store:
-        report["graph"] = _master_step("segments", progress, report, lambda: write_luts(config, run_dir, store))
-    _run_daisy(relabel_task(config, layout, run_dir), progress, report, run_dir.logs)
+    if layout.is_2d:
+        _run_daisy(mutex_pipeline(config, layout, run_dir), progress, report, run_dir.logs)
+    else:
+        _run_daisy(graph_pipeline(config, layout, run_dir), progress, report, run_dir.logs)
+        with open_store(config.store, run_dir.path) as store:
+            report["graph"] = _master_step("segments", progress, report, lambda: write_luts(config, run_dir, store))
+        _run_daisy(relabel_task(config, layout, run_dir), progress, report, run_dir.logs)
     if config.ground_truth:
         report["scores"] = _master_step("evaluate", progress, report, lambda: evaluate_run(config))
     report["wall_s"] = round(time.time() - started, 2)
@@ -173,8 +174,9 @@ def main() -> int:
     except KeyboardInterrupt:
         print("\naffseg: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
-    print(f"\nsegmentation: {Path(config.run_dir) / 'volumes.zarr' / 'segmentation'} "
-          f"(threshold {config.agglomerate.threshold}); report: {RunDir(Path(config.run_dir)).report}")
+    run_dir = RunDir(Path(config.run_dir))
+    chosen = "mutex watershed" if run_dir.read_layout().is_2d else f"threshold {config.agglomerate.threshold}"
+    print(f"\nsegmentation: {run_dir.volumes / 'segmentation'} ({chosen}); report: {run_dir.report}")
     if "scores" in report:
         print(format_table(report["scores"]))
     return 0

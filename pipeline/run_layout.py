@@ -27,6 +27,11 @@ LABEL_DTYPES = ("uint8", "uint16", "uint32", "uint64", "int32", "int64")
 MAX_ID = 2**53
 
 
+def in_plane(offsets) -> bool:
+    """Offsets without a z component: a 2D model, segmented by mutex watershed."""
+    return all(o[0] == 0 for o in offsets)
+
+
 def load_network(config: RunConfig):
     from networks.models import baseline_model, load_model
 
@@ -53,6 +58,17 @@ class RunLayout:
     @property
     def block_grid(self) -> Coordinate:
         return Coordinate(-(-s // b) for s, b in zip(self.roi.shape, self.block_shape))
+
+    @property
+    def is_2d(self) -> bool:
+        return in_plane(self.offsets)
+
+    @property
+    def steps(self) -> tuple[str, ...]:
+        """The run's steps, in order (the master's steps included)."""
+        if self.is_2d:
+            return ("predict", "mutex", "evaluate")
+        return ("predict", "fragments", "agglomerate", "segments", "relabel", "evaluate")
 
     @property
     def voxels_per_block(self) -> int:
@@ -137,14 +153,20 @@ class RunLayout:
             )
 
         network = network if network is not None else load_network(config)
-        nearest = [tuple(int(x) for x in o) for o in network.offsets[:3]]
-        if nearest != [(-1, 0, 0), (0, -1, 0), (0, 0, -1)]:
-            # 2D models (in-plane offsets only) need mutex-watershed
-            # post-processing, which the block-wise job does not run yet
-            raise UserError(
-                f"model: its first offsets are {[list(o) for o in nearest]}; the waterz post-processing needs the z, y, x nearest "
-                "neighbours [-1,0,0], [0,-1,0], [0,0,-1] first (2D models are not supported by predict.py yet)"
-            )
+        offsets = [tuple(int(x) for x in o) for o in network.offsets]
+        if in_plane(offsets):
+            # a 2D model: mutex watershed segments whole sections, one block
+            # holding several of them
+            if offsets[:2] != [(0, -1, 0), (0, 0, -1)]:
+                raise UserError(f"model: a 2D model's first offsets must be [0,-1,0], [0,0,-1], got {offsets[:2]}")
+            if any(b < r for b, r in zip(block_shape[1:], roi.shape[1:])):
+                raise UserError(
+                    f"postprocess.block_shape: a 2D model's sections are segmented whole; make the block cover "
+                    f"the ROI in y and x ({list(roi.shape[1:])})"
+                )
+        elif offsets[:3] != [(-1, 0, 0), (0, -1, 0), (0, 0, -1)]:
+            # waterz reads the first three channels as the z, y, x nearest neighbours
+            raise UserError(f"model: the first offsets must be [-1,0,0], [0,-1,0], [0,0,-1], got {offsets[:3]}")
         geometry = network.geometry
         try:
             output = Coordinate(geometry.valid_output_shape(config.predict.output_shape))

@@ -22,9 +22,6 @@ from pipeline.cli import cli_main, run_command
 from pipeline.errors import UserError
 from pipeline.run_layout import RunDir
 
-STEPS = ("predict", "fragments", "agglomerate", "segments", "relabel", "evaluate")
-
-
 def read_status(progress: Path, now: float | None = None) -> dict:
     records = [json.loads(line) for line in progress.read_text().splitlines() if line.strip()]
     starts = [i for i, r in enumerate(records) if r["step"] == "run" and r["event"] == "start"]
@@ -59,9 +56,9 @@ def read_status(progress: Path, now: float | None = None) -> dict:
     return {"finished": finished, "steps": steps}
 
 
-def format_status(status: dict) -> str:
+def format_status(status: dict, steps: tuple[str, ...]) -> str:
     lines = [f"{'step':<12}{'state':<9}{'done':>12}{'failed':>8}{'voxels/s':>12}{'ETA':>9}"]
-    for name in STEPS:
+    for name in steps:
         step = status["steps"].get(name)
         if step is None:
             lines.append(f"{name:<12}{'waiting':<9}")
@@ -80,11 +77,11 @@ def format_status(status: dict) -> str:
 
 def main() -> None:
     config, args = run_command("status", __doc__, "print the status as JSON")
-    progress = RunDir(Path(config.run_dir)).progress
-    if not progress.exists():
+    run_dir = RunDir(Path(config.run_dir))
+    if not run_dir.progress.exists():
         raise UserError(f"run_dir: {config.run_dir} has no progress log yet; has predict.py been started?")
-    status = read_status(progress)
-    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    status = read_status(run_dir.progress)
+    print(json.dumps(status, indent=2) if args.json else format_status(status, run_dir.read_layout().steps))
 
 
 if __name__ == "__main__":

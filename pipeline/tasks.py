@@ -41,19 +41,31 @@ def blockwise_geometry(layout: RunLayout, block: Coordinate, context: Coordinate
     return total, read, write
 
 
-def graph_pipeline(config: RunConfig, layout: RunLayout, run_dir: RunDir) -> daisy.Pipeline:
-    """predict -> fragments -> agglomerate, pipelined block by block."""
+def _predict_task(config: RunConfig, layout: RunLayout, run_dir: RunDir) -> daisy.Task:
     # predict blocks overhang the far edges: the network needs its full
     # (valid) shape, and the worker keeps the part inside the volume
-    predict = _task(
+    return _task(
         "predict", "predict", config, run_dir,
         *blockwise_geometry(layout, layout.predict_output, layout.predict_context),
         fit="overhang", workers=config.predict.workers,
     )
+
+
+def graph_pipeline(config: RunConfig, layout: RunLayout, run_dir: RunDir) -> daisy.Pipeline:
+    """predict -> fragments -> agglomerate, pipelined block by block."""
+    predict = _predict_task(config, layout, run_dir)
     postprocess = blockwise_geometry(layout, layout.block_shape, layout.context)
     fragments = _task("fragments", "fragments", config, run_dir, *postprocess, fit="shrink", workers=config.postprocess.workers)
     agglomerate = _task("agglomerate", "agglomerate", config, run_dir, *postprocess, fit="shrink", workers=config.postprocess.workers)
     return predict + fragments + agglomerate
+
+
+def mutex_pipeline(config: RunConfig, layout: RunLayout, run_dir: RunDir) -> daisy.Pipeline:
+    """2D models: predict -> mutex watershed per section, straight into the
+    segmentation. A section depends only on its own affinities: no context."""
+    geometry = blockwise_geometry(layout, layout.block_shape, Coordinate(0, 0, 0))
+    mutex = _task("mutex", "mutex", config, run_dir, *geometry, fit="shrink", workers=config.postprocess.workers)
+    return _predict_task(config, layout, run_dir) + mutex
 
 
 def relabel_task(config: RunConfig, layout: RunLayout, run_dir: RunDir) -> daisy.Task:

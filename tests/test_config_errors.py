@@ -113,7 +113,7 @@ def test_bad_train_config_is_one_line_and_exit_2(case, tmp_path, labels):
     assert "Traceback" not in result.stderr
 
 
-def test_a_2d_model_is_refused_by_the_3d_job(tmp_path, labels):
+def test_a_2d_model_needs_blocks_of_whole_sections(tmp_path, labels):
     from networks.models import build_network, save_model
 
     spec = {"name": "residual_unet", "dims": 2, "widths": [4, 6], "downsample_factors": [[1, 2, 2]], "crop": [0, 2, 2]}
@@ -121,5 +121,5 @@ def test_a_2d_model_is_refused_by_the_3d_job(tmp_path, labels):
     save_model(tmp_path / "model2d.pt", spec, offsets, build_network(spec, offsets).state_dict())
     result = run_cli("pipeline/predict.py", str(broken(tmp_path, labels, model={"checkpoint": str(tmp_path / "model2d.pt")})))
     assert result.returncode == 2, result.stderr
-    assert "2D models are not supported by predict.py yet" in result.stderr
+    assert "a 2D model's sections are segmented whole" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

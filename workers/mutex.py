@@ -1,0 +1,46 @@
+"""Block-wise 2D post-processing: each section of a block (whole sections in
+y and x, see RunLayout) is partitioned by mutex watershed, small segments
+are merged, and the result goes straight into `segmentation`.
+
+Ids are `block_index * voxels_per_block + local` with local ids counted over
+the block's sections, unique across blocks as for fragments."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+from funlib.persistence import open_ds
+
+from pipeline.mutex import merge_small_segments, mutex_section
+from workers.loop import ProcessBlock, WorkerRun, run_worker
+
+
+@contextmanager
+def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
+    layout, options = run.layout, run.config.mutex
+    affs = open_ds(run.run_dir.volumes / "affs")
+    segmentation = open_ds(run.run_dir.volumes / "segmentation", mode="r+")
+    offsets = [o[1:] for o in layout.offsets]
+
+    def process_block(block) -> None:
+        data = affs.to_ndarray(block.write_roi).astype(np.float32) / 255.0
+        out = np.zeros(data.shape[1:], dtype=np.uint64)
+        bump = np.uint64(layout.block_index(block.write_roi) * layout.voxels_per_block)
+        count = 0
+        for z in range(data.shape[1]):
+            labels = merge_small_segments(mutex_section(data[:, z], offsets, options.bias), options.merge_small)
+            out[z] = np.where(labels > 0, labels + np.uint64(count) + bump, 0)
+            count += int(labels.max())
+        segmentation[block.write_roi] = out
+
+    yield process_block
+
+
+def main() -> None:
+    run_worker(setup, "mutex")
+
+
+if __name__ == "__main__":
+    main()
