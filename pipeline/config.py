@@ -25,6 +25,24 @@ PositiveTriple = tuple[
 ]
 
 
+def in_plane(offsets) -> bool:
+    """Offsets without a z component: a 2D model, segmented by mutex watershed."""
+    return all(o[0] == 0 for o in offsets)
+
+
+def offsets_error(offsets) -> str | None:
+    """What is wrong with a model's offsets for its post-processing, or
+    None: waterz reads the first three channels as the z, y, x nearest
+    neighbours; mutex watershed (2D) reads the y, x ones first."""
+    offsets = [tuple(int(x) for x in o) for o in offsets]
+    if in_plane(offsets):
+        if offsets[:2] != [(0, -1, 0), (0, 0, -1)]:
+            return f"2D offsets must start with [0,-1,0], [0,0,-1], got {[list(o) for o in offsets[:2]]}"
+    elif offsets[:3] != [(-1, 0, 0), (0, -1, 0), (0, 0, -1)]:
+        return f"the first three offsets must be [-1,0,0], [0,-1,0], [0,0,-1], got {[list(o) for o in offsets[:3]]}"
+    return None
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -301,14 +319,13 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _offsets_fit_network(self) -> TrainConfig:
-        offsets = [tuple(o) for o in self.offsets]
-        if getattr(self.network, "dims", 3) == 2:
-            # mutex watershed reads the in-plane nearest neighbours first
-            if offsets[:2] != [(0, -1, 0), (0, 0, -1)] or any(o[0] for o in offsets):
-                raise ValueError("offsets of a 2D network: [0,-1,0], [0,0,-1] first, and no z component")
-        elif len(offsets) < 3 or offsets[:3] != [(-1, 0, 0), (0, -1, 0), (0, 0, -1)]:
-            # waterz reads the first three channels as the z, y, x nearest neighbours
-            raise ValueError("the first three offsets must be [-1,0,0], [0,-1,0], [0,0,-1]")
+        planar = getattr(self.network, "dims", 3) == 2
+        if in_plane(self.offsets) != planar:
+            raise ValueError("offsets of a 2D network have no z component; a 3D network's do" if planar else
+                             "the first three offsets must be [-1,0,0], [0,-1,0], [0,0,-1]")
+        error = offsets_error(self.offsets)
+        if error:
+            raise ValueError(error)
         return self
 
 

@@ -18,18 +18,13 @@ from pathlib import Path
 import numpy as np
 from funlib.geometry import Coordinate, Roi
 
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, in_plane, offsets_error
 from pipeline.errors import UserError
 from pipeline.volumes import open_volume, split_path
 
 RAW_DTYPES = ("uint8",)
 LABEL_DTYPES = ("uint8", "uint16", "uint32", "uint64", "int32", "int64")
 MAX_ID = 2**53
-
-
-def in_plane(offsets) -> bool:
-    """Offsets without a z component: a 2D model, segmented by mutex watershed."""
-    return all(o[0] == 0 for o in offsets)
 
 
 def load_network(config: RunConfig):
@@ -79,6 +74,15 @@ class RunLayout:
         position = (write_roi.offset - self.roi.offset) / self.block_shape
         return int(np.ravel_multi_index(tuple(position), tuple(self.block_grid)))
 
+    def first_id(self, index: int) -> int:
+        """Fragment (and 2D segment) ids of block `index` are
+        `first_id(index) + local_id` with local ids from 1."""
+        return index * self.voxels_per_block
+
+    def window(self, inner: Roi, outer: Roi) -> tuple[slice, ...]:
+        """Voxel slices of `inner` within an array that holds `outer`."""
+        return ((inner - outer.begin) / self.voxel_size).to_slices()
+
     def blocks_meeting(self, roi: Roi) -> Iterator[tuple[int, Roi]]:
         """(index, write ROI) of every post-processing block whose write ROI
         meets `roi`, by increasing index."""
@@ -92,8 +96,7 @@ class RunLayout:
             yield self.block_index(cell), cell.intersect(self.roi)
 
     def block_of_fragment(self, ids: np.ndarray) -> np.ndarray:
-        """Fragment ids are `block_index * voxels_per_block + local_id` with
-        local ids from 1, so the block is recovered without a look-up."""
+        """The inverse of `first_id`: the block is recovered without a look-up."""
         return ((ids.astype(np.uint64) - 1) // np.uint64(self.voxels_per_block)).astype(np.int64)
 
     def to_json(self) -> dict:
@@ -153,20 +156,16 @@ class RunLayout:
             )
 
         network = network if network is not None else load_network(config)
-        offsets = [tuple(int(x) for x in o) for o in network.offsets]
-        if in_plane(offsets):
-            # a 2D model: mutex watershed segments whole sections, one block
-            # holding several of them
-            if offsets[:2] != [(0, -1, 0), (0, 0, -1)]:
-                raise UserError(f"model: a 2D model's first offsets must be [0,-1,0], [0,0,-1], got {offsets[:2]}")
-            if any(b < r for b, r in zip(block_shape[1:], roi.shape[1:])):
-                raise UserError(
-                    f"postprocess.block_shape: a 2D model's sections are segmented whole; make the block cover "
-                    f"the ROI in y and x ({list(roi.shape[1:])})"
-                )
-        elif offsets[:3] != [(-1, 0, 0), (0, -1, 0), (0, 0, -1)]:
-            # waterz reads the first three channels as the z, y, x nearest neighbours
-            raise UserError(f"model: the first offsets must be [-1,0,0], [0,-1,0], [0,0,-1], got {offsets[:3]}")
+        error = offsets_error(network.offsets)
+        if error:
+            raise UserError(f"model: {error}")
+        # a 2D model: mutex watershed segments whole sections, one block
+        # holding several of them
+        if in_plane(network.offsets) and any(b < r for b, r in zip(block_shape[1:], roi.shape[1:])):
+            raise UserError(
+                f"postprocess.block_shape: a 2D model's sections are segmented whole; make the block cover "
+                f"the ROI in y and x ({list(roi.shape[1:])})"
+            )
         geometry = network.geometry
         try:
             output = Coordinate(geometry.valid_output_shape(config.predict.output_shape))

@@ -9,7 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from pipeline.rag import offset_pairs
 
 REPO = Path(__file__).resolve().parent.parent
 RAW = REPO / "data/fib25_medulla/fib25.zarr/raw"
@@ -23,6 +26,18 @@ TEST_ROI = {"offset": [1200, 0, 0], "shape": [400, 1600, 1600]}
 
 def run_cli(*args: str, cwd: Path = REPO, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def noisy_ground_truth_affinities(labels: np.ndarray, offsets, noise: float) -> np.ndarray:
+    """uint8 affinities by the definition (a_o(i) = 1 iff i and i + o carry
+    the same non-zero label; 0 where i + o lies outside), plus Gaussian
+    noise. Works for 3D volumes and 2D sections alike."""
+    affs = np.zeros((len(offsets), *labels.shape), dtype=np.float32)
+    for c, offset in enumerate(offsets):
+        here, there = offset_pairs(labels.shape, offset)
+        affs[c][here] = (labels[here] == labels[there]) & (labels[here] > 0)
+    affs += np.random.default_rng(0).normal(0, noise, affs.shape).astype(np.float32)
+    return (np.clip(affs, 0, 1) * 255).round().astype(np.uint8)
 
 
 @pytest.fixture(scope="session")

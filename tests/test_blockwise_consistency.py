@@ -21,23 +21,13 @@ from pipeline.graph_store import open_store
 from pipeline.lut import apply_mapping, load_lut
 from pipeline.metrics import evaluate_arrays
 from pipeline.predict import open_run
-from pipeline.rag import offset_pairs
 from pipeline.segments import write_luts
 from pipeline.tasks import blockwise_geometry
-from tests.conftest import RAW, TEST_ROI
+from tests.conftest import RAW, TEST_ROI, noisy_ground_truth_affinities
 from workers import agglomerate, fragments
 from workers.loop import WorkerRun
 
 THRESHOLDS = (0.3, 0.5, 0.7)
-
-
-def noisy_ground_truth_affinities(labels: np.ndarray, offsets, noise: float) -> np.ndarray:
-    affs = np.zeros((len(offsets), *labels.shape), dtype=np.float32)
-    for c, offset in enumerate(offsets):
-        here, there = offset_pairs(labels.shape, offset)
-        affs[c][here] = (labels[here] == labels[there]) & (labels[here] > 0)
-    affs += np.random.default_rng(0).normal(0, noise, affs.shape).astype(np.float32)
-    return (np.clip(affs, 0, 1) * 255).round().astype(np.uint8)
 
 
 def postprocess(run_dir: Path, labels_path: str, block_shape, epsilon: float) -> tuple[dict, np.ndarray]:

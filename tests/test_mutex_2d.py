@@ -11,27 +11,16 @@ from funlib.persistence import open_ds
 from networks.models import build_network, save_model
 from pipeline.metrics import Contingency, scores
 from pipeline.mutex import merge_small_segments, mutex_section
-from tests.conftest import run_cli
+from tests.conftest import noisy_ground_truth_affinities, run_cli
 
 OFFSETS_2D = [[0, -1, 0], [0, 0, -1], [0, -3, 0], [0, 0, -3], [0, -9, 0], [0, 0, -9]]
-
-
-def section_affinities(labels: np.ndarray, offsets) -> np.ndarray:
-    """a_o(i) = 1 iff i and i + o carry the same non-zero label (0 outside)."""
-    affs = np.zeros((len(offsets), *labels.shape), dtype=np.float32)
-    for c, (dy, dx) in enumerate(offsets):
-        here = labels[max(0, -dy): labels.shape[0] - max(0, dy), max(0, -dx): labels.shape[1] - max(0, dx)]
-        there = labels[max(0, dy): labels.shape[0] + min(0, dy), max(0, dx): labels.shape[1] + min(0, dx)]
-        affs[c, max(0, -dy): labels.shape[0] - max(0, dy), max(0, -dx): labels.shape[1] - max(0, dx)] = (here == there) & (here > 0)
-    return affs
 
 
 def test_mutex_watershed_recovers_the_instances_of_a_real_section(isbi):
     labels = open_ds(isbi[1])
     truth = labels[labels.roi][3]
     offsets = [o[1:] for o in OFFSETS_2D]
-    rng = np.random.default_rng(0)
-    affs = np.clip(section_affinities(truth, offsets) + rng.normal(0, 0.2, (len(offsets), *truth.shape)), 0, 1)
+    affs = noisy_ground_truth_affinities(truth, offsets, noise=0.2) / 255.0
     segmentation = mutex_section(affs, offsets, 0.5)
     table = Contingency()
     table.add(segmentation, truth)  # ground truth 0 (membrane) is ignored

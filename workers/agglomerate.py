@@ -31,15 +31,13 @@ def compact_fragments(fragments: np.ndarray, roi: Roi, layout: RunLayout) -> tup
     n`, so shifting every neighbouring block's ids onto a running base gives
     small labels in the order of the ids, which a presence table then closes
     up. Returns (labels 1..n, 0 kept, and the sorted fragment id of each)."""
-    vs = layout.voxel_size
     packed = np.zeros(fragments.shape, dtype=np.int64)
     bases, bumps = [], []
     base = 0
     for index, cell in layout.blocks_meeting(roi):
-        inside = cell.intersect(roi)
-        window = tuple(slice(b, e) for b, e in zip((inside.begin - roi.begin) / vs, (inside.end - roi.begin) / vs))
+        window = layout.window(cell.intersect(roi), roi)
         part = fragments[window].astype(np.int64)
-        bump = index * layout.voxels_per_block
+        bump = layout.first_id(index)
         local = np.where(part > 0, part - bump, 0)
         packed[window] = np.where(part > 0, local + base, 0)
         bases.append(base)

@@ -47,14 +47,12 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
         def process_block(block) -> None:
             data = affs.to_ndarray(block.read_roi, fill_value=0).astype(np.float32) / 255.0
             labels = block_fragments(data, options, run.config.agglomerate.scoring, vs)
-            start = (block.write_roi.offset - block.read_roi.offset) / vs
-            crop = tuple(slice(s, s + n) for s, n in zip(start, block.write_roi.shape / vs))
-            local, _ = relabel_consecutive(labels[crop])
+            local, _ = relabel_consecutive(labels[layout.window(block.write_roi, block.read_roi)])
             n = int(local.max())
             if n > layout.voxels_per_block:
                 raise AssertionError("more fragments than voxels in a block")
             index = layout.block_index(block.write_roi)
-            bump = np.uint64(index * layout.voxels_per_block)
+            bump = np.uint64(layout.first_id(index))
             fragments[block.write_roi] = np.where(local > 0, local + bump, np.uint64(0))
             sizes, centers = node_statistics(local, n, block.write_roi.offset, vs)
             ids = np.arange(1, n + 1, dtype=np.uint64) + bump

@@ -27,7 +27,7 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     def process_block(block) -> None:
         data = affs.to_ndarray(block.write_roi).astype(np.float32) / 255.0
         out = np.zeros(data.shape[1:], dtype=np.uint64)
-        bump = np.uint64(layout.block_index(block.write_roi) * layout.voxels_per_block)
+        bump = np.uint64(layout.first_id(layout.block_index(block.write_roi)))
         count = 0
         for z in range(data.shape[1]):
             labels = merge_small_segments(mutex_section(data[:, z], offsets, options.bias), options.merge_small)

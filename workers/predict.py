@@ -42,9 +42,7 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
         # (valid-shaped) block, keep the part inside
         prediction = predict_roi(network, raw, block.write_roi, context, device)
         inside = block.write_roi.intersect(affs.roi)
-        start = (inside.offset - block.write_roi.offset) / raw.voxel_size
-        crop = tuple(slice(s, s + n) for s, n in zip(start, inside.shape / raw.voxel_size))
-        affs[inside] = prediction[(slice(None), *crop)]
+        affs[inside] = prediction[(slice(None), *run.layout.window(inside, block.write_roi))]
 
     yield process_block
 
