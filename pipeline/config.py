@@ -267,12 +267,34 @@ class IntensityConfig(Strict):
     shift: tuple[float, float] = (-0.1, 0.1)
 
 
+class ArtifactConfig(Strict):
+    """Real imaging artifacts (dust, stains, cracks) blended into whole
+    sections: `raw` holds the artifacts' intensities, `alpha` their opacity
+    (255 = opaque), both uint8 `CONTAINER.zarr/DATASET` arrays with the
+    training data's voxel size, at least one network input wide in y and x.
+    Sections and positions are drawn at random."""
+
+    raw: str
+    alpha: str
+    probability: Probability = 0.03
+
+
 class DefectConfig(Strict):
-    """gunpowder DefectAugment along z: blank and low-contrast sections."""
+    """gunpowder DefectAugment along z: blank and low-contrast sections, and
+    optionally sections with artifacts from an artifact volume."""
 
     prob_missing: Probability = 0.03
     prob_low_contrast: Probability = 0.03
     contrast_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+    artifacts: ArtifactConfig | None = None
+
+    @model_validator(mode="after")
+    def _one_defect_per_section(self) -> DefectConfig:
+        # DefectAugment draws one kind of defect per section
+        total = self.prob_missing + self.prob_low_contrast + (self.artifacts.probability if self.artifacts else 0.0)
+        if total > 1.0:
+            raise ValueError(f"the defect probabilities add up to {total:g}; at most 1")
+        return self
 
 
 class AugmentConfig(Strict):

@@ -33,7 +33,7 @@ from pipeline.config import RunConfig, load_json
 from pipeline.evaluate import evaluate_run, format_table
 from pipeline.graph_store import open_store
 from pipeline.progress import ProgressLog
-from pipeline.run_layout import RunDir, RunLayout, claim_run_dir, load_network
+from pipeline.run_layout import RunDir, RunLayout, claim_run_dir, load_network, run_record
 from pipeline.segments import write_luts
 from pipeline.tasks import graph_pipeline, mutex_pipeline, relabel_task
 from pipeline.volumes import prepare_volume
@@ -119,7 +119,7 @@ def open_run(config: RunConfig) -> tuple[RunLayout, RunDir]:
     run_dir = RunDir(Path(config.run_dir))
     # reach the store before touching the run dir: a bad URI leaves nothing behind
     with open_store(config.store, run_dir.path) as store:
-        if claim_run_dir(run_dir.path, layout, config.store):
+        if claim_run_dir(run_dir.path, run_record(layout, config)):
             store.reset()
     run_dir.config.write_text(config.model_dump_json(indent=2))
     _prepare_volumes(layout, run_dir)

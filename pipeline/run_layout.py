@@ -2,13 +2,15 @@
 
 `RunLayout` is computed once from the config, the raw volume and the model:
 ROIs, block shapes and the fragment-id arithmetic that every worker shares.
-The run directory records it in `layout.json`; a later run of the same
-directory with a different layout is refused, because finished blocks of the
-old layout would silently mix with new ones.
+The run directory records it in `layout.json`, with the model's digest and
+the block steps' settings (`run_record`); a later run of the same directory
+with any of them changed is refused, because finished blocks made the old
+way would silently mix with new ones.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 from collections.abc import Iterator
@@ -211,23 +213,50 @@ class RunDir:
         return RunLayout.from_json(json.loads(self.layout.read_text()))
 
 
-def claim_run_dir(run_dir: Path, layout: RunLayout, store: str) -> bool:
+def model_identity(config: RunConfig) -> str:
+    """The baseline's name, or a digest of the checkpoint's bytes: a model
+    retrained into the same file is another model."""
+    if config.model.baseline is not None:
+        return f"baseline {config.model.baseline}"
+    digest = hashlib.sha256()
+    with open(config.model.checkpoint, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return f"sha256 {digest.hexdigest()}"
+
+
+def run_record(layout: RunLayout, config: RunConfig) -> dict:
+    """Everything the stored block results depend on: the layout, the store,
+    the model and the settings of the block steps. Thresholds are not in it:
+    look-up tables and relabelling are redone per threshold."""
+    return {
+        **layout.to_json(),
+        "store": config.store,
+        "model": model_identity(config),
+        "fragments": config.fragments.model_dump(),
+        "scoring": config.agglomerate.scoring,
+        "mutex": config.mutex.model_dump(mode="json"),
+    }
+
+
+def claim_run_dir(run_dir: Path, record: dict) -> bool:
     """Create or re-open a run directory. Returns True for a fresh run.
-    Refuses a directory made with another layout or store."""
+    Refuses a directory whose `run_record` differs: finished blocks made
+    with other inputs would silently mix with new ones."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "layout.json"
-    wanted = {**layout.to_json(), "store": store}
     if path.exists():
         existing = json.loads(path.read_text())
-        changed = [key for key in wanted if existing.get(key) != wanted[key]]
+        changed = [key for key in record if existing.get(key) != record[key]]
         if changed:
             key = changed[0]
             raise UserError(
                 f"run_dir {run_dir} was made with {key} = {json.dumps(existing.get(key))}, this config gives "
-                f"{json.dumps(wanted[key])}; changing the layout of a run is refused: use a new run_dir"
+                f"{json.dumps(record[key])}; a run's finished blocks depend on it, so changing it is refused: "
+                f"use a new run_dir, or delete this one"
             )
         return False
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(wanted, indent=2))
+    tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(path)
     return True

@@ -1,6 +1,6 @@
 """Train an affinity network with gunpowder.
 
-    python pipeline/train.py CONFIG [--device auto|cpu|cuda]
+    python pipeline/train.py CONFIG [--device auto|cpu|cuda] [--init-from MODEL]
 
 The batches come from `pipeline.train_pipeline` (augmentations, sparse
 annotation masks, affinity targets); this module adds the torch node, the
@@ -13,6 +13,11 @@ loop and its outputs, all under EXPERIMENT_DIR:
   `snapshot_every` iterations, for inspection;
 - `model.pt` at the end: the network alone, the file the `model.checkpoint`
   key of a predict config points at.
+
+`--init-from MODEL` starts a new experiment from the weights of an exported
+model of the same network and offsets (fine-tuning, e.g. on new data or with
+more augmentation); the optimiser starts fresh. Once the experiment has a
+checkpoint, resuming from it wins.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from networks.losses import WeightedMSELoss
-from networks.models import build_network, save_model
+from networks.models import build_network, load_model, save_model
 from pipeline.config import TrainConfig, load_json
 from pipeline.devices import choose_device
 from pipeline.cli import cli_main
@@ -78,7 +83,7 @@ class Training:
     experiment. `run(iterations)` trains to that iteration, resuming from the
     latest checkpoint."""
 
-    def __init__(self, config: TrainConfig, device: str):
+    def __init__(self, config: TrainConfig, device: str, init_from: Path | None = None):
         self.config, self.device = config, device
         # funlib.persistence reads through dask, whose default thread pool
         # does not survive PreCache's fork: a child that inherits a pool the
@@ -92,6 +97,10 @@ class Training:
         np.random.seed(config.seed)
         self.spec = config.network.model_dump()
         self.network = build_network(self.spec, config.offsets)
+        if init_from is not None:
+            # gunpowder's Train restores the latest checkpoint at build, after
+            # this, so a resumed fine-tuning continues from its own state
+            self._initialise(Path(init_from))
         geometry = self.network.geometry
         try:
             self.output_shape = Coordinate(geometry.valid_output_shape(config.output_shape))
@@ -131,6 +140,19 @@ class Training:
             )
         self.pipeline = pipeline
 
+    def _initialise(self, path: Path) -> None:
+        try:
+            source = load_model(path)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--init-from: {e}") from e
+        if source.offsets != self.network.offsets:
+            raise UserError(f"--init-from {path}: its offsets {list(source.offsets)} differ from the config's")
+        try:
+            self.network.load_state_dict(source.state_dict())
+        except RuntimeError as e:
+            raise UserError(f"--init-from {path}: its network is not the config's network "
+                            f"({str(e).splitlines()[0]})") from e
+
     def run(self, iterations: int) -> int:
         """Train up to `iterations`; returns the iteration it started from."""
         writer = SummaryWriter(str(self.experiment / "tensorboard"))
@@ -159,8 +181,8 @@ class Training:
         return exported
 
 
-def train(config: TrainConfig, device: str) -> Path:
-    training = Training(config, device)
+def train(config: TrainConfig, device: str, init_from: Path | None = None) -> Path:
+    training = Training(config, device, init_from)
     started = time.time()
     first = training.run(config.iterations)
     exported = training.export()
@@ -175,10 +197,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python pipeline/train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="training config JSON (see configs/train_fib25.json)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="overrides the config's device")
+    parser.add_argument("--init-from", type=Path, metavar="MODEL",
+                        help="start a new experiment from this exported model.pt's weights (same network and offsets)")
     args = parser.parse_args()
     config = TrainConfig(**load_json(args.config))
     logging.getLogger("gunpowder").setLevel(logging.WARNING)
-    train(config, choose_device(args.device or config.device))
+    train(config, choose_device(args.device or config.device), args.init_from)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ targets, up to (not including) the torch node.
              RandomLocation, rejecting poorly annotated locations)
     -> RandomProvider -> ElasticAugment (rotation, slips, shifts)
     -> SimpleAugment (mirror; transpose between axes of equal voxel size)
-    -> IntensityAugment -> DefectAugment -> GrowBoundary
+    -> IntensityAugment -> DefectAugment (blank, low-contrast, artifact
+       sections; artifacts come from a source of their own) -> GrowBoundary
     -> AddAffinities (with the annotation mask) -> Unsqueeze/Stack
 
 Kept apart from `train.py` so tests can request batches from exactly the
@@ -20,7 +21,7 @@ import gunpowder as gp
 import numpy as np
 from funlib.geometry import Coordinate, Roi
 
-from pipeline.config import AugmentConfig, TrainConfig, TrainVolume
+from pipeline.config import ArtifactConfig, AugmentConfig, TrainConfig, TrainVolume
 from pipeline.errors import UserError
 from pipeline.volumes import open_volume, split_path
 
@@ -35,6 +36,8 @@ class TrainingKeys:
     affs: gp.ArrayKey = gp.ArrayKey("AFFS")
     affs_mask: gp.ArrayKey = gp.ArrayKey("AFFS_MASK")
     prediction: gp.ArrayKey = gp.ArrayKey("PREDICTION")
+    artifacts: gp.ArrayKey = gp.ArrayKey("ARTIFACTS")
+    artifacts_alpha: gp.ArrayKey = gp.ArrayKey("ARTIFACTS_ALPHA")
 
 
 class AnnotationMask(gp.BatchFilter):
@@ -122,6 +125,28 @@ def _source(index: int, volume: TrainVolume, keys: TrainingKeys, min_annotated: 
     return source + gp.RandomLocation()
 
 
+def _artifact_source(artifacts: ArtifactConfig, keys: TrainingKeys, voxel_size: Coordinate):
+    """Random artifact sections, intensities and alpha both scaled to [0, 1]
+    as DefectAugment blends them: raw * (1 - alpha) + artifact * alpha."""
+    field = "augment.defects.artifacts"
+    raw = open_volume(*split_path(artifacts.raw), field=f"{field}.raw", dtypes=("uint8",))
+    alpha = open_volume(*split_path(artifacts.alpha), field=f"{field}.alpha", dtypes=("uint8",))
+    if raw.voxel_size != voxel_size or alpha.voxel_size != voxel_size or raw.roi != alpha.roi:
+        raise UserError(f"{field}: raw and alpha need one ROI and the training data's voxel size {tuple(voxel_size)}")
+    source = (
+        (gp.ArraySource(keys.artifacts, raw, interpolatable=True),
+         gp.ArraySource(keys.artifacts_alpha, alpha, interpolatable=True))
+        + gp.MergeProvider()
+        + gp.Normalize(keys.artifacts)
+        + gp.Normalize(keys.artifacts_alpha)
+        + gp.RandomLocation()
+    )
+    # gunpowder 1.4.4's DefectAugment tears its source down with teardown(),
+    # which a Pipeline names internal_teardown()
+    source.teardown = source.internal_teardown
+    return source
+
+
 def _augmentations(augment: AugmentConfig, keys: TrainingKeys, voxel_size: Coordinate):
     nodes = []
     if augment.elastic is not None:
@@ -147,9 +172,17 @@ def _augmentations(augment: AugmentConfig, keys: TrainingKeys, voxel_size: Coord
         nodes.append(gp.IntensityAugment(keys.raw, *i.scale, *i.shift, z_section_wise=voxel_size[0] != voxel_size[1]))
     if augment.defects is not None:
         d = augment.defects
+        artifacts = {}
+        if d.artifacts is not None:
+            artifacts = dict(
+                prob_artifact=d.artifacts.probability,
+                artifact_source=_artifact_source(d.artifacts, keys, voxel_size),
+                artifacts=keys.artifacts,
+                artifacts_mask=keys.artifacts_alpha,
+            )
         nodes.append(gp.DefectAugment(
             keys.raw, prob_missing=d.prob_missing, prob_low_contrast=d.prob_low_contrast,
-            contrast_scale=d.contrast_scale, axis=0,
+            contrast_scale=d.contrast_scale, axis=0, **artifacts,
         ))
     if augment.grow_boundary:
         nodes.append(gp.GrowBoundary(keys.labels, steps=augment.grow_boundary, only_xy=True))

@@ -87,6 +87,14 @@ TRAIN_CASES = {
     ),
     "unknown backbone": ({"network": {"name": "vgg"}}, "network: "),
     "unknown augmentation key": ({"augment": {"elastc": None}}, "augment.elastc: unknown key"),
+    "defect probabilities over 1": (
+        {"augment": {"defects": {"prob_missing": 0.6, "prob_low_contrast": 0.5}}},
+        "the defect probabilities add up to 1.1",
+    ),
+    "artifact volume missing": (
+        {"augment": {"defects": {"artifacts": {"raw": "nowhere.zarr/raw", "alpha": "nowhere.zarr/alpha"}}}},
+        "augment.defects.artifacts.raw",
+    ),
     "unreachable output alignment": (
         {"network": {"name": "mala_unet", "num_fmaps": 2, "downsample_factors": [[1, 3, 3], [1, 3, 3]]}},
         "network: no output of at least",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from funlib.persistence import open_ds
 
 from pipeline.metrics import evaluate_arrays
@@ -187,12 +188,25 @@ def test_a_block_that_keeps_failing_fails_the_run_with_its_cause(reference, run_
     np.testing.assert_array_equal(volume(run_dir, "segmentation"), volume(reference, "segmentation"))
 
 
-def test_changing_the_block_size_of_a_run_is_refused(reference, tmp_path):
+def _retrained(config: dict, tmp_path: Path) -> None:
+    """The same network with other weights, as after retraining."""
+    model = torch.load(config["model"]["checkpoint"], map_location="cpu", weights_only=True)
+    model["state_dict"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in model["state_dict"].items()}
+    torch.save(model, tmp_path / "retrained.pt")
+    config["model"]["checkpoint"] = str(tmp_path / "retrained.pt")
+
+
+@pytest.mark.parametrize("change, key", [
+    (lambda config, tmp_path: config["postprocess"].update(block_shape=[200, 400, 400]), "block_shape"),
+    (_retrained, "model"),
+    (lambda config, tmp_path: config["fragments"].update(epsilon_agglomerate=0.2), "fragments"),
+])
+def test_changing_what_finished_blocks_depend_on_is_refused(reference, tmp_path, change, key):
     config = json.loads((reference / "config.json").read_text())
-    config["postprocess"]["block_shape"] = [200, 400, 400]
+    change(config, tmp_path)
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     result = run_cli("pipeline/predict.py", str(path))
     assert result.returncode == 2
-    assert "changing the layout of a run is refused" in result.stderr and "block_shape" in result.stderr
+    assert f"was made with {key} = " in result.stderr and "changing it is refused" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from funlib.geometry import Coordinate
+from funlib.geometry import Coordinate, Roi
 from funlib.persistence import open_ds
 
 from networks.losses import WeightedMSELoss
 from pipeline.config import TrainConfig
+from pipeline.errors import UserError
 from pipeline.train import Training
 from pipeline.train_pipeline import TrainingKeys, training_pipeline, training_request
 from pipeline.volumes import prepare_volume
@@ -184,3 +185,51 @@ def test_training_resumes_at_the_checkpoint_with_its_optimiser_state(tmp_path, l
         assert torch.equal(weights[k], v), k
     assert second.run(4) == 2
     assert (tmp_path / "experiment" / "model_checkpoint_4").exists()
+
+
+def test_init_from_starts_a_new_experiment_from_an_exported_model(tmp_path, labels):
+    source = Training(fib25_config(tmp_path / "a", labels, iterations=2, precache_workers=0, snapshot_every=0), "cpu")
+    source.run(2)
+    exported = source.export()
+    fresh = fib25_config(tmp_path / "b", labels, iterations=3, precache_workers=0, snapshot_every=0)
+    tuned = Training(fresh, "cpu", init_from=exported)
+    with gp.build(tuned.pipeline):
+        assert tuned.trainer.iteration == 0
+        weights = {k: v.clone() for k, v in tuned.network.state_dict().items()}
+    for k, v in source.network.state_dict().items():
+        assert torch.equal(weights[k], v), k
+    # a network or offsets other than the model's is refused in one line
+    with pytest.raises(UserError, match="not the config's network"):
+        Training(fib25_config(tmp_path / "c", labels, network=BACKBONES["residual_unet"]), "cpu", init_from=exported)
+    with pytest.raises(UserError, match="offsets"):
+        Training(fib25_config(tmp_path / "d", labels, offsets=OFFSETS_3D[:5]), "cpu", init_from=exported)
+
+
+def _artifact_volume(tmp_path, name: str, value: int, voxel_size: int = 10) -> str:
+    roi = Roi((0, 0, 0), (4, 100, 100)) * voxel_size
+    array = prepare_volume(tmp_path / "artifacts.zarr", name, roi, Coordinate((voxel_size,) * 3), "uint8", roi.shape)
+    array[roi] = np.full((4, 100, 100), value, dtype=np.uint8)
+    return str(tmp_path / "artifacts.zarr" / name)
+
+
+@pytest.mark.parametrize("alpha", [255, 0])
+def test_artifact_sections_are_blended_in_by_their_alpha(tmp_path, labels, alpha):
+    artifacts = {"raw": _artifact_volume(tmp_path, "raw", 77), "alpha": _artifact_volume(tmp_path, "alpha", alpha), "probability": 1.0}
+    config = fib25_config(tmp_path, labels, augment={**NO_AUGMENT, "defects": {"prob_missing": 0, "prob_low_contrast": 0, "artifacts": artifacts}})
+    keys = TrainingKeys()
+    voxel_size = Coordinate(10, 10, 10)
+    request = training_request(keys, Coordinate(20, 40, 40), Coordinate(12, 12, 12), voxel_size)
+    pipeline = training_pipeline(config, keys, voxel_size)
+    with gp.build(pipeline):
+        raw = pipeline.request_batch(request)[keys.raw].data
+    if alpha == 255:  # opaque: every section is the artifact
+        assert np.allclose(raw, 77 / 255)
+    else:  # transparent: the EM stays
+        assert raw.std() > 0.05
+
+
+def test_artifacts_of_another_voxel_size_are_refused(tmp_path, labels):
+    artifacts = {"raw": _artifact_volume(tmp_path, "raw", 77, 20), "alpha": _artifact_volume(tmp_path, "alpha", 255, 20)}
+    config = fib25_config(tmp_path, labels, augment={**NO_AUGMENT, "defects": {"artifacts": artifacts}})
+    with pytest.raises(UserError, match="voxel size"):
+        training_pipeline(config, TrainingKeys(), Coordinate(10, 10, 10))
