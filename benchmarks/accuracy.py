@@ -6,7 +6,7 @@ parts of the bundled data, and tabulate the scores.
 For every experiment in CONFIG:
   1. train with its `train` config (pipeline/train.py), or take `model`;
   2. run pipeline/predict.py on the validation ROI and pick the threshold
-     with the lowest VOI there (2D models have one row, the mutex bias);
+     with the lowest VOI there (2D models: the mutex bias, one run each);
   3. run pipeline/predict.py on the test ROI and report the scores at that
      threshold, and separately the best threshold in hindsight.
 
@@ -19,19 +19,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Annotated
 
 import torch
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pipeline.cli import cli_main  # noqa: E402
 from pipeline.config import AbsPath, RoiConfig, RunConfig, Strict, TrainConfig, ZarrPath, in_plane, load_json  # noqa: E402
+from pipeline.run_layout import RunDir, RunLayout, run_record  # noqa: E402
 
 COLUMNS = ("dataset", "method", "backbone", "post-processing", "threshold", "VOI split", "VOI merge", "VOI", "ARAND", "CREMI score")
 
@@ -47,6 +50,8 @@ class Experiment(Strict):
     test_roi: RoiConfig
     # RunConfig sections (predict, fragments, agglomerate, postprocess) for both runs
     run: dict
+    # 2D models: the mutex biases swept, one run each, in place of thresholds
+    biases: list[Annotated[float, Field(gt=0.0, lt=1.0)]] = [0.3, 0.4, 0.5, 0.6, 0.7]
 
     @model_validator(mode="after")
     def _one_model(self) -> Experiment:
@@ -67,15 +72,36 @@ def _python(*args: str) -> str:
     return (result.stdout.strip().splitlines() or [""])[-1]
 
 
-def _scores(experiment: Experiment, model: Path, split: str, roi: RoiConfig, out: Path) -> list[dict]:
+def _run(experiment: Experiment, model: Path, roi: RoiConfig, run_dir: Path, run: dict) -> list[dict]:
+    """The main job on `roi`; its score rows."""
     config = RunConfig(
-        run_dir=str(out / split), raw=experiment.raw, ground_truth=experiment.ground_truth,
-        roi=roi, model={"checkpoint": str(model)}, **experiment.run,
+        run_dir=str(run_dir), raw=experiment.raw, ground_truth=experiment.ground_truth,
+        roi=roi, model={"checkpoint": str(model)}, **run,
     )
-    path = out / f"{split}.json"
+    # the benchmark's run dirs are its own scratch: a run made with another
+    # model (retrained, resumed) or other settings is started again, where
+    # predict.py itself would refuse it
+    record = json.loads(json.dumps(run_record(RunLayout.from_config(config), config)))
+    layout = RunDir(run_dir).layout
+    if layout.exists() and json.loads(layout.read_text()) != record:
+        shutil.rmtree(run_dir)
+    path = run_dir.parent / f"{run_dir.name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(config.model_dump_json(indent=2))
     _python("pipeline/predict.py", str(path))
-    return json.loads((out / split / "report.json").read_text())["scores"]
+    return json.loads(RunDir(run_dir).report.read_text())["scores"]
+
+
+def _scores(experiment: Experiment, model: Path, split: str, roi: RoiConfig, out: Path, planar: bool) -> list[dict]:
+    """One run of the threshold sweep; for a 2D model one run per mutex
+    bias, because the bias is fixed for a run (its blocks depend on it)."""
+    if not planar:
+        return _run(experiment, model, roi, out / split, experiment.run)
+    rows = []
+    for bias in experiment.biases:
+        run = {**experiment.run, "mutex": {**experiment.run.get("mutex", {}), "bias": bias}}
+        rows += _run(experiment, model, roi, out / split / f"bias_{bias:.2f}", run)
+    return rows
 
 
 def run_experiment(experiment: Experiment, out_dir: Path) -> dict:
@@ -92,14 +118,15 @@ def run_experiment(experiment: Experiment, out_dir: Path) -> dict:
     checkpoint = torch.load(model, map_location="cpu", weights_only=True)
     result["backbone"] = checkpoint["network"]["name"] + (" 2D" if checkpoint["network"].get("dims") == 2 else "")
     run = RunConfig(run_dir=str(out), raw=experiment.raw, model={"checkpoint": str(model)}, **experiment.run)
-    if in_plane(checkpoint["offsets"]):
-        result["post_processing"] = f"mutex watershed (bias {run.mutex.bias}), small-segment merging"
+    planar = in_plane(checkpoint["offsets"])
+    if planar:
+        result["post_processing"] = "mutex watershed (threshold = bias), small-segment merging"
     else:
         result["post_processing"] = (
             f"{run.fragments.method} fragments, epsilon {run.fragments.epsilon_agglomerate}, waterz {run.agglomerate.scoring}"
         )
-    result["validation"] = _scores(experiment, model, "validation", experiment.validation_roi, out)
-    result["test"] = _scores(experiment, model, "test", experiment.test_roi, out)
+    result["validation"] = _scores(experiment, model, "validation", experiment.validation_roi, out, planar)
+    result["test"] = _scores(experiment, model, "test", experiment.test_roi, out, planar)
     chosen = min(result["validation"], key=lambda r: r["voi"])["threshold"]
     result["chosen"] = next(r for r in result["test"] if r["threshold"] == chosen)
     result["hindsight"] = min(result["test"], key=lambda r: r["voi"])
@@ -127,7 +154,7 @@ def plot(results: list[dict], path: Path) -> None:
         for split, style in (("test", "-o"), ("validation", "--")):
             rows = r[split]
             axes.plot([x["threshold"] for x in rows], [x["voi"] for x in rows], style, label=f"{r['name']} {split}")
-    axes.set_xlabel("agglomeration threshold")
+    axes.set_xlabel("agglomeration threshold (2D: mutex bias)")
     axes.set_ylabel("VOI (bits)")
     axes.legend()
     figure.tight_layout()
