@@ -81,9 +81,7 @@ def _run(experiment: Experiment, model: Path, roi: RoiConfig, run_dir: Path, run
     # the benchmark's run dirs are its own scratch: a run made with another
     # model (retrained, resumed) or other settings is started again, where
     # predict.py itself would refuse it
-    record = json.loads(json.dumps(run_record(RunLayout.from_config(config), config)))
-    layout = RunDir(run_dir).layout
-    if layout.exists() and json.loads(layout.read_text()) != record:
+    if RunDir(run_dir).changed_key(run_record(RunLayout.from_config(config), config)) is not None:
         shutil.rmtree(run_dir)
     path = run_dir.parent / f"{run_dir.name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -119,7 +119,7 @@ def open_run(config: RunConfig) -> tuple[RunLayout, RunDir]:
     run_dir = RunDir(Path(config.run_dir))
     # reach the store before touching the run dir: a bad URI leaves nothing behind
     with open_store(config.store, run_dir.path) as store:
-        if claim_run_dir(run_dir.path, run_record(layout, config)):
+        if claim_run_dir(run_dir, run_record(layout, config)):
             store.reset()
     run_dir.config.write_text(config.model_dump_json(indent=2))
     _prepare_volumes(layout, run_dir)

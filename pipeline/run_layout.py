@@ -212,6 +212,14 @@ class RunDir:
     def read_layout(self) -> RunLayout:
         return RunLayout.from_json(json.loads(self.layout.read_text()))
 
+    def changed_key(self, record: dict) -> str | None:
+        """The first key in which `record` differs from the directory's
+        recorded `run_record`; None for a new directory or an equal record."""
+        if not self.layout.exists():
+            return None
+        existing = json.loads(self.layout.read_text())
+        return next((key for key in record if existing.get(key) != record[key]), None)
+
 
 def model_identity(config: RunConfig) -> str:
     """The baseline's name, or a digest of the checkpoint's bytes: a model
@@ -239,24 +247,22 @@ def run_record(layout: RunLayout, config: RunConfig) -> dict:
     }
 
 
-def claim_run_dir(run_dir: Path, record: dict) -> bool:
+def claim_run_dir(run_dir: RunDir, record: dict) -> bool:
     """Create or re-open a run directory. Returns True for a fresh run.
     Refuses a directory whose `run_record` differs: finished blocks made
     with other inputs would silently mix with new ones."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "layout.json"
-    if path.exists():
-        existing = json.loads(path.read_text())
-        changed = [key for key in record if existing.get(key) != record[key]]
-        if changed:
-            key = changed[0]
-            raise UserError(
-                f"run_dir {run_dir} was made with {key} = {json.dumps(existing.get(key))}, this config gives "
-                f"{json.dumps(record[key])}; a run's finished blocks depend on it, so changing it is refused: "
-                f"use a new run_dir, or delete this one"
-            )
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    key = run_dir.changed_key(record)
+    if key is not None:
+        existing = json.loads(run_dir.layout.read_text()).get(key)
+        raise UserError(
+            f"run_dir {run_dir.path} was made with {key} = {json.dumps(existing)}, this config gives "
+            f"{json.dumps(record[key])}; a run's finished blocks depend on it, so changing it is refused: "
+            f"use a new run_dir, or delete this one"
+        )
+    if run_dir.layout.exists():
         return False
-    tmp = path.with_suffix(".tmp")
+    tmp = run_dir.layout.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(path)
+    tmp.replace(run_dir.layout)
     return True
