@@ -4,15 +4,21 @@ parts of the bundled data, and tabulate the scores.
     python benchmarks/accuracy.py CONFIG        (make accuracy: configs/accuracy_cpu.json)
 
 For every experiment in CONFIG:
-  1. train with its `train` config (pipeline/train.py), or take `model`;
+  1. train with its `train` config (pipeline/train.py; `train_overrides`
+     change keys of it, e.g. the method's terms for an ablation), or take
+     `model`;
   2. run pipeline/predict.py on the validation ROI and pick the threshold
-     with the lowest VOI there (2D models: the mutex bias, one run each);
+     with the lowest VOI there (2D models: the mutex bias, one run each;
+     `select: "aji"` picks the highest AJI, for images with background);
   3. run pipeline/predict.py on the test ROI and report the scores at that
      threshold, and separately the best threshold in hindsight.
+A `classical` experiment has no network: Otsu's threshold and a seeded
+distance-transform watershed per image, its seed distance chosen the same way.
 
-Writes OUT_DIR/accuracy.md (the table), accuracy.json (every score) and
+Writes OUT_DIR/accuracy.md (a VOI table for EM volumes, an instance-score
+table for images with background), accuracy.json (every score) and
 accuracy.png (VOI against threshold, test and validation), and prints the
-table.
+tables.
 """
 
 from __future__ import annotations
@@ -24,39 +30,61 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
-import torch
 from pydantic import Field, model_validator
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from funlib.geometry import Roi  # noqa: E402
+
 from pipeline.cli import cli_main  # noqa: E402
 from pipeline.config import AbsPath, RoiConfig, RunConfig, Strict, TrainConfig, ZarrPath, in_plane, load_json  # noqa: E402
-from pipeline.run_layout import RunDir, RunLayout, run_record  # noqa: E402
+from pipeline.evaluation.instance_metrics import SCORES as INSTANCE_SCORES  # noqa: E402
+from pipeline.evaluation.instance_metrics import mean_instance_scores  # noqa: E402
+from pipeline.kernels.classical import otsu_watershed  # noqa: E402
+from pipeline.methods import load_model  # noqa: E402
+from pipeline.orchestration.run_layout import RunDir, RunLayout, run_record  # noqa: E402
+from pipeline.storage.volumes import open_volume, split_path  # noqa: E402
 
 COLUMNS = ("dataset", "method", "backbone", "post-processing", "threshold", "VOI split", "VOI merge", "VOI", "ARAND", "CREMI score")
+INSTANCE_COLUMNS = ("dataset", "method", "backbone", "post-processing", "chosen", "AJI", "Dice", "PQ", "SBD", "|DiC|")
+
+
+class Classical(Strict):
+    """The no-network row: seed distances tried on the validation images."""
+
+    min_distances: list[Annotated[int, Field(gt=0)]] = [5, 7, 9, 12]
 
 
 class Experiment(Strict):
     name: str
-    # a training config to run first, or an existing checkpoint
+    # a training config to run first, or an existing checkpoint, or no network
     train: AbsPath | None = None
+    # top-level keys of the training config replaced for this experiment; its
+    # experiment_dir becomes OUT_DIR/NAME/train
+    train_overrides: dict = {}
     model: AbsPath | None = None
+    classical: Classical | None = None
     raw: ZarrPath
     ground_truth: ZarrPath
     validation_roi: RoiConfig
     test_roi: RoiConfig
     # RunConfig sections (predict, fragments, agglomerate, postprocess) for both runs
-    run: dict
+    run: dict = {}
+    # the offsets the runs predict (model.offsets); default: the training offsets
+    offsets: list[tuple[int, int, int]] | None = None
     # 2D models: the mutex biases swept, one run each, in place of thresholds
     biases: list[Annotated[float, Field(gt=0.0, lt=1.0)]] = [0.3, 0.4, 0.5, 0.6, 0.7]
+    # what picks the threshold on validation: the lowest VOI, or the highest
+    # AJI (images with background, scored by instance scores)
+    select: Literal["voi", "aji"] = "voi"
 
     @model_validator(mode="after")
     def _one_model(self) -> Experiment:
-        if (self.train is None) == (self.model is None):
-            raise ValueError("give exactly one of train or model")
+        if sum(x is not None for x in (self.train, self.model, self.classical)) != 1:
+            raise ValueError("give exactly one of train, model or classical")
         return self
 
 
@@ -76,7 +104,7 @@ def _run(experiment: Experiment, model: Path, roi: RoiConfig, run_dir: Path, run
     """The main job on `roi`; its score rows."""
     config = RunConfig(
         run_dir=str(run_dir), raw=experiment.raw, ground_truth=experiment.ground_truth,
-        roi=roi, model={"checkpoint": str(model)}, **run,
+        roi=roi, model={"checkpoint": str(model), "offsets": experiment.offsets}, **run,
     )
     # the benchmark's run dirs are its own scratch: a run made with another
     # model (retrained, resumed) or other settings is started again, where
@@ -102,42 +130,106 @@ def _scores(experiment: Experiment, model: Path, split: str, roi: RoiConfig, out
     return rows
 
 
+def _train(experiment: Experiment, out: Path) -> tuple[Path, dict]:
+    """Trains (or resumes) the experiment's model; (model file, record)."""
+    config = experiment.train
+    if experiment.train_overrides:
+        data = {**load_json(config), **experiment.train_overrides, "experiment_dir": str(out / "train")}
+        config = str(out / "train.json")
+        Path(config).write_text(json.dumps(data, indent=2))
+    train = TrainConfig(**load_json(config))
+    started = time.time()
+    # a re-run resumes from the latest checkpoint: the summary says which iterations ran
+    summary = _python("pipeline/train.py", config)
+    return Path(train.experiment_dir) / "model.pt", {"config": config, "summary": summary, "wall_s": round(time.time() - started)}
+
+
+def _pages(path: str, roi: RoiConfig):
+    volume = open_volume(*split_path(path), field="volume")
+    return volume[Roi(roi.offset, roi.shape)]
+
+
+def classical_experiment(experiment: Experiment) -> dict:
+    """Otsu + seeded watershed per page; the seed distance is the threshold."""
+    result: dict = {"name": experiment.name, "method": "classical (no network)", "backbone": "-",
+                    "post_processing": "Otsu threshold, distance-transform seeded watershed"}
+    for split, roi in (("validation", experiment.validation_roi), ("test", experiment.test_roi)):
+        images, truths = _pages(experiment.raw, roi), _pages(experiment.ground_truth, roi)
+        result[split] = [
+            {"threshold": d, **mean_instance_scores(truths, [otsu_watershed(image, d) for image in images])}
+            for d in experiment.classical.min_distances
+        ]
+    return result
+
+
 def run_experiment(experiment: Experiment, out_dir: Path) -> dict:
     out = out_dir / experiment.name
     out.mkdir(parents=True, exist_ok=True)
-    result: dict = {"name": experiment.name}
-    if experiment.train is not None:
-        train = TrainConfig(**load_json(experiment.train))
-        # a re-run resumes from the latest checkpoint: the summary says which iterations ran
-        result["train"] = {"config": experiment.train, "summary": _python("pipeline/train.py", experiment.train)}
-        model = Path(train.experiment_dir) / "model.pt"
+    if experiment.classical is not None:
+        result = classical_experiment(experiment)
     else:
-        model = Path(experiment.model)
-    checkpoint = torch.load(model, map_location="cpu", weights_only=True)
-    result["backbone"] = checkpoint["network"]["name"] + (" 2D" if checkpoint["network"].get("dims") == 2 else "")
-    run = RunConfig(run_dir=str(out), raw=experiment.raw, model={"checkpoint": str(model)}, **experiment.run)
-    planar = in_plane(checkpoint["offsets"])
-    if planar:
-        result["post_processing"] = "mutex watershed (threshold = bias), small-segment merging"
+        result = {"name": experiment.name}
+        if experiment.train is not None:
+            model, result["train"] = _train(experiment, out)
+        else:
+            model = Path(experiment.model)
+        loaded = load_model(model)
+        spec = loaded.backbone.spec
+        result["backbone"] = type(loaded.backbone).__name__ + (" 2D" if getattr(spec, "dims", 3) == 2 else "")
+        result["method"] = _describe(loaded.method)
+        run = RunConfig(run_dir=str(out), raw=experiment.raw, model={"checkpoint": str(model), "offsets": experiment.offsets},
+                        **experiment.run)
+        planar = in_plane(run.model.offsets or loaded.offsets)
+        if planar:
+            result["post_processing"] = "mutex watershed (threshold = bias), small-segment merging"
+        else:
+            result["post_processing"] = (
+                f"{run.fragments.method} fragments, epsilon {run.fragments.epsilon_agglomerate}, waterz {run.agglomerate.scoring}"
+            )
+        result["validation"] = _scores(experiment, model, "validation", experiment.validation_roi, out, planar)
+        result["test"] = _scores(experiment, model, "test", experiment.test_roi, out, planar)
+    if experiment.select == "aji":
+        pick = lambda rows: max(rows, key=lambda r: r["aji"])  # noqa: E731
     else:
-        result["post_processing"] = (
-            f"{run.fragments.method} fragments, epsilon {run.fragments.epsilon_agglomerate}, waterz {run.agglomerate.scoring}"
-        )
-    result["validation"] = _scores(experiment, model, "validation", experiment.validation_roi, out, planar)
-    result["test"] = _scores(experiment, model, "test", experiment.test_roi, out, planar)
-    chosen = min(result["validation"], key=lambda r: r["voi"])["threshold"]
+        pick = lambda rows: min(rows, key=lambda r: r["voi"])  # noqa: E731
+    chosen = pick(result["validation"])["threshold"]
+    result["select"] = experiment.select
     result["chosen"] = next(r for r in result["test"] if r["threshold"] == chosen)
-    result["hindsight"] = min(result["test"], key=lambda r: r["voi"])
+    result["hindsight"] = pick(result["test"])
     return result
+
+
+def _describe(method) -> str:
+    """The method and its switched-on terms, as a table cell."""
+    if method.name != "embedding":
+        return method.name + (" + foreground" if method.foreground else "")
+    terms = [t for t, on in (("SCM", method.scm), ("CCM", method.ccm), ("EPM", method.epm)) if on]
+    return f"PEA {'+'.join(terms)}" + (" + foreground" if method.foreground else "")
 
 
 def table(results: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
     for r in results:
+        if r["select"] != "voi":
+            continue
         for label, row in (("chosen on validation", r["chosen"]), ("best in hindsight", r["hindsight"])):
-            cells = [r["name"], "affinity", r["backbone"], r["post_processing"], f"{row['threshold']:.2f} ({label})"]
+            cells = [r["name"], r["method"], r["backbone"], r["post_processing"], f"{row['threshold']:.2f} ({label})"]
             cells += [f"{row[k]:.3f}" for k in ("voi_split", "voi_merge", "voi", "arand", "cremi_score")]
             lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def instance_table(results: list[dict]) -> str:
+    """Images with background: the 2D instance scores at the threshold
+    (mutex bias, or the classical seed distance) chosen on validation."""
+    lines = ["| " + " | ".join(INSTANCE_COLUMNS) + " |", "|" + " --- |" * len(INSTANCE_COLUMNS)]
+    for r in results:
+        if r["select"] != "aji":
+            continue
+        row = r["chosen"]
+        cells = [r["name"], r["method"], r["backbone"], r["post_processing"], f"{row['threshold']:g}"]
+        cells += [f"{row[k]:.3f}" if k != "dic" else f"{row[k]:.1f}" for k in INSTANCE_SCORES]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -149,6 +241,8 @@ def plot(results: list[dict], path: Path) -> None:
 
     figure, axes = plt.subplots(figsize=(6, 4))
     for r in results:
+        if r["select"] != "voi":
+            continue
         for split, style in (("test", "-o"), ("validation", "--")):
             rows = r[split]
             axes.plot([x["threshold"] for x in rows], [x["voi"] for x in rows], style, label=f"{r['name']} {split}")
@@ -169,9 +263,10 @@ def main() -> None:
     started = time.time()
     results = [run_experiment(e, out_dir) for e in config.experiments]
     (out_dir / "accuracy.json").write_text(json.dumps(results, indent=2))
-    (out_dir / "accuracy.md").write_text(table(results) + "\n")
+    tables = [t for t in (table(results), instance_table(results)) if t.count("\n") > 1]
+    (out_dir / "accuracy.md").write_text("\n\n".join(tables) + "\n")
     plot(results, out_dir / "accuracy.png")
-    print(table(results))
+    print("\n\n".join(tables))
     for r in results:
         if "train" in r:
             print(f"{r['name']}: {r['train']['summary']}")

@@ -43,14 +43,14 @@ class MalaUNetSpec:
     """Everything needed to rebuild the network; stored in checkpoints."""
 
     in_channels: int = 1
-    out_channels: int = 3
     num_fmaps: int = 12
     fmap_inc_factor: int = 3
     downsample_factors: tuple[tuple[int, int, int], ...] = ((2, 2, 2), (2, 2, 2))
 
 
 class MalaUNet(nn.Module):
-    """Valid U-Net followed by a 1x1x1 head and a sigmoid (affinities in [0, 1])."""
+    """Valid U-Net; returns `num_fmaps` features per output voxel. The heads
+    that turn them into a method's outputs belong to the method."""
 
     def __init__(self, spec: MalaUNetSpec):
         super().__init__()
@@ -71,7 +71,10 @@ class MalaUNet(nn.Module):
             _conv_pass(widths[level + 1] + widths[level], widths[level])
             for level in range(len(factors))
         )
-        self.head = nn.Conv3d(widths[0], spec.out_channels, 1)
+        self.out_channels = widths[0]
+        # valid convolutions give each decoder level another extent: no
+        # features of coarser levels are offered (see ResidualUNet.levels)
+        self.level_factors: tuple[tuple[int, int, int], ...] = ()
         self.geometry = _mala_geometry(factors)
 
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
@@ -86,7 +89,7 @@ class MalaUNet(nn.Module):
             x = self.upsample[level](x)
             x = torch.cat([_center_crop(skips[level], x.shape[-3:]), x], dim=1)
             x = self.up[level](x)
-        return torch.sigmoid(self.head(x))
+        return x
 
 
 def _mala_geometry(factors: list[tuple[int, ...]]) -> Geometry:

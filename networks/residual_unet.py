@@ -33,7 +33,6 @@ class ResidualUNetSpec:
     """Everything needed to rebuild the network; stored in checkpoints."""
 
     in_channels: int = 1
-    out_channels: int = 3
     dims: int = 3
     widths: tuple[int, ...] = (28, 36, 48, 64, 80)
     # (z, y, x) per level; (1, 2, 2) is the anisotropic pooling of serial-section EM
@@ -108,7 +107,9 @@ class _Up(nn.Module):
 
 
 class ResidualUNet(nn.Module):
-    """Sigmoid outputs (affinities in [0, 1]), cropped by `spec.crop`."""
+    """Returns `widths[0]` features per voxel, cropped by `spec.crop`; with
+    `levels=True` also the decoder's coarser levels (1/2, 1/4, ...), each
+    cropped to the same region. The heads belong to the method."""
 
     def __init__(self, spec: ResidualUNetSpec):
         super().__init__()
@@ -127,10 +128,17 @@ class ResidualUNet(nn.Module):
             _ResidualBlock(layers, widths[level], widths[level]) for level in range(len(spec.downsample_factors))
         )
         self.embed_out = layers.same_conv(widths[0], widths[0], 1, 5)
-        self.head = layers.conv(widths[0], spec.out_channels, 1)
+        self.out_channels = widths[0]
+        # decoder levels 1 (1/2), 2 (1/4), ... down to the bottom: widths and
+        # (z, y, x) downsampling against the output
+        self.level_widths = tuple(widths[1:])
+        self.level_factors = tuple(
+            tuple(int(v) for v in np.prod(np.array(spec.downsample_factors[:level]).reshape(-1, 3), axis=0))
+            for level in range(1, len(widths))
+        )
         self.geometry = _cropped_geometry(spec)
 
-    def forward(self, raw: torch.Tensor) -> torch.Tensor:
+    def forward(self, raw: torch.Tensor, levels: bool = False) -> torch.Tensor | list[torch.Tensor]:
         if raw.dim() != 5:
             raise ValueError(f"expected (batch, channels, z, y, x), got shape {tuple(raw.shape)}")
         batch, _, depth = raw.shape[:3]
@@ -144,12 +152,23 @@ class ResidualUNet(nn.Module):
             if level < len(self.pool):
                 skips.append(x)
                 x = self.pool[level](x)
+        decoded = [x]  # the bottom level
         for level in reversed(range(len(self.up))):
             x = self.up_blocks[level](self.up[level](x, skips[level]))
-        x = torch.sigmoid(self.head(self.embed_out(x)))
+            decoded.append(x)
+        out = self._restore(self.embed_out(x), batch, depth, (1, 1, 1))
+        if not levels:
+            return out
+        # finest first: the output, then levels 1 (1/2), 2 (1/4), ...
+        coarse = decoded[-2::-1]
+        return [out, *(self._restore(f, batch, depth, factor) for f, factor in zip(coarse, self.level_factors))]
+
+    def _restore(self, x: torch.Tensor, batch: int, depth: int, factor) -> torch.Tensor:
+        """Back to (B, C, Z, Y, X) and cropped to the output region, which
+        at a level downsampled by `factor` is `crop / factor` voxels in."""
         if self.spec.dims == 2:
             x = x.reshape(batch, depth, x.shape[1], *x.shape[2:]).permute(0, 2, 1, 3, 4)
-        crop = tuple(slice(c, x.shape[2 + axis] - c) for axis, c in enumerate(self.spec.crop))
+        crop = tuple(slice(c // f, x.shape[2 + axis] - c // f) for axis, (c, f) in enumerate(zip(self.spec.crop, factor)))
         return x[(..., *crop)]
 
 

@@ -2,7 +2,7 @@
 
 Every model forbids unknown keys, so a typo is an error, not a silently
 ignored setting. Checks that need the data (voxel size, dtypes, ROI sizes)
-live in `pipeline.run_layout`, which reads the volumes once.
+live in `pipeline.orchestration.run_layout`, which reads the volumes once.
 
 Paths are resolved against the working directory when the config is loaded,
 and the run directory keeps an absolute copy (`config.json`) that every
@@ -15,14 +15,11 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from pipeline.errors import UserError
-
-Triple = tuple[int, int, int]
-PositiveTriple = tuple[
-    Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]
-]
+from pipeline.methods import MethodConfig, affinity
+from pipeline.schema import PositiveTriple, Probability, Strict, Triple
 
 
 def in_plane(offsets) -> bool:
@@ -41,10 +38,6 @@ def offsets_error(offsets) -> str | None:
     elif offsets[:3] != [(-1, 0, 0), (0, -1, 0), (0, 0, -1)]:
         return f"the first three offsets must be [-1,0,0], [0,-1,0], [0,0,-1], got {[list(o) for o in offsets[:3]]}"
     return None
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def _zarr_path(value: str) -> str:
@@ -70,6 +63,10 @@ class ModelConfig(Strict):
 
     checkpoint: AbsPath | None = None
     baseline: Literal["intensity"] | None = None
+    # the affinities to predict (z, y, x voxels); default: the training
+    # offsets. An embedding model gives any offset ("adaptive affinity"), an
+    # affinity model a subset of its training offsets.
+    offsets: list[Triple] | None = Field(default=None, min_length=2)
 
     @model_validator(mode="after")
     def _one_of(self) -> ModelConfig:
@@ -84,6 +81,9 @@ class PredictConfig(Strict):
     # voxels; rounded up to the nearest shape the network accepts
     output_shape: PositiveTriple = (64, 64, 64)
     workers: Annotated[int, Field(gt=0)] = 1
+    # optional datasets of the method's model to write beside the
+    # affinities, e.g. "embedding" (float16) for an embedding model
+    extra_outputs: list[str] = []
 
 
 class FragmentsConfig(Strict):
@@ -93,7 +93,7 @@ class FragmentsConfig(Strict):
     # for "distance": run slice by slice (anisotropic data)
     per_section: bool = False
     # merge fragments whose score is below this first, in block + context
-    # (see pipeline/watershed.py); 0 keeps the plain watershed. Every
+    # (see pipeline/kernels/watershed.py); 0 keeps the plain watershed. Every
     # agglomerate threshold must be at least this.
     epsilon_agglomerate: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
 
@@ -126,6 +126,12 @@ class MutexConfig(Strict):
     merge_small: list[tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]]] = [
         (5, 5), (20, 11), (50, 11), (300, 21)
     ]
+    # models with a foreground output (data with background, e.g. nuclei):
+    # pixels below this foreground probability are background (label 0),
+    # and foreground specks smaller than `foreground_min_size` pixels too;
+    # the mutex watershed partitions the rest
+    foreground_threshold: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
+    foreground_min_size: Annotated[int, Field(ge=0)] = 20
 
 
 class PostprocessConfig(Strict):
@@ -244,7 +250,6 @@ class ResidualUNetConfig(Strict):
 
 
 NetworkConfig = Annotated[MalaUNetConfig | ResidualUNetConfig, Field(discriminator="name")]
-Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 class ElasticConfig(Strict):
@@ -318,6 +323,10 @@ class TrainConfig(Strict):
     experiment_dir: AbsPath
     volumes: list[TrainVolume] = Field(min_length=1)
     network: NetworkConfig = MalaUNetConfig()
+    # the heads, targets and loss (pipeline/methods/): "affinity" predicts the
+    # offsets' affinities, "embedding" (PEA) an embedding whose cosines they are
+    method: MethodConfig = affinity.Settings()
+    # the training offsets (z, y, x voxels)
     offsets: list[Triple] = Field(min_length=2)
     # voxels; rounded up to a shape the network accepts
     output_shape: PositiveTriple = (36, 36, 36)

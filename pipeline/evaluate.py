@@ -22,17 +22,21 @@ from funlib.persistence import open_ds
 from pipeline.config import RunConfig
 from pipeline.cli import cli_main, run_command
 from pipeline.errors import UserError
-from pipeline.lut import apply_mapping, load_lut
-from pipeline.metrics import Contingency, scores
-from pipeline.run_layout import RunDir
-from pipeline.volumes import open_volume, split_path
+from pipeline.kernels.lut import apply_mapping, load_lut
+from pipeline.evaluation.instance_metrics import SCORES as INSTANCE_SCORES
+from pipeline.evaluation.instance_metrics import instance_scores
+from pipeline.evaluation.metrics import Contingency, scores
+from pipeline.orchestration.run_layout import RunDir
+from pipeline.storage.volumes import open_volume, split_path
 
 COLUMNS = ("threshold", "voi_split", "voi_merge", "voi", "arand", "cremi_score")
 
 
 def evaluate_run(config: RunConfig) -> list[dict[str, float]]:
     """One row per agglomeration threshold; a 2D (mutex watershed) run has
-    one segmentation, reported in the row of its bias."""
+    one segmentation, reported in the row of its bias, with the 2D instance
+    scores of each section (an independent image; label 0 = background)
+    averaged over the sections."""
     run_dir = RunDir(Path(config.run_dir))
     layout = run_dir.read_layout()
     gt = open_volume(*split_path(config.ground_truth), field="ground_truth")
@@ -43,6 +47,7 @@ def evaluate_run(config: RunConfig) -> list[dict[str, float]]:
         labels = open_ds(run_dir.volumes / "fragments")
         luts = {t: load_lut(run_dir.lut(config.agglomerate.scoring, t)) for t in sorted(config.agglomerate.thresholds)}
     tables = {t: Contingency() for t in luts}
+    sections = []
     roi = layout.roi
     slab_depth = layout.block_shape[0]
     for z in range(roi.begin[0], roi.end[0], slab_depth):
@@ -50,14 +55,20 @@ def evaluate_run(config: RunConfig) -> list[dict[str, float]]:
         data, truth = labels[slab], gt[slab]
         for t, lut in luts.items():
             tables[t].add(data if lut is None else apply_mapping(data, *lut), truth)
-    return [{"threshold": t, **scores(tables[t])} for t in luts]
+        if layout.is_2d:
+            sections += [instance_scores(t, d) for t, d in zip(truth, data)]
+    rows = [{"threshold": t, **scores(tables[t])} for t in luts]
+    if sections:
+        rows[0].update({k: sum(s[k] for s in sections) / len(sections) for k in INSTANCE_SCORES})
+    return rows
 
 
 def format_table(rows: list[dict[str, float]]) -> str:
-    header = "".join(f"{c:>13}" for c in COLUMNS)
+    columns = COLUMNS + tuple(c for c in INSTANCE_SCORES if c in rows[0])
+    header = "".join(f"{c:>13}" for c in columns)
     lines = [header, "-" * len(header)]
     for row in rows:
-        lines.append(f"{row['threshold']:>13.2f}" + "".join(f"{row[c]:>13.4f}" for c in COLUMNS[1:]))
+        lines.append(f"{row['threshold']:>13.2f}" + "".join(f"{row[c]:>13.4f}" for c in columns[1:]))
     best = min(rows, key=lambda r: r["voi"])
     lines.append(f"best VOI at threshold {best['threshold']:.2f}: VOI {best['voi']:.4f}, ARAND {best['arand']:.4f}")
     return "\n".join(lines)

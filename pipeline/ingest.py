@@ -39,8 +39,8 @@ if __package__ in (None, ""):  # run as `python pipeline/ingest.py`
 
 from pipeline.cli import cli_main
 from pipeline.errors import UserError
-from pipeline.lut import apply_mapping
-from pipeline.volumes import prepare_volume, split_path
+from pipeline.kernels.lut import apply_mapping
+from pipeline.storage.volumes import prepare_volume, split_path
 
 SECTION_SUFFIXES = (".png", ".tif", ".tiff")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")

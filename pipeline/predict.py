@@ -31,12 +31,12 @@ from daisy import logging as daisy_logging
 from pipeline.cli import cli_main
 from pipeline.config import RunConfig, load_json
 from pipeline.evaluate import evaluate_run, format_table
-from pipeline.graph_store import open_store
-from pipeline.progress import ProgressLog
-from pipeline.run_layout import RunDir, RunLayout, claim_run_dir, load_network, run_record
-from pipeline.segments import write_luts
-from pipeline.tasks import graph_pipeline, mutex_pipeline, relabel_task
-from pipeline.volumes import prepare_volume
+from pipeline.storage.graph_store import open_store
+from pipeline.orchestration.progress import ProgressLog
+from pipeline.orchestration.run_layout import RunDir, RunLayout, claim_run_dir, load_network, run_record
+from pipeline.orchestration.segments import write_luts
+from pipeline.orchestration.tasks import graph_pipeline, mutex_pipeline, relabel_task
+from pipeline.storage.volumes import prepare_volume
 
 EXIT_FAILED = 1
 
@@ -48,6 +48,8 @@ class RunFailed(Exception):
 def _prepare_volumes(layout: RunLayout, run_dir: RunDir) -> None:
     vs = layout.voxel_size
     prepare_volume(run_dir.volumes, "affs", layout.roi, vs, "uint8", layout.predict_output, channels=len(layout.offsets))
+    for name, channels, dtype in layout.extras:
+        prepare_volume(run_dir.volumes, name, layout.roi, vs, dtype, layout.predict_output, channels=channels)
     for name in ("segmentation",) if layout.is_2d else ("fragments", "segmentation"):
         prepare_volume(run_dir.volumes, name, layout.roi, vs, "uint64", layout.block_shape)
 

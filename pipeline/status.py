@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as `python pipeline/status.py`
 
 from pipeline.cli import cli_main, run_command
 from pipeline.errors import UserError
-from pipeline.run_layout import RunDir
+from pipeline.orchestration.run_layout import RunDir
 
 def read_status(progress: Path, now: float | None = None) -> dict:
     records = [json.loads(line) for line in progress.read_text().splitlines() if line.strip()]

@@ -1,10 +1,11 @@
-"""Train an affinity network with gunpowder.
+"""Train a network of one method (affinity, embedding) with gunpowder.
 
     python pipeline/train.py CONFIG [--device auto|cpu|cuda] [--init-from MODEL]
 
-The batches come from `pipeline.train_pipeline` (augmentations, sparse
-annotation masks, affinity targets); this module adds the torch node, the
-loop and its outputs, all under EXPERIMENT_DIR:
+The batches come from `pipeline.training.gunpowder_pipeline` (augmentations,
+sparse annotation masks, affinity targets); the config's `method` gives the
+heads and the loss (`pipeline/methods/`); this module adds the torch node,
+the loop and its outputs, all under EXPERIMENT_DIR:
 
 - `model_checkpoint_N` every `save_every` iterations (weights and optimiser
   state); a second run of the same command resumes from the latest one;
@@ -40,36 +41,44 @@ from funlib.geometry import Coordinate
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from networks.losses import WeightedMSELoss
-from networks.models import build_network, load_model, save_model
-from pipeline.config import TrainConfig, load_json
-from pipeline.devices import choose_device
 from pipeline.cli import cli_main
+from pipeline.config import TrainConfig, load_json
 from pipeline.errors import UserError
-from pipeline.train_pipeline import TrainingKeys, training_pipeline, training_request, volume_voxel_size
+from pipeline.methods import build_model, load_model, save_model, training_step
+from pipeline.orchestration.devices import choose_device
+from pipeline.training.gunpowder_pipeline import TrainingKeys, training_pipeline, training_request, volume_voxel_size
 
 
 class Autocast(torch.nn.Module):
-    """The network under bfloat16 autocast on CUDA when enabled, float32
-    outputs either way. Always wrapped, so checkpoints have the same keys on
-    every device and a run can resume on another one."""
+    """The method's training step under bfloat16 autocast on CUDA when
+    enabled, float32 outputs either way. Always wrapped, so checkpoints have
+    the same keys on every device and a run can resume on another one."""
 
-    def __init__(self, network: torch.nn.Module, enabled: bool):
+    def __init__(self, step: torch.nn.Module, enabled: bool):
         super().__init__()
-        self.network = network
+        self.step = step
         self.enabled = enabled
 
-    def forward(self, raw: torch.Tensor) -> torch.Tensor:
+    def forward(self, raw: torch.Tensor, **batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.enabled and raw.is_cuda):
-            return self.network(raw).float()
+            return tuple(t.float() for t in self.step(raw, **batch))
 
 
-def check_shapes(model: torch.nn.Module, input_shape: Coordinate, output_shape: Coordinate) -> None:
+class TakeLoss(torch.nn.Module):
+    """gunpowder's Train wants a loss function; the training step already
+    computed the loss (a method's loss needs the model, e.g. for CCM's
+    second view), so this one hands it on."""
+
+    def forward(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+
+def check_shapes(model, input_shape: Coordinate, output_shape: Coordinate) -> None:
     """One forward pass on zeros: the network must turn the input the
     pipeline will request into exactly the output the targets will have."""
     with torch.no_grad():
         was_training = model.training
-        out = model.eval()(torch.zeros((1, 1, *input_shape)))
+        out = model.affinities(model.eval()(torch.zeros((1, 1, *input_shape))), model.offsets)
         model.train(was_training)
     if tuple(out.shape[2:]) != tuple(output_shape):
         raise UserError(
@@ -96,7 +105,10 @@ class Training:
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         self.spec = config.network.model_dump()
-        self.network = build_network(self.spec, config.offsets)
+        try:
+            self.network = build_model(config.method, self.spec, config.offsets)
+        except ValueError as e:
+            raise UserError(str(e)) from e
         if init_from is not None:
             # gunpowder's Train restores the latest checkpoint at build, after
             # this, so a resumed fine-tuning continues from its own state
@@ -116,15 +128,16 @@ class Training:
         pipeline = training_pipeline(config, self.keys, voxel_size)
         if config.precache_workers:
             pipeline += gp.PreCache(cache_size=2 * config.precache_workers, num_workers=config.precache_workers)
-        model = Autocast(self.network, config.mixed_precision)
+        model = Autocast(training_step(self.network, config.method), config.mixed_precision)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+        k = self.keys
         self.trainer = gp.torch.Train(
             model,
-            WeightedMSELoss(),
+            TakeLoss(),
             self.optimizer,
-            inputs={"raw": self.keys.raw},
-            outputs={0: self.keys.prediction},
-            loss_inputs={0: self.keys.prediction, 1: self.keys.affs, 2: self.keys.affs_mask},
+            inputs={"raw": k.raw, "labels": k.labels, "labels_mask": k.labels_mask, "affs": k.affs, "affs_mask": k.affs_mask},
+            outputs={0: k.prediction, 1: k.loss},
+            loss_inputs={0: k.loss},
             checkpoint_basename=str(self.experiment / "model"),
             save_every=config.save_every,
             device=device,
@@ -145,6 +158,8 @@ class Training:
             source = load_model(path)
         except (OSError, ValueError) as e:
             raise UserError(f"--init-from: {e}") from e
+        if source.method != self.config.method:
+            raise UserError(f"--init-from {path}: its method {source.method.model_dump()} differs from the config's")
         if source.offsets != self.network.offsets:
             raise UserError(f"--init-from {path}: its offsets {list(source.offsets)} differ from the config's")
         try:
@@ -177,7 +192,7 @@ class Training:
     def export(self) -> Path:
         exported = self.experiment / "model.pt"
         state = {k: v.cpu() for k, v in self.network.state_dict().items()}
-        save_model(exported, self.spec, [list(o) for o in self.config.offsets], state)
+        save_model(exported, self.config.method, self.spec, self.config.offsets, state)
         return exported
 
 

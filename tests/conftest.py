@@ -12,12 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.rag import offset_pairs
+from pipeline.kernels.rag import offset_pairs
+from pipeline.methods import affinity, build_model, save_model
 
 REPO = Path(__file__).resolve().parent.parent
 RAW = REPO / "data/fib25_medulla/fib25.zarr/raw"
 GROUNDTRUTH_H5 = REPO / "data/fib25_medulla/groundtruth.h5"
 ISBI = REPO / "data/isbi2012"
+NUCLEI = REPO / "data/nuclei_u2os"
 MODEL = REPO / "models/fib25_mala.pt"
 
 # a 40 x 160 x 160 voxel crop of the held-out sections 120..159
@@ -26,6 +28,16 @@ TEST_ROI = {"offset": [1200, 0, 0], "shape": [400, 1600, 1600]}
 
 def run_cli(*args: str, cwd: Path = REPO, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def affinity_model(spec: dict, offsets):
+    """A fresh (untrained) affinity-method model on the backbone `spec`."""
+    return build_model(affinity.Settings(), spec, offsets)
+
+
+def save_affinity_model(path: Path, spec: dict, offsets) -> Path:
+    save_model(path, affinity.Settings(), spec, offsets, affinity_model(spec, offsets).state_dict())
+    return path
 
 
 def noisy_ground_truth_affinities(labels: np.ndarray, offsets, noise: float) -> np.ndarray:
@@ -62,6 +74,19 @@ def isbi(tmp_path_factory) -> tuple[str, str]:
             "pipeline/ingest.py", str(ISBI / ("image" if name == "raw" else "label")), "--out", str(container / name),
             "--voxel-size", "50", "4", "4", "--chunk-shape", "1", "512", "512", *extra,
         )
+        assert result.returncode == 0, result.stderr
+    return str(container / "raw"), str(container / "labels")
+
+
+@pytest.fixture(scope="session")
+def nuclei(tmp_path_factory) -> tuple[str, str]:
+    """The U2OS nuclei pages as zarr with the natural 2D voxel size 1 1 1:
+    (raw, labels; 0 = background)."""
+    container = tmp_path_factory.mktemp("nuclei") / "nuclei.zarr"
+    for name in ("raw", "labels"):
+        source = NUCLEI / ("image.tif" if name == "raw" else "labels.tif")
+        result = run_cli("pipeline/ingest.py", str(source), "--out", str(container / name),
+                         "--voxel-size", "1", "1", "1", "--chunk-shape", "1", "520", "696")
         assert result.returncode == 0, result.stderr
     return str(container / "raw"), str(container / "labels")
 

@@ -17,12 +17,12 @@ import pytest
 from funlib.persistence import open_ds
 
 from pipeline.config import RunConfig
-from pipeline.graph_store import open_store
-from pipeline.lut import apply_mapping, load_lut
-from pipeline.metrics import evaluate_arrays
+from pipeline.storage.graph_store import open_store
+from pipeline.kernels.lut import apply_mapping, load_lut
+from pipeline.evaluation.metrics import evaluate_arrays
 from pipeline.predict import open_run
-from pipeline.segments import write_luts
-from pipeline.tasks import blockwise_geometry
+from pipeline.orchestration.segments import write_luts
+from pipeline.orchestration.tasks import blockwise_geometry
 from tests.conftest import RAW, TEST_ROI, noisy_ground_truth_affinities
 from workers import agglomerate, fragments
 from workers.loop import WorkerRun

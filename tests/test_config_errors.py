@@ -45,6 +45,11 @@ CASES = {
         "config: fragments.epsilon_agglomerate 0.4 is above the smallest agglomerate threshold 0.3",
     ),
     "negative shape": ({"roi": {"offset": [0, 0, 0], "shape": [-1, 10, 10]}}, "roi.shape.0"),
+    "offsets an affinity model lacks": (
+        {"model": {"baseline": "intensity", "offsets": [[-1, 0, 0], [0, -1, 0], [0, 0, -1], [0, 0, -5]]}},
+        "model.offsets: an affinity model gives only its training offsets",
+    ),
+    "extra output the model lacks": ({"predict": {"extra_outputs": ["embedding"]}}, "predict.extra_outputs: this model has no output 'embedding'"),
 }
 
 
@@ -99,6 +104,22 @@ TRAIN_CASES = {
         {"network": {"name": "mala_unet", "num_fmaps": 2, "downsample_factors": [[1, 3, 3], [1, 3, 3]]}},
         "network: no output of at least",
     ),
+    "unknown method": ({"method": {"name": "magic"}}, "method: Input tag 'magic'"),
+    "unknown method key": ({"method": {"name": "embedding", "dims": 8}}, "method.embedding.dims: unknown key"),
+    "unknown ccm key": ({"method": {"name": "embedding", "ccm": {"cutouts": 3}}}, "method.embedding.ccm.cutouts: unknown key"),
+    "every term off": (
+        {"method": {"name": "embedding", "scm": False, "ccm": None, "epm": None}},
+        "switch on at least one of scm, ccm and epm",
+    ),
+    "embedding pyramid on a valid network": (
+        {"method": {"name": "embedding"}}, "method.epm needs a backbone with decoder levels (residual_unet)",
+    ),
+    "pyramid deeper than the backbone": (
+        {"method": {"name": "embedding", "epm": {"ranges": [3, 1, 1]}},
+         "network": {"name": "residual_unet", "widths": [4, 6, 8], "downsample_factors": [[2, 2, 2], [2, 2, 2]], "crop": [4, 4, 4]}},
+        "method.epm.ranges has 3 levels, the backbone 2",
+    ),
+    "embedding dimension 1": ({"method": {"name": "embedding", "dim": 1}}, "method.embedding.dim: Input should be greater than 1"),
 }
 
 
@@ -122,11 +143,11 @@ def test_bad_train_config_is_one_line_and_exit_2(case, tmp_path, labels):
 
 
 def test_a_2d_model_needs_blocks_of_whole_sections(tmp_path, labels):
-    from networks.models import build_network, save_model
+    from tests.conftest import save_affinity_model
 
     spec = {"name": "residual_unet", "dims": 2, "widths": [4, 6], "downsample_factors": [[1, 2, 2]], "crop": [0, 2, 2]}
     offsets = [[0, -1, 0], [0, 0, -1], [0, -3, 0]]
-    save_model(tmp_path / "model2d.pt", spec, offsets, build_network(spec, offsets).state_dict())
+    save_affinity_model(tmp_path / "model2d.pt", spec, offsets)
     result = run_cli("pipeline/predict.py", str(broken(tmp_path, labels, model={"checkpoint": str(tmp_path / "model2d.pt")})))
     assert result.returncode == 2, result.stderr
     assert "a 2D model's sections are segmented whole" in result.stderr

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.graph_store import Edges, Nodes, open_store
+from pipeline.storage.graph_store import Edges, Nodes, open_store
 
 
 @pytest.fixture(params=["sqlite", "mongodb"])

@@ -3,7 +3,7 @@ from __future__ import annotations
 import sys
 
 from pipeline.config import LauncherConfig, Resources
-from pipeline.launchers import make_launcher
+from pipeline.orchestration.launchers import make_launcher
 
 
 def test_local_runs_the_worker_module_directly():

@@ -4,7 +4,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from pipeline.lut import apply_mapping, build_luts
+from pipeline.kernels.lut import apply_mapping, build_luts
 
 
 def reference_segments(ids, u, v, scores, threshold):

@@ -17,7 +17,7 @@ import pytest
 import torch
 from funlib.persistence import open_ds
 
-from pipeline.metrics import evaluate_arrays
+from pipeline.evaluation.metrics import evaluate_arrays
 from pipeline.status import read_status
 from tests.conftest import REPO, run_cli
 

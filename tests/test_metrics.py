@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from skimage.metrics import adapted_rand_error, variation_of_information
 
-from pipeline.metrics import Contingency, evaluate_arrays, scores
+from pipeline.evaluation.metrics import Contingency, evaluate_arrays, scores
 
 
 def skimage_scores(seg, gt):

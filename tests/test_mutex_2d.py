@@ -8,10 +8,9 @@ import json
 import numpy as np
 from funlib.persistence import open_ds
 
-from networks.models import build_network, save_model
-from pipeline.metrics import Contingency, scores
-from pipeline.mutex import merge_small_segments, mutex_section
-from tests.conftest import noisy_ground_truth_affinities, run_cli
+from pipeline.evaluation.metrics import Contingency, scores
+from pipeline.kernels.mutex import clean_foreground, merge_small_segments, mutex_section
+from tests.conftest import noisy_ground_truth_affinities, run_cli, save_affinity_model
 
 OFFSETS_2D = [[0, -1, 0], [0, 0, -1], [0, -3, 0], [0, 0, -3], [0, -9, 0], [0, 0, -9]]
 
@@ -26,6 +25,31 @@ def test_mutex_watershed_recovers_the_instances_of_a_real_section(isbi):
     table.add(segmentation, truth)  # ground truth 0 (membrane) is ignored
     assert scores(table)["arand"] < 0.02
     assert len(np.unique(segmentation)) >= len(np.unique(truth)) - 1
+
+
+def test_with_a_foreground_only_the_foreground_is_partitioned():
+    truth = np.zeros((40, 40), dtype=np.int64)
+    truth[5:15, 5:15] = 1
+    truth[5:15, 18:30] = 2  # 3 pixels of background from object 1
+    truth[25:35, 10:20] = 3
+    offsets = [(-1, 0), (0, -1), (-3, 0), (0, -3)]
+    # affinities that say "all one object", background included; no offset
+    # jumps the background between objects 1 and 2 (3 pixels)
+    affs = np.ones((len(offsets), *truth.shape))
+    foreground = truth > 0
+    labels = mutex_section(affs, offsets, 0.5, foreground)
+    assert (labels[~foreground] == 0).all() and (labels[foreground] > 0).all()
+    # no segment grows through the background: the three objects stay apart
+    assert len({labels[10, 10], labels[10, 20], labels[30, 15]}) == 3
+    assert len(np.unique(mutex_section(affs, offsets, 0.5))) == 1  # without it, one segment
+
+
+def test_foreground_specks_are_dropped():
+    probability = np.zeros((30, 30))
+    probability[2:12, 2:12] = 0.9
+    probability[20:22, 20:22] = 0.8  # 4 pixels
+    foreground = clean_foreground(probability, 0.5, 5)
+    assert foreground.sum() == 100 and not foreground[20:22, 20:22].any()
 
 
 def test_small_segments_join_their_most_frequent_neighbour():
@@ -44,7 +68,7 @@ def test_small_segments_join_their_most_frequent_neighbour():
 def test_main_job_with_a_2d_model_segments_each_section(tmp_path, isbi):
     raw, labels = isbi
     spec = {"name": "residual_unet", "dims": 2, "widths": [4, 6, 8], "downsample_factors": [[1, 2, 2], [1, 2, 2]], "crop": [0, 4, 4]}
-    save_model(tmp_path / "model2d.pt", spec, OFFSETS_2D, build_network(spec, OFFSETS_2D).state_dict())
+    save_affinity_model(tmp_path / "model2d.pt", spec, OFFSETS_2D)
     config = {
         "run_dir": str(tmp_path / "run"),
         "raw": raw,

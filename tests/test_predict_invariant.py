@@ -1,62 +1,114 @@
 """Block-wise prediction over many blocks equals one single pass over the
-whole volume with the same valid-padding network, up to uint8 rounding."""
+whole volume with the same valid-padding network, up to uint8 rounding, for
+each method; and an embedding model's affinities for offsets it was never
+trained on are the cosines of its embeddings."""
 
 from __future__ import annotations
 
-
 import daisy
 import numpy as np
+import pytest
 import torch
 from funlib.geometry import Coordinate, Roi
 from funlib.persistence import open_ds
 
-from networks.models import build_network, load_model, save_model
 from pipeline.config import RunConfig
+from pipeline.methods import affinity, build_model, embedding, load_model, save_model
 from pipeline.predict import open_run
-from pipeline.tasks import blockwise_geometry
+from pipeline.orchestration.tasks import blockwise_geometry
 from tests.conftest import RAW
 from workers.loop import WorkerRun
 from workers.predict import predict_roi, setup
 
+MALA = {"name": "mala_unet", "num_fmaps": 4, "fmap_inc_factor": 2, "downsample_factors": [[2, 2, 2], [2, 2, 2]]}
+OFFSETS = [[-1, 0, 0], [0, -1, 0], [0, 0, -1], [0, 0, -3]]
+METHODS = {
+    "affinity": (affinity.Settings(), None),
+    # adaptive offsets: the run asks for offsets the model was not trained on,
+    # some longer than the network's alignment, one pointing forwards
+    "embedding": (embedding.Settings(name="embedding", dim=6, ccm=None, epm=None),
+                  [[-1, 0, 0], [0, -1, 0], [0, 0, -1], [0, -6, 0], [-2, 5, -9]]),
+}
 
-def test_blockwise_prediction_equals_single_pass(tmp_path):
+
+def blockwise_run(tmp_path, method: str):
     torch.manual_seed(0)
-    spec = {"name": "mala_unet", "num_fmaps": 4, "fmap_inc_factor": 2, "downsample_factors": [[2, 2, 2], [2, 2, 2]]}
-    offsets = [[-1, 0, 0], [0, -1, 0], [0, 0, -1], [0, 0, -3]]
-    network = build_network(spec, offsets)
+    settings, run_offsets = METHODS[method]
     checkpoint = tmp_path / "net.pt"
-    save_model(checkpoint, spec, offsets, network.state_dict())
-
+    model = build_model(settings, MALA, OFFSETS)
+    if method == "embedding":
+        # an untrained network's features barely vary around their mean, so
+        # all cosines are about 1; a head centred on that mean spreads them
+        raw = open_ds(RAW)
+        crop = torch.from_numpy(raw[Roi((500, 300, 200), (760, 760, 760))].astype(np.float32) / 255.0)[None, None]
+        with torch.no_grad():
+            mean = model.backbone(crop).mean(dim=(0, 2, 3, 4))
+        model.embed.bias.data = -model.embed.weight.data.flatten(1) @ mean
+    save_model(checkpoint, settings, MALA, OFFSETS, model.state_dict())
     # an ROI that is not a multiple of the block, so edge blocks overhang
     config = RunConfig(
         run_dir=str(tmp_path / "run"),
         raw=str(RAW),
         roi={"offset": [500, 300, 200], "shape": [300, 540, 460]},
-        model={"checkpoint": str(checkpoint)},
-        predict={"device": "cpu", "output_shape": [8, 16, 16]},
+        model={"checkpoint": str(checkpoint), "offsets": run_offsets},
+        predict={"device": "cpu", "output_shape": [8, 16, 16], "extra_outputs": ["embedding"] if method == "embedding" else []},
         postprocess={"block_shape": [300, 540, 460], "context": [10, 10, 10]},
     )
-    network = load_model(checkpoint)
     layout, run_dir = open_run(config)
-    run = WorkerRun(config, layout, run_dir)
-    with setup(run) as process_block:
+    with setup(WorkerRun(config, layout, run_dir)) as process_block:
         task = daisy.Task(
-            "predict", *blockwise_geometry(layout, layout.predict_output, layout.predict_context),
+            "predict", *blockwise_geometry(layout, layout.predict_output, layout.predict_read_context),
             process_function=process_block, read_write_conflict=False, fit="overhang", max_retries=0,
         )
         assert daisy.run_blockwise([task], multiprocessing=False, progress=False, summary=False)
     n_blocks = int(np.prod([-(-s // b) for s, b in zip(layout.roi.shape, layout.predict_output)]))
     assert n_blocks >= 20
+    return load_model(checkpoint), layout, run_dir
 
-    blockwise = open_ds(run_dir.volumes / "affs")[layout.roi]
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_blockwise_prediction_equals_single_pass(tmp_path, method):
+    model, layout, run_dir = blockwise_run(tmp_path, method)
     vs = layout.voxel_size
-    whole_output = Coordinate(network.geometry.valid_output_shape(layout.roi.shape / vs)) * vs
-    raw = open_ds(RAW)
-    single = predict_roi(network, raw, Roi(layout.roi.offset, whole_output), layout.predict_context, "cpu")
-    single = single[(slice(None), *(slice(0, s) for s in layout.roi.shape / vs))]
+    # one block over the whole ROI (rounded up to a valid shape)
+    whole = Coordinate(model.geometry.valid_output_shape(layout.roi.shape / vs + layout.predict_margin / vs * 2))
+    single = predict_roi(model, open_ds(RAW), Roi(layout.roi.offset, whole * vs - layout.predict_margin * 2), layout, "cpu")
+    inside = (slice(None), *(slice(0, s) for s in layout.roi.shape / vs))
+    for name in ("affs", *(e[0] for e in layout.extras)):
+        blockwise = open_ds(run_dir.volumes / name)[layout.roi]
+        expected = single[name][inside]
+        assert blockwise.shape == expected.shape
+        difference = np.abs(blockwise.astype(np.float64) - expected.astype(np.float64))
+        if name == "affs":  # uint8: float noise shows only where it flips a rounding
+            assert difference.max() <= 1 and (difference > 0).mean() < 0.01, "block-wise affs differ beyond rounding"
+        else:  # float16 embedding
+            assert difference.max() <= 1e-3, f"block-wise {name} differs beyond rounding"
+        assert blockwise.std() > (1 if name == "affs" else 0.01)  # the network says something
 
-    assert blockwise.shape == single.shape
-    difference = np.abs(blockwise.astype(int) - single.astype(int))
-    assert difference.max() <= 1, "block-wise prediction differs beyond uint8 rounding"
-    assert (difference > 0).mean() < 0.01
-    assert blockwise.std() > 1  # the network says something, not a constant
+
+def test_adaptive_offsets_are_the_cosines_of_the_embedding(tmp_path):
+    model, layout, run_dir = blockwise_run(tmp_path, "embedding")
+    assert layout.offsets == tuple(tuple(o) for o in METHODS["embedding"][1])
+    # reach (2, 6, 9) voxels, rounded up to the alignment (4, 4, 4)
+    assert layout.predict_margin == Coordinate(4, 8, 12) * layout.voxel_size
+    # the embedding around a window inside the ROI, wide enough for every
+    # offset's partner and on the network's 4-voxel grid of the run's blocks
+    # (a valid network is translation-equivariant in such steps only)
+    window = Roi((700, 460, 440), (60, 120, 140))
+    grown = window.grow(Coordinate(40, 80, 120), Coordinate(40, 80, 120))
+    assert all(o % 40 == 0 for o in grown.offset - layout.roi.offset)
+    whole = Coordinate(model.geometry.valid_output_shape(grown.shape / layout.voxel_size))
+    around = Roi(grown.offset, whole * layout.voxel_size)
+    no_margin = type(layout)(**{**layout.__dict__, "predict_margin": Coordinate(0, 0, 0), "extras": (("embedding", 6, "float32"),)})
+    e = predict_roi(model, open_ds(RAW), around, no_margin, "cpu")["embedding"].astype(np.float64)
+    affs = open_ds(run_dir.volumes / "affs")[window] / 255.0
+    at = layout.window(window, around)
+    for c, offset in enumerate(layout.offsets):
+        # each voxel's embedding with its partner's, clamped at 0
+        expected = np.zeros(affs.shape[1:])
+        for i in np.ndindex(*affs.shape[1:]):
+            here = tuple(s.start + k for s, k in zip(at, i))
+            there = tuple(h + o for h, o in zip(here, offset))
+            expected[i] = max(0.0, float(np.dot(e[(slice(None), *here)], e[(slice(None), *there)])))
+        np.testing.assert_allclose(affs[c], expected, atol=1 / 255 + 1e-6)
+    assert affs[3:].std() > 0.01

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from funlib.geometry import Coordinate, Roi
 
-from pipeline.rag import first_join_scores, rag_edges
-from pipeline.run_layout import RunLayout
-from pipeline.watershed import epsilon_agglomerate, merge_history, relabel_consecutive
+from pipeline.kernels.rag import first_join_scores, rag_edges
+from pipeline.orchestration.run_layout import RunLayout
+from pipeline.kernels.watershed import epsilon_agglomerate, merge_history, relabel_consecutive
 from workers.agglomerate import compact_fragments
 
 

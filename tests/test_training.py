@@ -13,10 +13,11 @@ from funlib.persistence import open_ds
 
 from networks.losses import WeightedMSELoss
 from pipeline.config import TrainConfig
+from pipeline.methods import load_model
 from pipeline.errors import UserError
 from pipeline.train import Training
-from pipeline.train_pipeline import TrainingKeys, training_pipeline, training_request
-from pipeline.volumes import prepare_volume
+from pipeline.training.gunpowder_pipeline import TrainingKeys, training_pipeline, training_request
+from pipeline.storage.volumes import prepare_volume
 from tests.conftest import RAW
 
 OFFSETS_3D = [[-1, 0, 0], [0, -1, 0], [0, 0, -1], [-3, 0, 0], [0, -9, 0], [0, 0, -27]]
@@ -85,6 +86,49 @@ def test_2d_training_runs_the_full_pipeline(tmp_path, isbi):
     assert tuple(training.input_shape) == (1, 80, 80)
     assert training.run(config.iterations) == 0
     assert (tmp_path / "experiment" / "model_checkpoint_2").exists()
+
+
+PEA_2D = {"name": "embedding", "dim": 8, "epm": {"ranges": [3, 1]}, "foreground": {}}
+
+
+def test_pea_trains_on_independent_2d_images_with_an_isotropic_voxel_size(tmp_path, nuclei):
+    """Nuclei pages ingested with voxel size 1 1 1: a 2D network never swaps
+    z (which gunpowder could not satisfy), and every PEA term runs."""
+    raw, labels = nuclei
+    config = TrainConfig(
+        experiment_dir=str(tmp_path / "experiment"),
+        volumes=[{"raw": raw, "labels": labels, "roi": {"offset": [0, 0, 0], "shape": [40, 520, 696]}}],
+        network={"name": "residual_unet", "dims": 2, "widths": [4, 6, 8], "crop": [0, 8, 8],
+                 "downsample_factors": [[1, 2, 2], [1, 2, 2]]},
+        method=PEA_2D,
+        offsets=OFFSETS_2D,
+        output_shape=[1, 64, 64],
+        iterations=3,
+        augment={**FULL_AUGMENT, "elastic": {"control_point_spacing": [1, 20, 20], "jitter_sigma": [0, 2, 2]}, "defects": None},
+        precache_workers=2,
+        save_every=2,
+        snapshot_every=2,
+        device="cpu",
+    )
+    training = Training(config, "cpu")
+    assert training.run(config.iterations) == 0
+    experiment = tmp_path / "experiment"
+    assert (experiment / "model_checkpoint_2").exists()
+    snapshot = zarr.open(str(next((experiment / "snapshots").iterdir())), "r")
+    assert snapshot["prediction"].shape[1:] == (len(OFFSETS_2D), 1, 64, 64)
+    model = load_model(training.export())
+    assert model.method.name == "embedding" and set(model.outputs()) == {"embedding", "foreground"}
+
+
+def test_pea_with_an_embedding_pyramid_trains_a_3d_residual_unet(tmp_path, labels):
+    config = fib25_config(
+        tmp_path, labels, network=BACKBONES["residual_unet"], method={"name": "embedding", "dim": 4},
+        output_shape=[16, 16, 16], precache_workers=0, snapshot_every=0, iterations=2,
+    )
+    training = Training(config, "cpu")
+    assert len(training.network.pyramid) == 2
+    assert training.run(2) == 0
+    assert load_model(training.export()).level_ranges == (1, 1)
 
 
 def direct_affinities(labels: np.ndarray, offsets, grow: int) -> np.ndarray:

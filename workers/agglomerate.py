@@ -16,10 +16,10 @@ import numpy as np
 from funlib.geometry import Roi
 from funlib.persistence import open_ds
 
-from pipeline.graph_store import Edges, open_store
-from pipeline.rag import first_join_scores, rag_edges
-from pipeline.run_layout import RunLayout
-from pipeline.watershed import merge_history, relabel_consecutive
+from pipeline.storage.graph_store import Edges, open_store
+from pipeline.kernels.rag import first_join_scores, rag_edges
+from pipeline.orchestration.run_layout import RunLayout
+from pipeline.kernels.watershed import merge_history, relabel_consecutive
 from workers.loop import ProcessBlock, WorkerRun, run_worker
 
 

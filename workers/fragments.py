@@ -14,8 +14,8 @@ import numpy as np
 from funlib.persistence import open_ds
 
 from pipeline.config import FragmentsConfig
-from pipeline.graph_store import Nodes, open_store
-from pipeline.watershed import (
+from pipeline.storage.graph_store import Nodes, open_store
+from pipeline.kernels.watershed import (
     distance_watershed,
     epsilon_agglomerate,
     node_statistics,

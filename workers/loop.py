@@ -19,7 +19,7 @@ from pathlib import Path
 import daisy
 
 from pipeline.config import RunConfig, load_json
-from pipeline.run_layout import RunDir, RunLayout
+from pipeline.orchestration.run_layout import RunDir, RunLayout
 
 ProcessBlock = Callable[[daisy.Block], None]
 

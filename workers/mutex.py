@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import numpy as np
 from funlib.persistence import open_ds
 
-from pipeline.mutex import merge_small_segments, mutex_section
+from pipeline.kernels.mutex import clean_foreground, merge_small_segments, mutex_section
 from workers.loop import ProcessBlock, WorkerRun, run_worker
 
 
@@ -23,14 +23,20 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     affs = open_ds(run.run_dir.volumes / "affs")
     segmentation = open_ds(run.run_dir.volumes / "segmentation", mode="r+")
     offsets = [o[1:] for o in layout.offsets]
+    # a model with a foreground output: segment inside it only
+    foreground = open_ds(run.run_dir.volumes / "foreground") if any(e[0] == "foreground" for e in layout.extras) else None
 
     def process_block(block) -> None:
         data = affs.to_ndarray(block.write_roi).astype(np.float32) / 255.0
+        probability = foreground.to_ndarray(block.write_roi)[0] / 255.0 if foreground is not None else None
         out = np.zeros(data.shape[1:], dtype=np.uint64)
         bump = np.uint64(layout.first_id(layout.block_index(block.write_roi)))
         count = 0
         for z in range(data.shape[1]):
-            labels = merge_small_segments(mutex_section(data[:, z], offsets, options.bias), options.merge_small)
+            mask = None
+            if probability is not None:
+                mask = clean_foreground(probability[z], options.foreground_threshold, options.foreground_min_size)
+            labels = merge_small_segments(mutex_section(data[:, z], offsets, options.bias, mask), options.merge_small)
             out[z] = np.where(labels > 0, labels + np.uint64(count) + bump, 0)
             count += int(labels.max())
         segmentation[block.write_roi] = out

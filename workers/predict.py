@@ -1,4 +1,5 @@
-"""Block-wise affinity prediction: raw (with context) in, uint8 affinities out."""
+"""Block-wise prediction: raw (with context) in; uint8 affinities for the
+run's offsets, and the method's extra outputs, out."""
 
 from __future__ import annotations
 
@@ -10,39 +11,56 @@ import torch
 from funlib.geometry import Roi
 from funlib.persistence import Array, open_ds
 
-from pipeline.devices import choose_device
-from pipeline.run_layout import load_network
-from pipeline.volumes import open_volume, split_path
+from pipeline.methods.base import MethodModel
+from pipeline.orchestration.devices import choose_device
+from pipeline.orchestration.run_layout import RunLayout, load_network
+from pipeline.storage.volumes import open_volume, split_path
 from workers.loop import ProcessBlock, WorkerRun, run_worker
 
 
-def predict_roi(network: torch.nn.Module, raw: Array, output_roi: Roi, context: Roi, device: str) -> np.ndarray:
-    """Affinities (C, z, y, x) as uint8 for `output_roi`, which must be a
-    valid output shape of the network. Raw outside the volume reads as 0,
+def _stored(values: torch.Tensor, dtype: str) -> np.ndarray:
+    """uint8 datasets hold values in [0, 1] as 0..255."""
+    values = values.float().cpu().numpy()
+    if dtype == "uint8":
+        return np.round(values * 255).astype(np.uint8)
+    return values.astype(dtype)
+
+
+def predict_roi(model: MethodModel, raw: Array, roi: Roi, layout: RunLayout, device: str) -> dict[str, np.ndarray]:
+    """`affs` (C, z, y, x) uint8 for the layout's offsets and the layout's
+    extra outputs over `roi`, whose shape must be a valid output shape of
+    the network once grown by the margin. Raw outside the volume reads as 0,
     exactly as in training (gunpowder's Pad)."""
-    data = raw.to_ndarray(output_roi.grow(context, context), fill_value=0)
+    margin = layout.predict_margin
+    data = raw.to_ndarray(roi.grow(layout.predict_read_context, layout.predict_read_context), fill_value=0)
     tensor = torch.from_numpy(data.astype(np.float32) / 255.0)[None, None].to(device)
     # bf16 autocast only on GPUs: it changes results slightly and buys nothing on CPU
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=True) if device.startswith("cuda") else nullcontext()
     with torch.inference_mode(), autocast:
-        affs = network(tensor)[0].float().cpu().numpy()
-    return np.round(affs * 255).astype(np.uint8)
+        outputs = {k: v.float() for k, v in model(tensor).items()}
+        affs = model.affinities(outputs, layout.offsets)
+    inner = (slice(None), slice(None), *layout.window(roi, roi.grow(margin, margin)))
+    result = {"affs": _stored(affs[inner][0], "uint8")}
+    for name, _, dtype in layout.extras:
+        result[name] = _stored(outputs[name][inner][0], dtype)
+    return result
 
 
 @contextmanager
 def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     device = choose_device(run.config.predict.device, run.worker_id)
-    network = load_network(run.config).to(device)
+    model = load_network(run.config).to(device)
     raw = open_volume(*split_path(run.config.raw), field="raw")
-    affs = open_ds(run.run_dir.volumes / "affs", mode="r+")
-    context = run.layout.predict_context
+    layout = run.layout
+    datasets = {name: open_ds(run.run_dir.volumes / name, mode="r+") for name in ("affs", *(e[0] for e in layout.extras))}
 
     def process_block(block) -> None:
         # blocks at the far edges overhang the volume: predict the whole
         # (valid-shaped) block, keep the part inside
-        prediction = predict_roi(network, raw, block.write_roi, context, device)
-        inside = block.write_roi.intersect(affs.roi)
-        affs[inside] = prediction[(slice(None), *run.layout.window(inside, block.write_roi))]
+        prediction = predict_roi(model, raw, block.write_roi, layout, device)
+        inside = block.write_roi.intersect(layout.roi)
+        for name, values in prediction.items():
+            datasets[name][inside] = values[(slice(None), *layout.window(inside, block.write_roi))]
 
     yield process_block
 

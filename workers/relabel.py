@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 from funlib.persistence import open_ds
 
-from pipeline.lut import apply_mapping, load_lut
+from pipeline.kernels.lut import apply_mapping, load_lut
 from workers.loop import ProcessBlock, WorkerRun, run_worker
 
 

@@ -22,7 +22,7 @@ from funlib.geometry import Coordinate, Roi
 
 from pipeline.config import RunConfig, in_plane, offsets_error
 from pipeline.errors import UserError
-from pipeline.volumes import open_volume, split_path
+from pipeline.storage.volumes import open_volume, split_path
 
 RAW_DTYPES = ("uint8",)
 LABEL_DTYPES = ("uint8", "uint16", "uint32", "uint64", "int32", "int64")
@@ -30,10 +30,11 @@ MAX_ID = 2**53
 
 
 def load_network(config: RunConfig):
-    from networks.models import baseline_model, load_model
+    """The run's model (a `pipeline.methods.base.MethodModel`)."""
+    from pipeline.methods import baseline, load_model
 
     if config.model.baseline is not None:
-        return baseline_model(config.model.baseline)
+        return baseline(config.model.baseline)
     if not Path(config.model.checkpoint).exists():
         raise UserError(f"model.checkpoint: {config.model.checkpoint} does not exist")
     try:
@@ -46,11 +47,22 @@ def load_network(config: RunConfig):
 class RunLayout:
     voxel_size: Coordinate
     roi: Roi  # the volume to segment, world units
-    offsets: tuple[tuple[int, int, int], ...]
+    offsets: tuple[tuple[int, int, int], ...]  # the affinities the run predicts
     predict_output: Coordinate  # world units
     predict_context: Coordinate  # world units, per side
     block_shape: Coordinate  # world units
     context: Coordinate  # world units, per side
+    # outputs computed beyond a predict block on each side, world units: an
+    # embedding's affinities need the partner's embedding
+    predict_margin: Coordinate = Coordinate(0, 0, 0)
+    # datasets the predict step writes besides `affs`: name -> (channels, dtype)
+    extras: tuple[tuple[str, int, str], ...] = ()
+
+    @property
+    def predict_read_context(self) -> Coordinate:
+        """Raw read around a predict block, per side: the margin of outputs
+        beyond the block, and the network's own context around those."""
+        return self.predict_margin + self.predict_context
 
     @property
     def block_grid(self) -> Coordinate:
@@ -110,6 +122,8 @@ class RunLayout:
             "predict_context": list(self.predict_context),
             "block_shape": list(self.block_shape),
             "context": list(self.context),
+            "predict_margin": list(self.predict_margin),
+            "extras": [list(e) for e in self.extras],
         }
 
     @classmethod
@@ -122,6 +136,8 @@ class RunLayout:
             predict_context=Coordinate(data["predict_context"]),
             block_shape=Coordinate(data["block_shape"]),
             context=Coordinate(data["context"]),
+            predict_margin=Coordinate(data["predict_margin"]),
+            extras=tuple(tuple(e) for e in data["extras"]),
         )
 
     @classmethod
@@ -148,8 +164,6 @@ class RunLayout:
         for name, value in (("block_shape", pp.block_shape), ("context", pp.context)):
             if any(v % s for v, s in zip(value, vs)):
                 raise UserError(f"postprocess.{name}: {list(value)} is not a multiple of the voxel size {list(vs)}")
-        if any(c < s for c, s in zip(pp.context, vs)):
-            raise UserError(f"postprocess.context: {list(pp.context)} must be at least one voxel ({list(vs)}) per axis")
         block_shape = Coordinate(pp.block_shape)
         if any(r < b for r, b in zip(roi.shape, block_shape)):
             raise UserError(
@@ -158,19 +172,31 @@ class RunLayout:
             )
 
         network = network if network is not None else load_network(config)
-        error = offsets_error(network.offsets)
-        if error:
-            raise UserError(f"model: {error}")
-        # a 2D model: mutex watershed segments whole sections, one block
-        # holding several of them
-        if in_plane(network.offsets) and any(b < r for b, r in zip(block_shape[1:], roi.shape[1:])):
-            raise UserError(
-                f"postprocess.block_shape: a 2D model's sections are segmented whole; make the block cover "
-                f"the ROI in y and x ({list(roi.shape[1:])})"
-            )
+        offsets = tuple(tuple(int(x) for x in o) for o in (config.model.offsets or network.offsets))
+        for error in (network.offsets_error(offsets), offsets_error(offsets)):
+            if error:
+                raise UserError(f"model.offsets: {error}")
+        planar = in_plane(offsets)
+        if planar:
+            # mutex watershed segments whole sections, one block holding
+            # several of them; sections need no context
+            if any(b < r for b, r in zip(block_shape[1:], roi.shape[1:])):
+                raise UserError(
+                    f"postprocess.block_shape: a 2D model's sections are segmented whole; make the block cover "
+                    f"the ROI in y and x ({list(roi.shape[1:])})"
+                )
+        elif any(c < s for c, s in zip(pp.context, vs)):
+            raise UserError(f"postprocess.context: {list(pp.context)} must be at least one voxel ({list(vs)}) per axis")
+        available = network.outputs()
+        unknown = [name for name in config.predict.extra_outputs if name not in available]
+        if unknown:
+            raise UserError(f"predict.extra_outputs: this model has no output {unknown[0]!r}; it has {sorted(available)}")
+        wanted = set(config.predict.extra_outputs) | set(network.needed_outputs())
         geometry = network.geometry
+        # whole steps of the network's alignment, so blocks stay on its grid
+        margin = Coordinate(-(-r // a) * a for r, a in zip(network.reach(offsets), geometry.alignment))
         try:
-            output = Coordinate(geometry.valid_output_shape(config.predict.output_shape))
+            output = Coordinate(geometry.valid_output_shape(Coordinate(config.predict.output_shape) + margin * 2))
         except ValueError as e:
             raise UserError(f"model: {e}") from e
         context = Coordinate(geometry.context)
@@ -179,11 +205,13 @@ class RunLayout:
         layout = cls(
             voxel_size=vs,
             roi=roi,
-            offsets=tuple(tuple(int(x) for x in o) for o in network.offsets),
-            predict_output=output * vs,
+            offsets=offsets,
+            predict_output=(output - margin * 2) * vs,
             predict_context=context / 2 * vs,
             block_shape=block_shape,
             context=Coordinate(pp.context),
+            predict_margin=margin * vs,
+            extras=tuple((name, *available[name]) for name in sorted(wanted)),
         )
         if int(np.prod(layout.block_grid)) * layout.voxels_per_block >= MAX_ID:
             raise UserError("postprocess.block_shape: the volume has too many voxels for fragment ids below 2^53")

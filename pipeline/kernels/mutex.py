@@ -8,17 +8,39 @@ import mwatershed
 import numpy as np
 from scipy import ndimage
 
-from pipeline.watershed import relabel_consecutive
+from pipeline.kernels.rag import offset_pairs
+from pipeline.kernels.watershed import relabel_consecutive
 
 
-def mutex_section(affs: np.ndarray, offsets, bias: float) -> np.ndarray:
+def mutex_section(affs: np.ndarray, offsets, bias: float, foreground: np.ndarray | None = None) -> np.ndarray:
     """Labels 1..n of one section. `affs` is (C, Y, X) in [0, 1] with
     in-plane `offsets` (dy, dx); affinities above `bias` attract, below it
-    repel, strongest first."""
+    repel, strongest first. With a `foreground` mask, only foreground pixels
+    are partitioned and the background is label 0."""
     # mwatershed wants float64: positive = attractive, negative = repulsive
     weights = np.ascontiguousarray(affs, dtype=np.float64) - bias
+    if foreground is not None:
+        # every edge that touches the background repels as strongly as
+        # possible: background pixels stay alone and no segment grows
+        # through them, as if the graph held the foreground only
+        for c, offset in enumerate(offsets):
+            here, there = offset_pairs(foreground.shape, offset)
+            touches = np.ones(foreground.shape, dtype=bool)
+            touches[here] = ~(foreground[here] & foreground[there])
+            weights[c][touches] = -1.0
     labels = mwatershed.agglom(weights, [list(o) for o in offsets])
+    if foreground is not None:
+        labels = np.where(foreground, labels, 0)
     return relabel_consecutive(labels)[0]
+
+
+def clean_foreground(probability: np.ndarray, threshold: float, min_size: int) -> np.ndarray:
+    """The foreground of one section: probability above `threshold`, minus
+    connected specks smaller than `min_size` pixels."""
+    foreground = probability > threshold
+    components, n = ndimage.label(foreground)
+    sizes = np.bincount(components.ravel(), minlength=n + 1)
+    return foreground & (sizes >= min_size)[components]
 
 
 def merge_small_segments(labels: np.ndarray, cascade) -> np.ndarray:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.config import RunConfig
-from pipeline.graph_store import GraphStore
-from pipeline.lut import build_luts, save_lut
-from pipeline.run_layout import RunDir
+from pipeline.storage.graph_store import GraphStore
+from pipeline.kernels.lut import build_luts, save_lut
+from pipeline.orchestration.run_layout import RunDir
 
 
 def write_luts(config: RunConfig, run_dir: RunDir, store: GraphStore) -> dict[str, int]:

@@ -23,7 +23,7 @@ from funlib.geometry import Coordinate, Roi
 
 from pipeline.config import ArtifactConfig, AugmentConfig, TrainConfig, TrainVolume
 from pipeline.errors import UserError
-from pipeline.volumes import open_volume, split_path
+from pipeline.storage.volumes import open_volume, split_path
 
 LABEL_DTYPES = ("uint8", "uint16", "uint32", "uint64", "int32", "int64")
 
@@ -36,6 +36,8 @@ class TrainingKeys:
     affs: gp.ArrayKey = gp.ArrayKey("AFFS")
     affs_mask: gp.ArrayKey = gp.ArrayKey("AFFS_MASK")
     prediction: gp.ArrayKey = gp.ArrayKey("PREDICTION")
+    # the method's loss, an output of its training step (never requested)
+    loss: gp.ArrayKey = gp.ArrayKey("LOSS")
     artifacts: gp.ArrayKey = gp.ArrayKey("ARTIFACTS")
     artifacts_alpha: gp.ArrayKey = gp.ArrayKey("ARTIFACTS_ALPHA")
 
@@ -147,7 +149,10 @@ def _artifact_source(artifacts: ArtifactConfig, keys: TrainingKeys, voxel_size: 
     return source
 
 
-def _augmentations(augment: AugmentConfig, keys: TrainingKeys, voxel_size: Coordinate):
+def _augmentations(augment: AugmentConfig, keys: TrainingKeys, voxel_size: Coordinate, planar: bool):
+    """`planar`: a 2D network, whose sections are independent images: z is
+    never swapped with y or x (whatever the voxel size), intensities change
+    per section."""
     nodes = []
     if augment.elastic is not None:
         e = augment.elastic
@@ -161,15 +166,16 @@ def _augmentations(augment: AugmentConfig, keys: TrainingKeys, voxel_size: Coord
             subsample=e.subsample,
         ))
     if augment.mirror or augment.transpose:
-        # axes with the voxel size of y (and x) may swap; z of anisotropic data stays
-        swappable = tuple(axis for axis in range(3) if voxel_size[axis] == voxel_size[2])
+        # axes with the voxel size of y (and x) may swap; z of anisotropic
+        # data, and of any 2D data, stays
+        swappable = tuple(axis for axis in range(3) if voxel_size[axis] == voxel_size[2] and not (planar and axis == 0))
         nodes.append(gp.SimpleAugment(
             mirror_only=None if augment.mirror else (),
             transpose_only=swappable if augment.transpose else (),
         ))
     if augment.intensity is not None:
         i = augment.intensity
-        nodes.append(gp.IntensityAugment(keys.raw, *i.scale, *i.shift, z_section_wise=voxel_size[0] != voxel_size[1]))
+        nodes.append(gp.IntensityAugment(keys.raw, *i.scale, *i.shift, z_section_wise=planar or voxel_size[0] != voxel_size[1]))
     if augment.defects is not None:
         d = augment.defects
         artifacts = {}
@@ -194,7 +200,8 @@ def training_pipeline(config: TrainConfig, keys: TrainingKeys, voxel_size: Coord
     dimension (raw also with a channel dimension), as torch wants them."""
     sources = tuple(_source(i, v, keys, config.min_annotated) for i, v in enumerate(config.volumes))
     pipeline = sources + gp.RandomProvider()
-    for node in _augmentations(config.augment, keys, voxel_size):
+    planar = getattr(config.network, "dims", 3) == 2
+    for node in _augmentations(config.augment, keys, voxel_size, planar):
         pipeline += node
     pipeline += gp.AddAffinities(
         [tuple(o) for o in config.offsets], keys.labels, keys.affs,

@@ -11,8 +11,8 @@ import daisy
 from funlib.geometry import Coordinate, Roi
 
 from pipeline.config import RunConfig
-from pipeline.launchers import make_launcher
-from pipeline.run_layout import RunDir, RunLayout
+from pipeline.orchestration.launchers import make_launcher
+from pipeline.orchestration.run_layout import RunDir, RunLayout
 
 MAX_RETRIES = 2
 
@@ -46,7 +46,7 @@ def _predict_task(config: RunConfig, layout: RunLayout, run_dir: RunDir) -> dais
     # (valid) shape, and the worker keeps the part inside the volume
     return _task(
         "predict", "predict", config, run_dir,
-        *blockwise_geometry(layout, layout.predict_output, layout.predict_context),
+        *blockwise_geometry(layout, layout.predict_output, layout.predict_read_context),
         fit="overhang", workers=config.predict.workers,
     )
 

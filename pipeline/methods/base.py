@@ -1,0 +1,145 @@
+"""What every method provides, and the affinity arithmetic they share.
+
+A method is one module in this package. It owns:
+
+- `Settings`: its pydantic settings, with `name: Literal["<method>"]`, the
+  `method` section of a training config (a discriminated union, see
+  `pipeline.methods.MethodConfig`);
+- `Model(MethodModel)`: the heads it puts on a method-free backbone, the
+  outputs they give at predict time and how those become affinities for any
+  list of offsets the run asks for;
+- `TrainingStep`: a torch module that takes a training batch (raw, labels,
+  annotation mask, affinity targets and their mask) and returns the
+  affinities to show in snapshots and the loss. It computes whatever other
+  targets the method needs from the labels.
+
+Nothing outside this package branches on the method: `train.py` builds the
+training step, the predict worker asks the model for affinities and extra
+outputs, and checkpoints record the method with its settings.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+from typing import Annotated
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from pipeline.kernels.rag import offset_pairs
+from pipeline.schema import Strict
+
+Offset = tuple[int, int, int]
+
+
+class ForegroundSettings(Strict):
+    """Data with background (nuclei, cells): a 2-class foreground head
+    beside the method's own, trained with cross-entropy on the annotated
+    voxels; the 2D segmentation then runs inside the predicted foreground."""
+
+    # (background, foreground) class weights; the published PEA nuclei
+    # config weighs foreground 10:1
+    class_weights: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (1.0, 10.0)
+    weight: Annotated[float, Field(gt=0)] = 1.0
+
+
+class MethodModel(nn.Module, ABC):
+    """A backbone with a method's heads, and the optional foreground head
+    every method offers. `offsets` are the training offsets; `geometry` is
+    the backbone's."""
+
+    def __init__(self, backbone: nn.Module, offsets, foreground: ForegroundSettings | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.offsets: tuple[Offset, ...] = tuple(tuple(int(x) for x in o) for o in offsets)
+        self.geometry = backbone.geometry
+        self.foreground = nn.Conv3d(backbone.out_channels, 2, 1) if foreground is not None else None
+        self.foreground_settings = foreground
+
+    def foreground_outputs(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{"foreground": probability (B, 1, ...)} for a model with the head.
+
+        Class weights (w_bg, w_fg) in the cross-entropy shift the logit that
+        minimises it by log(w_fg / w_bg); taking that shift off again gives
+        a calibrated probability, so 0.5 means "as likely as not"."""
+        if self.foreground is None:
+            return {}
+        logits = self.foreground(features)
+        background, foreground = self.foreground_settings.class_weights
+        shift = math.log(foreground / background)
+        return {"foreground": torch.sigmoid(logits[:, 1:] - logits[:, :1] - shift)}
+
+    @abstractmethod
+    def forward(self, raw: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named predict-time outputs (B, C, z, y, x) over the network's output region."""
+
+    @abstractmethod
+    def affinities(self, outputs: dict[str, torch.Tensor], offsets) -> torch.Tensor:
+        """Affinities in [0, 1] for `offsets` (B, len(offsets), z, y, x); a
+        pair whose partner lies outside the outputs gets 0."""
+
+    def reach(self, offsets) -> tuple[int, int, int]:
+        """Voxels of outputs needed beyond a block on each side to give
+        every affinity of `offsets` inside it."""
+        return (0, 0, 0)
+
+    def offsets_error(self, offsets) -> str | None:
+        """Why this model cannot give affinities for `offsets`, or None."""
+        return None
+
+    def outputs(self) -> dict[str, tuple[int, str]]:
+        """Datasets the predict step can write besides the affinities:
+        name -> (channels, dtype: uint8 for values in [0, 1], or float16)."""
+        return {"foreground": (1, "uint8")} if self.foreground is not None else {}
+
+    def needed_outputs(self) -> tuple[str, ...]:
+        """Outputs the segmentation reads, always written (the foreground)."""
+        return ("foreground",) if self.foreground is not None else ()
+
+
+def foreground_loss(logits: torch.Tensor, labels: torch.Tensor, annotated: torch.Tensor,
+                    settings: ForegroundSettings) -> torch.Tensor:
+    """Class-weighted cross-entropy of (B, 2, ...) logits against labels > 0,
+    averaged over the annotated voxels, times the settings' weight."""
+    weights = torch.tensor(settings.class_weights, device=logits.device, dtype=logits.dtype)
+    per_voxel = F.cross_entropy(logits, (labels > 0).long(), weight=weights, reduction="none")
+    annotated = annotated.to(per_voxel.dtype)
+    return settings.weight * (per_voxel * annotated).sum() / annotated.sum().clamp(min=1)
+
+
+def pair_values(values: torch.Tensor, offsets, combine) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each offset o, `combine(values[..., i], values[..., i + o])` over
+    the spatial axes of (B, C, z, y, x) `values`, and a bool mask of the
+    pairs whose partner lies inside: (B, len(offsets), z, y, x) each.
+    `combine` reduces the channel axis (dim 1) to one channel."""
+    shape = values.shape[2:]
+    out = torch.zeros((values.shape[0], len(offsets), *shape), dtype=torch.float32, device=values.device)
+    inside = torch.zeros((len(offsets), *shape), dtype=torch.bool, device=values.device)
+    for c, offset in enumerate(offsets):
+        here, there = offset_pairs(shape, offset)
+        out[(slice(None), c, *here)] = combine(values[(slice(None), slice(None), *here)],
+                                               values[(slice(None), slice(None), *there)])
+        inside[(c, *here)] = True
+    return out, inside.expand(values.shape[0], *inside.shape)
+
+
+def label_affinities(labels: torch.Tensor, annotated: torch.Tensor, offsets) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ground-truth affinities of (B, z, y, x) int64 `labels` by the methods
+    notes' definition (1 iff both voxels carry the same non-zero label) and
+    their mask: the partner lies inside, and at least one of the two voxels
+    is annotated (gunpowder's AddAffinities with an `unlabelled` mask)."""
+    stacked = torch.stack([labels, annotated.to(labels.dtype)], dim=1)
+
+    def same(a, b):
+        return ((a[:, 0] == b[:, 0]) & (a[:, 0] != 0)).to(torch.float32)
+
+    def either(a, b):
+        return ((a[:, 1] != 0) | (b[:, 1] != 0)).to(torch.float32)
+
+    target, inside = pair_values(stacked, offsets, same)
+    annotated_pair, _ = pair_values(stacked, offsets, either)
+    return target, inside & (annotated_pair > 0)
