@@ -196,6 +196,20 @@ class Training:
         return exported
 
 
+# gunpowder checkpoints hold the state of Autocast(training step), whose
+# `step.model` is the exported network
+_CHECKPOINT_PREFIX = "step.model."
+
+
+def export_checkpoint(config: TrainConfig, checkpoint: Path, exported: Path) -> Path:
+    """The network of one `model_checkpoint_N` as a model file, e.g. to
+    score a training run's checkpoints (benchmarks/training_curve.py)."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["model_state_dict"]
+    network = {k.removeprefix(_CHECKPOINT_PREFIX): v for k, v in state.items() if k.startswith(_CHECKPOINT_PREFIX)}
+    save_model(exported, config.method, config.network.model_dump(), config.offsets, network)
+    return exported
+
+
 def train(config: TrainConfig, device: str, init_from: Path | None = None) -> Path:
     training = Training(config, device, init_from)
     started = time.time()

@@ -10,9 +10,11 @@ from funlib.persistence import open_ds
 
 from pipeline.evaluation.metrics import Contingency, scores
 from pipeline.kernels.mutex import clean_foreground, merge_small_segments, mutex_section
-from tests.conftest import noisy_ground_truth_affinities, run_cli, save_affinity_model
+from tests.conftest import REPO, noisy_ground_truth_affinities, run_cli, save_affinity_model
 
 OFFSETS_2D = [[0, -1, 0], [0, 0, -1], [0, -3, 0], [0, 0, -3], [0, -9, 0], [0, 0, -9]]
+# the bundled PEA nuclei model on test pages 50 and 51 (README: AJI 0.00 on all ten)
+MIN_NUCLEI_AJI = 0.1
 
 
 def test_mutex_watershed_recovers_the_instances_of_a_real_section(isbi):
@@ -98,3 +100,32 @@ def test_main_job_with_a_2d_model_segments_each_section(tmp_path, isbi):
     path.write_text(json.dumps(config))
     refused = run_cli("pipeline/predict.py", str(path))
     assert refused.returncode == 2 and "segmented whole" in refused.stderr
+
+
+def test_the_bundled_pea_model_segments_nuclei_inside_the_foreground(tmp_path, nuclei):
+    """Two test pages through the main job: an embedding model with a
+    foreground head, adaptive offsets, no context, 2D instance scores."""
+    raw, labels = nuclei
+    config = json.loads((REPO / "configs/nuclei_pea.json").read_text())
+    config.update(
+        run_dir=str(tmp_path / "run"), raw=raw, ground_truth=labels,
+        roi={"offset": [50, 0, 0], "shape": [2, 520, 696]},
+        model={"checkpoint": str(REPO / "models/nuclei_pea.pt"),
+               # the training offsets and two it never saw
+               "offsets": [[0, -1, 0], [0, 0, -1], [0, -3, 0], [0, 0, -3], [0, -5, 0], [0, 0, -5], [0, -9, 0],
+                           [0, 0, -9], [0, -11, 0], [0, 0, -11], [0, -7, 7], [0, -15, 0]]},
+    )
+    config["postprocess"] = {"block_shape": [1, 520, 696], "context": [0, 0, 0], "workers": 2}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    result = run_cli("pipeline/predict.py", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "aji" in result.stdout and "pq" in result.stdout
+    row = json.loads((tmp_path / "run" / "report.json").read_text())["scores"][0]
+    assert row["aji"] > MIN_NUCLEI_AJI and row["dice"] > 0.85, row
+    volumes = tmp_path / "run" / "volumes.zarr"
+    segmentation = open_ds(str(volumes / "segmentation"))
+    foreground = open_ds(str(volumes / "foreground"))
+    data, probability = segmentation[segmentation.roi], foreground[foreground.roi][0]
+    assert (data[probability < 128] == 0).all()  # background stays background
+    assert (data > 0).mean() > 0.05
