@@ -49,7 +49,8 @@ from pipeline.orchestration.run_layout import RunDir, RunLayout, run_record  # n
 from pipeline.storage.volumes import open_volume, split_path  # noqa: E402
 
 COLUMNS = ("dataset", "method", "backbone", "post-processing", "threshold", "VOI split", "VOI merge", "VOI", "ARAND", "CREMI score")
-INSTANCE_COLUMNS = ("dataset", "method", "backbone", "post-processing", "chosen", "AJI", "Dice", "PQ", "SBD", "|DiC|")
+# the pipes of |DiC| escaped, or they would split the markdown column
+INSTANCE_COLUMNS = ("dataset", "method", "backbone", "post-processing", "chosen", "AJI", "Dice", "PQ", "SBD", "\\|DiC\\|")
 
 
 class Classical(Strict):
