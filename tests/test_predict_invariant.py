@@ -5,6 +5,7 @@ trained on are the cosines of its embeddings."""
 
 from __future__ import annotations
 
+import dataclasses
 import daisy
 import numpy as np
 import pytest
@@ -100,7 +101,7 @@ def test_adaptive_offsets_are_the_cosines_of_the_embedding(tmp_path):
     assert all(o % 40 == 0 for o in grown.offset - layout.roi.offset)
     whole = Coordinate(model.geometry.valid_output_shape(grown.shape / layout.voxel_size))
     around = Roi(grown.offset, whole * layout.voxel_size)
-    no_margin = type(layout)(**{**layout.__dict__, "predict_margin": Coordinate(0, 0, 0), "extras": (("embedding", 6, "float32"),)})
+    no_margin = dataclasses.replace(layout, predict_margin=Coordinate(0, 0, 0), extras=(("embedding", 6, "float32"),))
     e = predict_roi(model, open_ds(RAW), around, no_margin, "cpu")["embedding"].astype(np.float64)
     affs = open_ds(run_dir.volumes / "affs")[window] / 255.0
     at = layout.window(window, around)

@@ -68,10 +68,13 @@ class MethodModel(nn.Module, ABC):
         a calibrated probability, so 0.5 means "as likely as not"."""
         if self.foreground is None:
             return {}
-        logits = self.foreground(features)
+        return {"foreground": self.foreground_probability(self.foreground(features))}
+
+    def foreground_probability(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, 1, ...) calibrated probability from the head's (B, 2, ...) logits."""
         background, foreground = self.foreground_settings.class_weights
         shift = math.log(foreground / background)
-        return {"foreground": torch.sigmoid(logits[:, 1:] - logits[:, :1] - shift)}
+        return torch.sigmoid(logits[:, 1:] - logits[:, :1] - shift)
 
     @abstractmethod
     def forward(self, raw: torch.Tensor) -> dict[str, torch.Tensor]:

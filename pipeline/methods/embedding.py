@@ -195,8 +195,10 @@ class Model(MethodModel):
         return embedding, pyramid, logits
 
     def forward(self, raw: torch.Tensor) -> dict[str, torch.Tensor]:
-        features = self.backbone(raw)
-        return {"embedding": F.normalize(self.embed(features), dim=1), **self.foreground_outputs(features)}
+        embedding, _, logits = self.embeddings(raw)
+        if logits is None:
+            return {"embedding": embedding}
+        return {"embedding": embedding, "foreground": self.foreground_probability(logits)}
 
     def affinities(self, outputs: dict[str, torch.Tensor], offsets) -> torch.Tensor:
         # the paper's intent: orthogonal (or opposite) embeddings mean "different"
