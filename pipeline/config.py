@@ -98,6 +98,13 @@ class FragmentsConfig(Strict):
     epsilon_agglomerate: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
 
 
+def threshold_key(threshold: float) -> str:
+    """The name of a threshold in file names, done markers and tables: the
+    shortest text that reads back as exactly this float, so 0.121 and 0.124
+    never share a look-up table."""
+    return repr(float(threshold))
+
+
 class AgglomerateConfig(Strict):
     # prebuilt waterz scoring functions only: no compiler needed
     scoring: Literal["hist_quant_50", "hist_quant_75", "mean"] = "hist_quant_50"
@@ -111,6 +118,8 @@ class AgglomerateConfig(Strict):
     def _threshold_listed(self) -> AgglomerateConfig:
         if self.threshold not in self.thresholds:
             raise ValueError(f"threshold {self.threshold} must be one of thresholds {self.thresholds}")
+        if len(set(self.thresholds)) != len(self.thresholds):
+            raise ValueError(f"thresholds {self.thresholds} lists a value twice")
         return self
 
 

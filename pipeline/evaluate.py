@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as `python pipeline/evaluate.py`
 from funlib.geometry import Roi
 from funlib.persistence import open_ds
 
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, threshold_key
 from pipeline.cli import cli_main, run_command
 from pipeline.errors import UserError
 from pipeline.kernels.lut import apply_mapping, load_lut
@@ -63,14 +63,19 @@ def evaluate_run(config: RunConfig) -> list[dict[str, float]]:
     return rows
 
 
+def _threshold_text(threshold: float) -> str:
+    # two decimals where they are exact, the full key where they are not
+    return f"{threshold:.2f}" if float(f"{threshold:.2f}") == threshold else threshold_key(threshold)
+
+
 def format_table(rows: list[dict[str, float]]) -> str:
     columns = COLUMNS + tuple(c for c in INSTANCE_SCORES if c in rows[0])
     header = "".join(f"{c:>13}" for c in columns)
     lines = [header, "-" * len(header)]
     for row in rows:
-        lines.append(f"{row['threshold']:>13.2f}" + "".join(f"{row[c]:>13.4f}" for c in columns[1:]))
+        lines.append(f"{_threshold_text(row['threshold']):>13}" + "".join(f"{row[c]:>13.4f}" for c in columns[1:]))
     best = min(rows, key=lambda r: r["voi"])
-    lines.append(f"best VOI at threshold {best['threshold']:.2f}: VOI {best['voi']:.4f}, ARAND {best['arand']:.4f}")
+    lines.append(f"best VOI at threshold {_threshold_text(best['threshold'])}: VOI {best['voi']:.4f}, ARAND {best['arand']:.4f}")
     return "\n".join(lines)
 
 

@@ -17,8 +17,11 @@ import argparse
 import json
 import re
 import resource
+import shutil
+import socket
 import sys
 import time
+import uuid
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python pipeline/predict.py`
@@ -31,9 +34,9 @@ from daisy import logging as daisy_logging
 from pipeline.cli import cli_main
 from pipeline.config import RunConfig, load_json
 from pipeline.evaluate import evaluate_run, format_table
-from pipeline.storage.graph_store import open_store
+from pipeline.storage.graph_store import RunOwner, open_store
 from pipeline.orchestration.progress import ProgressLog
-from pipeline.orchestration.run_layout import RunDir, RunLayout, claim_run_dir, load_network, run_record
+from pipeline.orchestration.run_layout import RunDir, RunLayout, check_run_dir, claim_run_dir, load_network, run_record
 from pipeline.orchestration.segments import write_luts
 from pipeline.orchestration.tasks import graph_pipeline, mutex_pipeline, relabel_task
 from pipeline.storage.volumes import prepare_volume
@@ -119,10 +122,24 @@ def open_run(config: RunConfig) -> tuple[RunLayout, RunDir]:
     directory, and prepare its volumes: everything before the first block."""
     layout = RunLayout.from_config(config, load_network(config))
     run_dir = RunDir(Path(config.run_dir))
-    # reach the store before touching the run dir: a bad URI leaves nothing behind
-    with open_store(config.store, run_dir.path) as store:
-        if claim_run_dir(run_dir, run_record(layout, config)):
+    record = run_record(layout, config)
+    check_run_dir(run_dir, record)
+    run_id = run_dir.run_id() or uuid.uuid4().hex
+    owner = RunOwner(run_id, str(run_dir.path.resolve()), socket.gethostname())
+    # reach the store and check whose graph it holds before touching the
+    # run dir: a bad URI or a store of another run leaves nothing behind
+    with open_store(config.store, run_dir.path, run_id) as store:
+        store.check_owner(owner)
+        fresh = claim_run_dir(run_dir, record, run_id)
+        known = store.claim(owner)
+        if fresh or not known:
             store.reset()
+        if not fresh and not known:
+            # the graph of finished blocks is gone: redo every step that
+            # wrote to it or read from it
+            for step in ("fragments", "agglomerate", "relabel"):
+                shutil.rmtree(run_dir.tracking(step), ignore_errors=True)
+            run_dir.relabel_target.unlink(missing_ok=True)
     run_dir.config.write_text(config.model_dump_json(indent=2))
     _prepare_volumes(layout, run_dir)
     daisy_logging.set_log_basedir(run_dir.logs)
@@ -149,7 +166,7 @@ def run(config: RunConfig, config_source: str) -> dict:
         _run_daisy(mutex_pipeline(config, layout, run_dir), progress, report, run_dir.logs)
     else:
         _run_daisy(graph_pipeline(config, layout, run_dir), progress, report, run_dir.logs)
-        with open_store(config.store, run_dir.path) as store:
+        with open_store(config.store, run_dir.path, run_dir.run_id()) as store:
             report["graph"] = _master_step("segments", progress, report, lambda: write_luts(config, run_dir, store))
         _run_daisy(relabel_task(config, layout, run_dir), progress, report, run_dir.logs)
     if config.ground_truth:

@@ -51,7 +51,7 @@ def postprocess(run_dir: Path, labels_path: str, block_shape, epsilon: float) ->
                 process_function=process_block, read_write_conflict=False, fit="shrink", max_retries=0,
             )
             assert daisy.run_blockwise([task], multiprocessing=False, progress=False, summary=False)
-    with open_store("sqlite", run_dir) as store:
+    with open_store("sqlite", run_dir, directory.run_id()) as store:
         write_luts(config, directory, store)
     frags = open_ds(directory.volumes / "fragments")[layout.roi]
     return {t: apply_mapping(frags, *load_lut(directory.lut("hist_quant_50", t))) for t in THRESHOLDS}, labels

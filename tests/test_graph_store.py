@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.storage.graph_store import Edges, Nodes, open_store
+from pipeline.storage.graph_store import VALID_DATABASE, Edges, Nodes, RunOwner, default_database, open_store
 
 
 @pytest.fixture(params=["sqlite", "mongodb"])
@@ -16,7 +18,7 @@ def store(request, tmp_path):
     else:
         uri = request.getfixturevalue("mongodb_uri")
         spec = uri.rstrip("/") + f"/test_{tmp_path.name}"
-    with open_store(spec, tmp_path / "run") as s:
+    with open_store(spec, tmp_path / "run", "0" * 32) as s:
         s.reset()
         yield s
 
@@ -90,4 +92,42 @@ def test_reset_empties_the_store(store):
 def test_unreachable_mongodb_names_the_uri(tmp_path):
     uri = "mongodb://127.0.0.1:9/affseg"  # port 9 (discard): nothing listens
     with pytest.raises(UserError, match="cannot reach MongoDB at mongodb://127.0.0.1:9/affseg"):
-        open_store(uri, tmp_path)
+        open_store(uri, tmp_path, "0" * 32)
+
+
+def test_default_database_names_never_collide_and_are_always_valid():
+    a, b = "1" * 32, "2" * 32
+    assert default_database(Path("a/exp"), a) != default_database(Path("b/exp"), b)
+    for folder in ("exp", "my run.v2", "x" * 200, "...", "données"):
+        assert VALID_DATABASE.fullmatch(default_database(Path(folder), a)), folder
+
+
+def test_a_store_belongs_to_one_run(store):
+    mine, theirs = RunOwner("1" * 32, "/runs/a", "host-a"), RunOwner("2" * 32, "/runs/b", "host-b")
+    assert store.claim(mine) is False  # a new record
+    assert store.claim(mine) is True
+    store.write_nodes(0, nodes([1, 2], 0))
+    with pytest.raises(UserError, match="belongs to the run in /runs/a on host-a, not to /runs/b"):
+        store.check_owner(theirs)
+    with pytest.raises(UserError, match="belongs to the run in /runs/a"):
+        store.claim(theirs)
+    assert store.node_ids().tolist() == [1, 2]
+
+
+def test_a_graph_no_run_has_claimed_is_never_taken_over(store):
+    store.write_nodes(0, nodes([1], 0))
+    with pytest.raises(UserError, match="holds a graph that no run has claimed"):
+        store.claim(RunOwner("1" * 32, "/runs/a", "host-a"))
+    assert store.node_ids().tolist() == [1]
+
+
+@pytest.mark.parametrize("uri, message", [
+    ("mongodb://127.0.0.1:99999/affseg", "store: not a valid MongoDB URI"),
+    ("mongodb://127.0.0.1:abc/affseg", "store: not a valid MongoDB URI"),
+    ("mongodb://127.0.0.1:9/my.db", "store: 'my.db' is not a valid MongoDB database name"),
+    ("mongodb://127.0.0.1:9/" + "d" * 64, "is not a valid MongoDB database name"),
+])
+def test_bad_mongodb_uris_are_one_line_errors(tmp_path, uri, message):
+    with pytest.raises(UserError, match=message) as error:
+        open_store(uri, tmp_path, "0" * 32)
+    assert "\n" not in str(error.value)

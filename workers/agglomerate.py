@@ -64,7 +64,7 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     layout = run.layout
     affs = open_ds(run.run_dir.volumes / "affs")
     fragments = open_ds(run.run_dir.volumes / "fragments")
-    with open_store(run.config.store, run.run_dir.path) as store:
+    with open_store(run.config.store, run.run_dir.path, run.run_dir.run_id()) as store:
 
         def process_block(block) -> None:
             data = affs.to_ndarray(block.read_roi, fill_value=0)

@@ -42,7 +42,7 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     affs.lazy_op(np.s_[0:3])
     fragments = open_ds(run.run_dir.volumes / "fragments", mode="r+")
     vs = layout.voxel_size
-    with open_store(run.config.store, run.run_dir.path) as store:
+    with open_store(run.config.store, run.run_dir.path, run.run_dir.run_id()) as store:
 
         def process_block(block) -> None:
             data = affs.to_ndarray(block.read_roi, fill_value=0).astype(np.float32) / 255.0

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from funlib.geometry import Coordinate, Roi
 
-from pipeline.config import RunConfig, in_plane, offsets_error
+from pipeline.config import RunConfig, in_plane, offsets_error, threshold_key
 from pipeline.errors import UserError
 from pipeline.storage.volumes import open_volume, split_path
 
@@ -230,15 +230,25 @@ class RunDir:
     progress = property(lambda self: self.path / "progress.jsonl")
     report = property(lambda self: self.path / "report.json")
     logs = property(lambda self: self.path / "logs")
+    # which look-up table the segmentation volume holds (or is being
+    # relabelled to): relabel's done markers are only valid for that one
+    relabel_target = property(lambda self: self.path / "segmentation.json")
 
     def tracking(self, step: str) -> Path:
         return self.path / "tracking" / step
 
     def lut(self, scoring: str, threshold: float) -> Path:
-        return self.path / "luts" / scoring / f"{threshold:.2f}.npz"
+        return self.path / "luts" / scoring / f"{threshold_key(threshold)}.npz"
 
     def read_layout(self) -> RunLayout:
         return RunLayout.from_json(json.loads(self.layout.read_text()))
+
+    def run_id(self) -> str | None:
+        """The id made when the directory was claimed (None before): it
+        names the run's default MongoDB database and its owner record."""
+        if not self.layout.exists():
+            return None
+        return json.loads(self.layout.read_text())["run_id"]
 
     def changed_key(self, record: dict) -> str | None:
         """The first key in which `record` differs from the directory's
@@ -261,12 +271,39 @@ def model_identity(config: RunConfig) -> str:
     return f"sha256 {digest.hexdigest()}"
 
 
+# voxels per side of the cubes `raw_identity` reads at the corners and centre
+DIGEST_CUBE = 16
+
+
+def raw_identity(config: RunConfig) -> dict:
+    """What identifies the raw volume: its path, geometry and a digest of
+    nine small cubes (the ROI's corners and centre). Cheap at any volume
+    size, and it tells apart another volume with the same geometry."""
+    raw = open_volume(*split_path(config.raw), field="raw")
+    vs = raw.voxel_size
+    cube = Coordinate(min(DIGEST_CUBE * v, s) for v, s in zip(vs, raw.roi.shape))
+    room = raw.roi.shape - cube
+    digest = hashlib.sha256()
+    for corner in [*itertools.product(*((0, r) for r in room)), room / vs / 2 * vs]:
+        digest.update(np.ascontiguousarray(raw[Roi(raw.roi.begin + Coordinate(corner), cube)]).tobytes())
+    return {
+        "path": config.raw,
+        "shape": list(raw.shape),
+        "dtype": raw.dtype.name,
+        "voxel_size": list(vs),
+        "offset": list(raw.roi.offset),
+        "sample_sha256": digest.hexdigest(),
+    }
+
+
 def run_record(layout: RunLayout, config: RunConfig) -> dict:
-    """Everything the stored block results depend on: the layout, the store,
-    the model and the settings of the block steps. Thresholds are not in it:
-    look-up tables and relabelling are redone per threshold."""
+    """Everything the stored block results depend on: the layout, the raw
+    volume, the store, the model and the settings of the block steps.
+    Thresholds are not in it: look-up tables and relabelling are redone per
+    threshold."""
     return {
         **layout.to_json(),
+        "raw": raw_identity(config),
         "store": config.store,
         "model": model_identity(config),
         "fragments": config.fragments.model_dump(),
@@ -275,11 +312,9 @@ def run_record(layout: RunLayout, config: RunConfig) -> dict:
     }
 
 
-def claim_run_dir(run_dir: RunDir, record: dict) -> bool:
-    """Create or re-open a run directory. Returns True for a fresh run.
-    Refuses a directory whose `run_record` differs: finished blocks made
-    with other inputs would silently mix with new ones."""
-    run_dir.path.mkdir(parents=True, exist_ok=True)
+def check_run_dir(run_dir: RunDir, record: dict) -> None:
+    """Refuse a directory whose `run_record` differs: finished blocks made
+    with other inputs would silently mix with new ones. Writes nothing."""
     key = run_dir.changed_key(record)
     if key is not None:
         existing = json.loads(run_dir.layout.read_text()).get(key)
@@ -288,9 +323,16 @@ def claim_run_dir(run_dir: RunDir, record: dict) -> bool:
             f"{json.dumps(record[key])}; a run's finished blocks depend on it, so changing it is refused: "
             f"use a new run_dir, or delete this one"
         )
+
+
+def claim_run_dir(run_dir: RunDir, record: dict, run_id: str) -> bool:
+    """Create or re-open a run directory. Returns True for a fresh run,
+    whose `layout.json` now holds `record` and `run_id`."""
+    check_run_dir(run_dir, record)
+    run_dir.path.mkdir(parents=True, exist_ok=True)
     if run_dir.layout.exists():
         return False
     tmp = run_dir.layout.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
+    tmp.write_text(json.dumps({**record, "run_id": run_id}, indent=2))
     tmp.replace(run_dir.layout)
     return True

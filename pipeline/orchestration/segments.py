@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, threshold_key
 from pipeline.storage.graph_store import GraphStore
 from pipeline.kernels.lut import build_luts, save_lut
 from pipeline.orchestration.run_layout import RunDir
@@ -21,5 +21,5 @@ def write_luts(config: RunConfig, run_dir: RunDir, store: GraphStore) -> dict[st
 
     for threshold, segments in build_luts(node_ids, counted_edges(), config.agglomerate.thresholds):
         save_lut(run_dir.lut(config.agglomerate.scoring, threshold), node_ids, segments)
-        counts[f"segments@{threshold:.2f}"] = int(len(np.unique(segments)))
+        counts[f"segments@{threshold_key(threshold)}"] = int(len(np.unique(segments)))
     return counts

@@ -7,10 +7,13 @@ RUN_DIR/tracking, which is what lets a re-run skip finished blocks.
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import daisy
 from funlib.geometry import Coordinate, Roi
 
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, threshold_key
 from pipeline.orchestration.launchers import make_launcher
 from pipeline.orchestration.run_layout import RunDir, RunLayout
 
@@ -69,8 +72,17 @@ def mutex_pipeline(config: RunConfig, layout: RunLayout, run_dir: RunDir) -> dai
 
 
 def relabel_task(config: RunConfig, layout: RunLayout, run_dir: RunDir) -> daisy.Task:
-    agglomerate = config.agglomerate
-    # done markers per LUT: relabelling with another threshold redoes every block
-    tracking = f"relabel_{agglomerate.scoring}_{agglomerate.threshold:.2f}"
+    """Relabel the fragments with the chosen threshold's look-up table. The
+    done markers belong to the table the segmentation volume holds: when the
+    chosen one differs (0.5, then 0.3, then 0.5 again), they are cleared
+    before the target is recorded, so every block is redone and a crash
+    between the two steps still leaves no marker of the old table."""
+    target = {"scoring": config.agglomerate.scoring, "threshold": threshold_key(config.agglomerate.threshold)}
+    recorded = json.loads(run_dir.relabel_target.read_text()) if run_dir.relabel_target.exists() else None
+    if recorded != target:
+        shutil.rmtree(run_dir.tracking("relabel"), ignore_errors=True)
+        tmp = run_dir.relabel_target.with_suffix(".tmp")
+        tmp.write_text(json.dumps(target))
+        tmp.replace(run_dir.relabel_target)
     geometry = blockwise_geometry(layout, layout.block_shape, Coordinate(0, 0, 0))
-    return _task("relabel", tracking, config, run_dir, *geometry, fit="shrink", workers=config.postprocess.workers)
+    return _task("relabel", "relabel", config, run_dir, *geometry, fit="shrink", workers=config.postprocess.workers)

@@ -17,6 +17,8 @@ Ids are below 2^53 (asserted where they are made), so they fit the signed
 
 from __future__ import annotations
 
+import json
+import re
 import sqlite3
 import time
 from abc import ABC, abstractmethod
@@ -30,6 +32,9 @@ import numpy as np
 from pipeline.errors import UserError
 
 EDGE_CHUNK = 100_000
+# portable MongoDB database names: no slash, backslash, dot, quote, dollar or
+# space, and under the 64-byte limit
+VALID_DATABASE = re.compile(r"[A-Za-z0-9_-]{1,63}")
 # block indices per `$in` query: 8-byte ints keep a query far below MongoDB's
 # 16 MB document limit
 IN_CHUNK = 50_000
@@ -56,10 +61,65 @@ class Edges:
         return len(self.u)
 
 
+@dataclass(frozen=True)
+class RunOwner:
+    """The run a store's graph belongs to, recorded inside the store: runs
+    sharing one server must never read or reset each other's graph."""
+
+    id: str  # made once per run directory (`layout.json`)
+    run_dir: str
+    host: str
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "run_dir": self.run_dir, "host": self.host}
+
+
 class GraphStore(ABC):
+    # what messages call the store: a file or a database
+    name: str
+
     @abstractmethod
     def reset(self) -> None:
         """Drop every node and edge (a fresh run)."""
+
+    @abstractmethod
+    def _recorded_owner(self) -> dict | None:
+        """The owner recorded in the store, or None."""
+
+    @abstractmethod
+    def _record_owner(self, owner: RunOwner) -> None:
+        """Record `owner` unless one is recorded already (racing masters:
+        the first one wins; the others find it in `claim`)."""
+
+    @abstractmethod
+    def _holds_graph(self) -> bool: ...
+
+    def check_owner(self, owner: RunOwner) -> None:
+        """Refuse, in one line, a store that belongs to another run or that
+        holds a graph no run has claimed. Writes nothing."""
+        recorded = self._recorded_owner()
+        if recorded is None:
+            if self._holds_graph():
+                raise UserError(
+                    f"store: {self.name} holds a graph that no run has claimed; affseg never resets it: "
+                    f"name another database in the store URI, or drop that one"
+                )
+        elif recorded["id"] != owner.id:
+            raise UserError(
+                f"store: {self.name} belongs to the run in {recorded['run_dir']} on {recorded['host']}, not to "
+                f"{owner.run_dir}; runs never share or reset each other's graph: name another database in the store URI"
+            )
+
+    def claim(self, owner: RunOwner) -> bool:
+        """Make `owner` the store's run. Returns False when the store had
+        no record of it: a resumed run whose graph was lost (a dropped
+        database, a deleted graph.sqlite) must redo the graph steps."""
+        self.check_owner(owner)
+        if self._recorded_owner() is not None:
+            return True
+        self._record_owner(owner)
+        self.check_owner(owner)
+        return False
 
     @abstractmethod
     def write_nodes(self, block: int, nodes: Nodes) -> None:
@@ -104,6 +164,7 @@ class SqliteGraphStore(GraphStore):
 
     def __init__(self, path: Path):
         self.path = path
+        self.name = str(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(path, timeout=600, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -117,12 +178,23 @@ class SqliteGraphStore(GraphStore):
                 u INTEGER, v INTEGER, merge_score REAL, affinities BLOB, block INTEGER,
                 PRIMARY KEY (u, v)) WITHOUT ROWID;
             CREATE INDEX IF NOT EXISTS edges_block ON edges(block);
+            CREATE TABLE IF NOT EXISTS owner (one INTEGER PRIMARY KEY CHECK (one = 1), record TEXT);
             """
         )
 
     def reset(self) -> None:
         self.db.execute("DELETE FROM nodes")
         self.db.execute("DELETE FROM edges")
+
+    def _recorded_owner(self) -> dict | None:
+        row = self.db.execute("SELECT record FROM owner").fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def _record_owner(self, owner: RunOwner) -> None:
+        self.db.execute("INSERT OR IGNORE INTO owner VALUES (1, ?)", (json.dumps(owner.to_json()),))
+
+    def _holds_graph(self) -> bool:
+        return self.db.execute("SELECT EXISTS (SELECT 1 FROM nodes) OR EXISTS (SELECT 1 FROM edges)").fetchone()[0] == 1
 
     def _replace(self, table: str, block: int, columns: str, rows) -> None:
         marks = ",".join("?" * (columns.count(",") + 1))
@@ -194,18 +266,27 @@ class MongoGraphStore(GraphStore):
         import pymongo
         from pymongo.errors import PyMongoError
 
+        name = urlparse(uri).path.strip("/") or default_database
+        if not VALID_DATABASE.fullmatch(name):
+            raise UserError(
+                f"store: {name!r} is not a valid MongoDB database name (at most 63 letters, digits, '_' and '-')"
+            )
         self._pymongo = pymongo
         self.uri = uri
-        self.client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000, connectTimeoutMS=5000)
+        try:
+            self.client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000, connectTimeoutMS=5000)
+        except (PyMongoError, ValueError) as e:  # pymongo checks the URI's syntax here
+            raise UserError(f"store: not a valid MongoDB URI: {e}") from e
         try:
             self.client.admin.command("ping")
         except PyMongoError as e:
             self.client.close()
             raise UserError(f"store: cannot reach MongoDB at {uri}: {type(e).__name__}") from e
-        name = urlparse(uri).path.strip("/") or default_database
         self.db = self.client[name]
+        self.name = f"MongoDB database {name!r}"
         self.nodes = self.db["nodes"]
         self.edges = self.db["edges"]
+        self.owner = self.db["owner"]
         self._retry(lambda: self.nodes.create_index("block"))
         self._retry(lambda: self.edges.create_index([("u", 1), ("v", 1)], unique=True))
         self._retry(lambda: self.edges.create_index("block"))
@@ -224,6 +305,20 @@ class MongoGraphStore(GraphStore):
     def reset(self) -> None:
         self._retry(lambda: self.nodes.delete_many({}))
         self._retry(lambda: self.edges.delete_many({}))
+
+    def _recorded_owner(self) -> dict | None:
+        return self._retry(lambda: self.owner.find_one({"_id": "owner"}, {"_id": 0}))
+
+    def _record_owner(self, owner: RunOwner) -> None:
+        from pymongo.errors import DuplicateKeyError
+
+        try:
+            self._retry(lambda: self.owner.insert_one({"_id": "owner", **owner.to_json()}))
+        except DuplicateKeyError:
+            pass
+
+    def _holds_graph(self) -> bool:
+        return any(self._retry(lambda: c.find_one({}, {"_id": 1})) is not None for c in (self.nodes, self.edges))
 
     def _replace(self, collection, block: int, documents: list[dict]) -> None:
         # delete and insert retry as a pair: a retried insert may otherwise
@@ -310,8 +405,17 @@ def _edge_arrays(rows: list[tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return u, v, s
 
 
-def open_store(store: str, run_dir: Path) -> GraphStore:
-    """`store` is a RunConfig.store value: 'sqlite' or a MongoDB URI."""
+def default_database(run_dir: Path, run_id: str) -> str:
+    """A database name that no other run can have (the run's id) and that
+    a person can still recognise (the run directory's name, cut down to
+    the characters MongoDB allows)."""
+    readable = re.sub(r"[^A-Za-z0-9_-]+", "_", run_dir.name).strip("_")[:24]
+    return f"affseg_{readable}_{run_id[:16]}" if readable else f"affseg_{run_id[:16]}"
+
+
+def open_store(store: str, run_dir: Path, run_id: str) -> GraphStore:
+    """`store` is a RunConfig.store value: 'sqlite' or a MongoDB URI; a URI
+    without a database gets the run's own (`default_database`)."""
     if store == "sqlite":
         return SqliteGraphStore(run_dir / "graph.sqlite")
-    return MongoGraphStore(store, default_database=f"affseg_{run_dir.name}")
+    return MongoGraphStore(store, default_database=default_database(run_dir, run_id))

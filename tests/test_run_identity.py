@@ -1,0 +1,122 @@
+"""A run's results belong to that run: its MongoDB graph is its own, a
+threshold names exactly one look-up table, and a changed raw volume is
+refused. Each of these once gave a wrong segmentation with exit 0."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pymongo
+from funlib.persistence import open_ds
+
+from pipeline.config import RunConfig, load_json
+from pipeline.kernels.lut import apply_mapping, load_lut
+from pipeline.orchestration.run_layout import RunDir
+from pipeline.predict import open_run
+from tests.conftest import RAW, run_cli
+
+
+def run_predict(config: Path) -> dict:
+    result = run_cli("pipeline/predict.py", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((Path(json.loads(config.read_text())["run_dir"]) / "report.json").read_text())
+
+
+def one_line_refusal(config: Path, message: str) -> None:
+    result = run_cli("pipeline/predict.py", str(config))
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_runs_with_the_same_folder_name_keep_their_own_graphs(tmp_path, run_config, mongodb_uri):
+    """`a/exp` and `b/exp` on one server with no database in the URI: the
+    second run must not reset the first's graph (it once did, and the first
+    run's re-run printed other scores with exit 0)."""
+    uri = mongodb_uri.rstrip("/") + "/"
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+    first = run_config(tmp_path / "a" / "config.json", run_dir=str(tmp_path / "a" / "exp"), store=uri)
+    # another epsilon: another graph, so a mix-up changes the scores
+    second = run_config(tmp_path / "b" / "config.json", run_dir=str(tmp_path / "b" / "exp"), store=uri,
+                        fragments={"method": "waterz", "epsilon_agglomerate": 0.1})
+    before = run_predict(first)["scores"]
+    run_predict(second)
+    again = run_predict(first)
+    assert again["steps"]["fragments"]["skipped"] == again["steps"]["fragments"]["blocks"]
+    assert again["scores"] == before
+
+    client = pymongo.MongoClient(uri)
+    try:
+        owners = {}
+        for name in client.list_database_names():
+            record = client[name]["owner"].find_one({"_id": "owner"})
+            if record and record["run_dir"].startswith(str(tmp_path)):
+                owners[record["run_dir"]] = name
+    finally:
+        client.close()
+    assert sorted(owners) == [str((tmp_path / "a" / "exp").resolve()), str((tmp_path / "b" / "exp").resolve())]
+    assert len(set(owners.values())) == 2
+
+
+def test_a_database_of_another_run_is_refused(tmp_path, run_config, mongodb_uri):
+    uri = mongodb_uri.rstrip("/") + f"/shared_{tmp_path.name}"
+    first = run_config(tmp_path / "a.json", run_dir=str(tmp_path / "a"), store=uri)
+    open_run(RunConfig(**load_json(first)))
+    second = run_config(tmp_path / "b.json", run_dir=str(tmp_path / "b"), store=uri)
+    one_line_refusal(second, f"belongs to the run in {(tmp_path / 'a').resolve()}")
+    assert not (tmp_path / "b" / "layout.json").exists()
+
+
+def test_a_resumed_run_whose_graph_was_lost_redoes_the_graph_steps(tmp_path, run_config):
+    config = run_config(tmp_path / "config.json")
+    run_dir = tmp_path / "run"
+    before = run_predict(config)["scores"]
+    (run_dir / "graph.sqlite").unlink()
+    again = run_predict(config)
+    assert again["steps"]["fragments"]["skipped"] == 0 and again["steps"]["agglomerate"]["skipped"] == 0
+    assert again["steps"]["predict"]["skipped"] == again["steps"]["predict"]["blocks"]
+    assert again["scores"] == before
+
+
+def test_close_thresholds_keep_their_own_tables_and_relabel_follows_the_chosen_one(tmp_path, run_config):
+    """0.3205 and 0.3245 once shared the table named '0.32' (they straddle a
+    step of waterz's 256-bin histogram scores, so their tables differ); and
+    going back to a threshold relabelled before skipped relabel, leaving the
+    other one's segmentation."""
+    thresholds = [0.3205, 0.3245, 0.5]
+    run_dir = RunDir(tmp_path / "run")
+    counts = {}
+    for chosen in (0.3205, 0.3245, 0.3205):
+        config = run_config(tmp_path / "config.json", agglomerate={"thresholds": thresholds, "threshold": chosen})
+        report = run_predict(config)
+        assert report["steps"]["relabel"]["skipped"] == 0
+        fragments = open_ds(run_dir.volumes / "fragments")
+        segmentation = open_ds(run_dir.volumes / "segmentation")
+        expected = apply_mapping(fragments[fragments.roi], *load_lut(run_dir.lut("hist_quant_50", chosen)))
+        np.testing.assert_array_equal(segmentation[segmentation.roi], expected)
+        counts[chosen] = report["graph"]["segments@" + repr(chosen)]
+    assert (run_dir.path / "luts/hist_quant_50/0.3205.npz").exists()
+    assert (run_dir.path / "luts/hist_quant_50/0.3245.npz").exists()
+    # the two tables differ on this volume, so a shared one would show
+    assert counts[0.3205] != counts[0.3245]
+    table = [row["threshold"] for row in report["scores"]]
+    assert table == thresholds
+
+
+def test_a_changed_raw_volume_is_refused(tmp_path, run_config):
+    raw = tmp_path / "raw.zarr" / "raw"
+    shutil.copytree(RAW, raw)
+    config = run_config(tmp_path / "config.json", raw=str(raw))
+    open_run(RunConfig(**load_json(config)))
+
+    # same path, same geometry, other voxels
+    array = open_ds(raw, mode="r+")
+    array[array.roi] = 255 - array[array.roi]
+    one_line_refusal(config, "was made with raw = ")
+    # another path
+    moved = run_config(tmp_path / "config.json", raw=str(RAW))
+    one_line_refusal(moved, "was made with raw = ")
