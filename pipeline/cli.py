@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable
 
@@ -10,6 +11,8 @@ import pydantic
 
 from pipeline.config import RunConfig, load_json
 from pipeline.errors import EXIT_USAGE, UserError, describe_validation_error
+
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ESTALE}
 
 
 def run_command(script: str, doc: str, json_help: str) -> tuple[RunConfig, argparse.Namespace]:
@@ -31,5 +34,13 @@ def cli_main(main: Callable[[], int | None]) -> None:
         code = EXIT_USAGE
     except pydantic.ValidationError as e:
         print(f"affseg: error: {describe_validation_error(e)}", file=sys.stderr)
+        code = EXIT_USAGE
+    except OSError as e:
+        # the machine's state, not a bug: a full disk, a read-only or
+        # vanished file system, a permission; anything else is a bug
+        # and keeps its traceback
+        if e.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        print(f"affseg: error: {e.filename + ': ' if e.filename else ''}{e.strerror}", file=sys.stderr)
         code = EXIT_USAGE
     sys.exit(code or 0)

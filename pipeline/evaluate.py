@@ -32,6 +32,16 @@ from pipeline.storage.volumes import open_volume, split_path
 COLUMNS = ("threshold", "voi_split", "voi_merge", "voi", "arand", "cremi_score")
 
 
+def _lut(run_dir: RunDir, scoring: str, threshold: float):
+    path = run_dir.lut(scoring, threshold)
+    if not path.exists():
+        raise UserError(
+            f"agglomerate.thresholds: the run has no look-up table for threshold {threshold_key(threshold)} "
+            f"({scoring}); run pipeline/predict.py with this config first, it builds the tables"
+        )
+    return load_lut(path)
+
+
 def evaluate_run(config: RunConfig) -> list[dict[str, float]]:
     """One row per agglomeration threshold; a 2D (mutex watershed) run has
     one segmentation, reported in the row of its bias, with the 2D instance
@@ -45,7 +55,7 @@ def evaluate_run(config: RunConfig) -> list[dict[str, float]]:
         luts = {config.mutex.bias: None}
     else:
         labels = open_ds(run_dir.volumes / "fragments")
-        luts = {t: load_lut(run_dir.lut(config.agglomerate.scoring, t)) for t in sorted(config.agglomerate.thresholds)}
+        luts = {t: _lut(run_dir, config.agglomerate.scoring, t) for t in sorted(config.agglomerate.thresholds)}
     tables = {t: Contingency() for t in luts}
     sections = []
     roi = layout.roi

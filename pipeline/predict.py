@@ -95,7 +95,12 @@ def _run_daisy(pipeline, progress: ProgressLog, report: dict, logs: Path) -> Non
             "peak_worker_rss_bytes": int(per_task.get(step, {}).get("max_peak_rss_bytes", 0)),
         }
         if blocks != state.total_block_count:
-            cause = _worker_error(logs, step)
+            if state.timeout_reclaim_count:
+                # the worker was stopped mid-block: its log holds no error
+                cause = (f"{state.timeout_reclaim_count} block attempt(s) timed out after {state.timeout_secs:g} s; "
+                         f"raise block_timeout_s if blocks are this slow")
+            else:
+                cause = _worker_error(logs, step)
             failed.append(
                 f"{step}: {state.total_block_count - blocks} of {state.total_block_count} blocks did not finish"
                 + (f" ({cause})" if cause else "")
@@ -122,6 +127,7 @@ def open_run(config: RunConfig) -> tuple[RunLayout, RunDir]:
     directory, and prepare its volumes: everything before the first block."""
     layout = RunLayout.from_config(config, load_network(config))
     run_dir = RunDir(Path(config.run_dir))
+    run_dir.check_writable()
     record = run_record(layout, config)
     check_run_dir(run_dir, record)
     run_id = run_dir.run_id() or uuid.uuid4().hex

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 
+import numpy as np
 import pytest
+import torch
 
-from tests.conftest import RAW, run_cli
+from tests.conftest import MODEL, RAW, run_cli
 
 
 def broken(tmp_path, labels, **changes):
@@ -153,3 +157,125 @@ def test_a_2d_model_needs_blocks_of_whole_sections(tmp_path, labels):
     assert result.returncode == 2, result.stderr
     assert "a 2D model's sections are segmented whole" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _one_line(result, message: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("affseg: error: ") and message in lines[0], result.stderr
+
+
+class _Code:
+    """Pickles as a call: what the weights-only loader must refuse."""
+
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+def _checkpoint(kind: str, tmp_path):
+    path = tmp_path / f"{kind}.pt"
+    data = MODEL.read_bytes()
+    if kind == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "random bytes":
+        path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    elif kind == "code":
+        model = torch.load(MODEL, weights_only=True)
+        torch.save({**model, "hook": _Code()}, path)
+    elif kind == "weights that do not fit":
+        model = torch.load(MODEL, weights_only=True)
+        torch.save({**model, "offsets": model["offsets"][:3]}, path)
+    return path
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("truncated", "is not a readable model file (empty, truncated or corrupt)"),
+    ("empty", "is not a readable model file (empty, truncated or corrupt)"),
+    ("random bytes", "is not a model file (not a PyTorch archive)"),
+    ("code", "holds Python objects besides weights; affseg loads weights only and refuses it"),
+    ("weights that do not fit", "its weights do not fit the network it records (3 offsets"),
+])
+def test_a_bad_checkpoint_is_one_line(kind, message, tmp_path, labels):
+    path = _checkpoint(kind, tmp_path)
+    result = run_cli("pipeline/predict.py", str(broken(tmp_path, labels, model={"checkpoint": str(path)})))
+    _one_line(result, f"model.checkpoint: {path}")
+    _one_line(result, message)
+    assert "code ran" not in result.stdout + result.stderr
+    assert "weights_only=False" not in result.stderr
+
+
+def _gt_2d(tmp_path, labels):
+    from funlib.persistence import open_ds, prepare_ds
+
+    gt = open_ds(labels)
+    flat = prepare_ds(tmp_path / "flat.zarr" / "labels", shape=gt.shape[1:], voxel_size=gt.voxel_size[1:], dtype=gt.dtype)
+    flat[flat.roi] = gt[gt.roi][0]
+    return {"ground_truth": str(tmp_path / "flat.zarr" / "labels")}
+
+
+def _gt_off_grid(tmp_path, labels):
+    from funlib.persistence import open_ds, prepare_ds
+
+    gt = open_ds(labels)
+    moved = prepare_ds(tmp_path / "moved.zarr" / "labels", shape=gt.shape, offset=(5, 0, 0),
+                       voxel_size=gt.voxel_size, dtype=gt.dtype)
+    return {"ground_truth": str(tmp_path / "moved.zarr" / "labels")}
+
+
+def _run_dir_is_a_file(tmp_path, labels):
+    (tmp_path / "file").write_text("")
+    return {"run_dir": str(tmp_path / "file")}
+
+
+def _run_dir_under_a_file(tmp_path, labels):
+    (tmp_path / "file").write_text("")
+    return {"run_dir": str(tmp_path / "file" / "run")}
+
+
+@pytest.mark.parametrize("make, message", [
+    (_gt_2d, "ground_truth: expected a 3D (z, y, x) label volume, got shape (250, 250)"),
+    (_gt_off_grid, "ground_truth: its offset (5, 0, 0) is not a multiple of its voxel size (10, 10, 10)"),
+    (_run_dir_is_a_file, "is a file, not a directory"),
+    (_run_dir_under_a_file, "is a file, not a directory"),
+])
+def test_bad_inputs_are_refused_before_the_run(make, message, tmp_path, labels):
+    result = run_cli("pipeline/predict.py", str(broken(tmp_path, labels, **make(tmp_path, labels))))
+    _one_line(result, message)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("layout.json", "layout.json is damaged or from an older affseg"),
+    ("graph.sqlite", "graph.sqlite is not a usable SQLite database"),
+])
+def test_a_damaged_run_directory_is_one_line(damage, message, tmp_path, labels):
+    from pipeline.config import RunConfig, load_json
+    from pipeline.predict import open_run
+
+    config = broken(tmp_path, labels)
+    open_run(RunConfig(**load_json(config)))
+    (tmp_path / "run" / damage).write_bytes(b"\x00garbage{" * 100)
+    _one_line(run_cli("pipeline/predict.py", str(config)), message)
+
+
+def test_a_read_only_run_directory_is_one_line(tmp_path, labels):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    # root writes through permission bits, not through the immutable flag
+    lock = ["chattr", "+i"] if os.geteuid() == 0 else ["chmod", "555"]
+    unlock = ["chattr", "-i"] if os.geteuid() == 0 else ["chmod", "755"]
+    subprocess.run([*lock, str(run_dir)], check=True)
+    try:
+        _one_line(run_cli("pipeline/predict.py", str(broken(tmp_path, labels))), f"run_dir: cannot write in {run_dir}")
+    finally:
+        subprocess.run([*unlock, str(run_dir)], check=True)
+
+
+def test_evaluating_a_threshold_without_a_table_is_one_line(tmp_path, labels):
+    from pipeline.config import RunConfig, load_json
+    from pipeline.predict import open_run
+
+    config = broken(tmp_path, labels)
+    open_run(RunConfig(**load_json(config)))
+    _one_line(run_cli("pipeline/evaluate.py", str(config)), "the run has no look-up table for threshold 0.1")

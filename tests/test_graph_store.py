@@ -131,3 +131,18 @@ def test_bad_mongodb_uris_are_one_line_errors(tmp_path, uri, message):
     with pytest.raises(UserError, match=message) as error:
         open_store(uri, tmp_path, "0" * 32)
     assert "\n" not in str(error.value)
+
+
+def test_a_full_sqlite_database_says_so(tmp_path):
+    """SQLite rolls a full transaction back by itself; the store must not
+    hide "database or disk is full" behind a failed second ROLLBACK."""
+    import sqlite3
+
+    with open_store("sqlite", tmp_path / "run", "0" * 32) as store:
+        # SQLite's own ceiling on the file size: a real SQLITE_FULL
+        store.db.execute("PRAGMA max_page_count = 20")
+        with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
+            store.write_nodes(0, nodes(range(1, 100_001), 0))
+        store.db.execute("PRAGMA max_page_count = 1000000")
+        store.write_nodes(0, nodes([1, 2], 0))
+        assert store.node_ids().tolist() == [1, 2]

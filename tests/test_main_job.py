@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from funlib.persistence import open_ds
 
 from pipeline.evaluation.metrics import evaluate_arrays
 from pipeline.status import read_status
-from tests.conftest import REPO, run_cli
+from tests.conftest import RAW, REPO, run_cli
 
 
 def run_predict(config: Path) -> Path:
@@ -186,6 +187,41 @@ def test_a_block_that_keeps_failing_fails_the_run_with_its_cause(reference, run_
     blocker.unlink()
     run_predict(config)
     np.testing.assert_array_equal(volume(run_dir, "segmentation"), volume(reference, "segmentation"))
+
+
+@pytest.mark.parametrize("chunk", [
+    # sections 128..159, y and x 64..127: inside the test ROI, and none of
+    # the master's samples
+    "2/1/1",
+    # a chunk the master reads to identify the raw volume
+    "2/0/0",
+])
+def test_a_corrupt_raw_chunk_names_the_dataset_and_where(chunk, run_config, tmp_path):
+    raw = tmp_path / "raw.zarr" / "raw"
+    shutil.copytree(RAW, raw)
+    (raw / chunk).write_bytes(b"not a blosc frame" * 64)
+    config = run_config(tmp_path / "config.json", raw=str(raw))
+    result = run_cli("pipeline/predict.py", str(config))
+    if chunk == "2/0/0":
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert f"affseg: error: raw: cannot read {raw} at [1440:1600, 0:160, 0:160]" in result.stderr
+        return
+    assert result.returncode == 1, result.stderr[-2000:]
+    failure = next(line for line in result.stderr.splitlines() if line.startswith("affseg: run failed"))
+    # every predict block's raw read (block + network context) meets the chunk
+    assert f"predict: 4 of 4 blocks did not finish (pipeline.storage.volumes.VolumeReadError: cannot read {raw} at [" in failure, failure
+    assert "error during blosc decompression" in failure
+
+
+def test_blocks_that_time_out_fail_the_run_saying_so(run_config, tmp_path):
+    # one predict block of the whole crop takes several seconds on any CPU
+    config = run_config(tmp_path / "config.json", block_timeout_s=1,
+                        predict={"device": "cpu", "output_shape": [40, 160, 160], "workers": 1})
+    result = run_cli("pipeline/predict.py", str(config))
+    assert result.returncode == 1, result.stderr[-2000:]
+    failure = next(line for line in result.stderr.splitlines() if line.startswith("affseg: run failed"))
+    assert "predict: 1 of 1 blocks did not finish (" in failure and "timed out after 1 s" in failure, failure
 
 
 def _retrained(config: dict, tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from pipeline.storage.graph_store import Edges, open_store
 from pipeline.kernels.rag import first_join_scores, rag_edges
 from pipeline.orchestration.run_layout import RunLayout
 from pipeline.kernels.watershed import merge_history, relabel_consecutive
+from pipeline.storage.volumes import read_roi
 from workers.loop import ProcessBlock, WorkerRun, run_worker
 
 
@@ -67,8 +68,8 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     with open_store(run.config.store, run.run_dir.path, run.run_dir.run_id()) as store:
 
         def process_block(block) -> None:
-            data = affs.to_ndarray(block.read_roi, fill_value=0)
-            labels, ids = compact_fragments(fragments.to_ndarray(block.read_roi, fill_value=0), block.read_roi, layout)
+            data = read_roi(affs, block.read_roi, "affs", fill_value=0)
+            labels, ids = compact_fragments(read_roi(fragments, block.read_roi, "fragments", fill_value=0), block.read_roi, layout)
             edges = block_edges(data, labels, ids, layout.offsets, run.config.agglomerate.scoring)
             index = layout.block_index(block.write_roi)
             own = layout.block_of_fragment(edges.u) == index

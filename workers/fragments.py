@@ -21,6 +21,7 @@ from pipeline.kernels.watershed import (
     node_statistics,
     relabel_consecutive,
 )
+from pipeline.storage.volumes import read_roi
 from workers.loop import ProcessBlock, WorkerRun, run_worker
 
 
@@ -45,7 +46,7 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     with open_store(run.config.store, run.run_dir.path, run.run_dir.run_id()) as store:
 
         def process_block(block) -> None:
-            data = affs.to_ndarray(block.read_roi, fill_value=0).astype(np.float32) / 255.0
+            data = read_roi(affs, block.read_roi, "affs", fill_value=0).astype(np.float32) / 255.0
             labels = block_fragments(data, options, run.config.agglomerate.scoring, vs)
             local, _ = relabel_consecutive(labels[layout.window(block.write_roi, block.read_roi)])
             n = int(local.max())

@@ -14,6 +14,7 @@ import numpy as np
 from funlib.persistence import open_ds
 
 from pipeline.kernels.mutex import clean_foreground, merge_small_segments, mutex_section
+from pipeline.storage.volumes import read_roi
 from workers.loop import ProcessBlock, WorkerRun, run_worker
 
 
@@ -27,8 +28,8 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     foreground = open_ds(run.run_dir.volumes / "foreground") if any(e[0] == "foreground" for e in layout.extras) else None
 
     def process_block(block) -> None:
-        data = affs.to_ndarray(block.write_roi).astype(np.float32) / 255.0
-        probability = foreground.to_ndarray(block.write_roi)[0] / 255.0 if foreground is not None else None
+        data = read_roi(affs, block.write_roi, "affs").astype(np.float32) / 255.0
+        probability = read_roi(foreground, block.write_roi, "foreground")[0] / 255.0 if foreground is not None else None
         out = np.zeros(data.shape[1:], dtype=np.uint64)
         bump = np.uint64(layout.first_id(layout.block_index(block.write_roi)))
         count = 0

@@ -14,7 +14,7 @@ from funlib.persistence import Array, open_ds
 from pipeline.methods.base import MethodModel
 from pipeline.orchestration.devices import choose_device
 from pipeline.orchestration.run_layout import RunLayout, load_network
-from pipeline.storage.volumes import open_volume, split_path
+from pipeline.storage.volumes import open_volume, read_roi, split_path
 from workers.loop import ProcessBlock, WorkerRun, run_worker
 
 
@@ -26,13 +26,14 @@ def _stored(values: torch.Tensor, dtype: str) -> np.ndarray:
     return values.astype(dtype)
 
 
-def predict_roi(model: MethodModel, raw: Array, roi: Roi, layout: RunLayout, device: str) -> dict[str, np.ndarray]:
+def predict_roi(model: MethodModel, raw: Array, roi: Roi, layout: RunLayout, device: str, raw_name: str = "raw") -> dict[str, np.ndarray]:
     """`affs` (C, z, y, x) uint8 for the layout's offsets and the layout's
     extra outputs over `roi`, whose shape must be a valid output shape of
     the network once grown by the margin. Raw outside the volume reads as 0,
-    exactly as in training (gunpowder's Pad)."""
+    exactly as in training (gunpowder's Pad). `raw_name` names the raw
+    dataset in a read error."""
     margin = layout.predict_margin
-    data = raw.to_ndarray(roi.grow(layout.predict_read_context, layout.predict_read_context), fill_value=0)
+    data = read_roi(raw, roi.grow(layout.predict_read_context, layout.predict_read_context), raw_name, fill_value=0)
     tensor = torch.from_numpy(data.astype(np.float32) / 255.0)[None, None].to(device)
     # bf16 autocast only on GPUs: it changes results slightly and buys nothing on CPU
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=True) if device.startswith("cuda") else nullcontext()
@@ -57,7 +58,7 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     def process_block(block) -> None:
         # blocks at the far edges overhang the volume: predict the whole
         # (valid-shaped) block, keep the part inside
-        prediction = predict_roi(model, raw, block.write_roi, layout, device)
+        prediction = predict_roi(model, raw, block.write_roi, layout, device, run.config.raw)
         inside = block.write_roi.intersect(layout.roi)
         for name, values in prediction.items():
             datasets[name][inside] = values[(slice(None), *layout.window(inside, block.write_roi))]

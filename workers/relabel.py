@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from funlib.persistence import open_ds
 
 from pipeline.kernels.lut import apply_mapping, load_lut
+from pipeline.storage.volumes import read_roi
 from workers.loop import ProcessBlock, WorkerRun, run_worker
 
 
@@ -20,7 +21,7 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     segmentation = open_ds(run.run_dir.volumes / "segmentation", mode="r+")
 
     def process_block(block) -> None:
-        segmentation[block.write_roi] = apply_mapping(fragments[block.write_roi], keys, segments)
+        segmentation[block.write_roi] = apply_mapping(read_roi(fragments, block.write_roi, "fragments"), keys, segments)
 
     yield process_block
 

@@ -7,6 +7,8 @@ training offsets and the weights, so a run config names only the file.
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Annotated
 
@@ -69,8 +71,18 @@ def _from_format_1(data: dict) -> dict:
 
 def load_model(path: str | Path) -> MethodModel:
     """The model in eval mode, with `.offsets` and `.geometry` set. Raises
-    ValueError for a file that is not an affseg model."""
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    ValueError, in one line, for a file that is not an affseg model."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # a readable archive that the weights-only loader refuses holds code
+        if zipfile.is_zipfile(path):
+            raise ValueError(
+                f"{path} holds Python objects besides weights; affseg loads weights only and refuses it"
+            ) from e
+        raise ValueError(f"{path} is not a model file (not a PyTorch archive)") from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path} is not a readable model file (empty, truncated or corrupt)") from e
     if isinstance(data, dict) and data.get("format") == _FORMAT_1:
         data = _from_format_1(data)
     elif not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
@@ -80,5 +92,11 @@ def load_model(path: str | Path) -> MethodModel:
         raise ValueError(f"{path}: unknown method {name!r}")
     method = METHODS[name].Settings(**data["method"])
     model = build_model(method, data["backbone"], data["offsets"])
-    model.load_state_dict(data["state_dict"])
+    try:
+        model.load_state_dict(data["state_dict"])
+    except RuntimeError as e:
+        raise ValueError(
+            f"{path}: its weights do not fit the network it records ({len(data['offsets'])} offsets, "
+            f"{data['backbone'].get('name')}): the file was edited or assembled by hand"
+        ) from e
     return model.eval()

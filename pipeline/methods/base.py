@@ -130,6 +130,13 @@ def pair_values(values: torch.Tensor, offsets, combine) -> tuple[torch.Tensor, t
     return out, inside.expand(values.shape[0], *inside.shape)
 
 
+def object_pairs(labels: torch.Tensor, offsets) -> torch.Tensor:
+    """(B, len(offsets), z, y, x) bool: both voxels of the pair carry a
+    non-zero label (and the partner lies inside)."""
+    nonzero, inside = pair_values(labels.unsqueeze(1), offsets, lambda a, b: (a[:, 0] != 0) & (b[:, 0] != 0))
+    return (nonzero > 0) & inside
+
+
 def label_affinities(labels: torch.Tensor, annotated: torch.Tensor, offsets) -> tuple[torch.Tensor, torch.Tensor]:
     """Ground-truth affinities of (B, z, y, x) int64 `labels` by the methods
     notes' definition (1 iff both voxels carry the same non-zero label) and

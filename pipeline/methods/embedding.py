@@ -28,7 +28,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from networks.losses import WeightedMSELoss
-from pipeline.methods.base import ForegroundSettings, MethodModel, foreground_loss, label_affinities, pair_values
+from pipeline.methods.base import ForegroundSettings, MethodModel, foreground_loss, label_affinities, object_pairs, pair_values
 from pipeline.schema import Strict
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -70,11 +70,19 @@ class Settings(Strict):
     ccm: CCMSettings | None = CCMSettings()
     epm: EPMSettings | None = EPMSettings()
     foreground: ForegroundSettings | None = None
+    # whether pairs with a background voxel count in the embedding terms.
+    # With a foreground head, background is the head's job and false spends
+    # the embedding on telling touching objects apart: with true, the
+    # background pairs (most of the "different" ones on nuclei) outweigh the
+    # few pairs that span two nuclei, and those collapse to one code.
+    background_pairs: bool = True
 
     @model_validator(mode="after")
     def _some_term(self) -> Settings:
         if not (self.scm or self.ccm or self.epm):
             raise ValueError("switch on at least one of scm, ccm and epm")
+        if not self.background_pairs and self.foreground is None:
+            raise ValueError("background_pairs: false needs a foreground head (set foreground: {})")
         return self
 
 
@@ -235,6 +243,8 @@ class TrainingStep(nn.Module):
         # targets of pairs that reach beyond the output exist (gunpowder reads
         # labels beyond it) but the embedding there does not
         mask = affs_mask * inside
+        if not s.background_pairs:
+            mask = mask * object_pairs(labels, offsets)
         loss = self.mse(self._fit(cosines), affs, mask) if s.scm else cosines.new_zeros(())
         if s.ccm is not None:
             view = SecondView.draw(raw.shape, s.ccm, self.model.planar)
@@ -248,6 +258,8 @@ class TrainingStep(nn.Module):
             level_labels = nearest_downsample(labels, factor)
             chosen = level_offsets(offsets, limit)
             target, valid = label_affinities(level_labels, nearest_downsample(labels_mask, factor), chosen)
+            if not s.background_pairs:
+                valid = valid & object_pairs(level_labels, chosen)
             loss = loss + self.mse(self._fit(cosine_affinities(coarse, chosen)[0]), target, valid)
         if logits is not None:
             loss = loss + foreground_loss(logits, labels, labels_mask, s.foreground)

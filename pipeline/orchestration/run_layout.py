@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ from funlib.geometry import Coordinate, Roi
 
 from pipeline.config import RunConfig, in_plane, offsets_error, threshold_key
 from pipeline.errors import UserError
-from pipeline.storage.volumes import open_volume, split_path
+from pipeline.storage.volumes import VolumeReadError, open_volume, read_roi, split_path
 
 RAW_DTYPES = ("uint8",)
 LABEL_DTYPES = ("uint8", "uint16", "uint32", "uint64", "int32", "int64")
@@ -146,6 +148,8 @@ class RunLayout:
         if len(raw.shape) != 3:
             raise UserError(f"raw: expected a 3D (z, y, x) volume, got shape {raw.shape}")
         vs = raw.voxel_size
+        if any(o % v for o, v in zip(raw.roi.offset, vs)):
+            raise UserError(f"raw: its offset {tuple(raw.roi.offset)} is not a multiple of its voxel size {tuple(vs)}")
         roi = raw.roi
         if config.roi is not None:
             roi = Roi(config.roi.offset, config.roi.shape)
@@ -155,6 +159,13 @@ class RunLayout:
                 raise UserError(f"roi: {roi} is not inside the raw volume {raw.roi}")
         if config.ground_truth:
             gt = open_volume(*split_path(config.ground_truth), field="ground_truth", dtypes=LABEL_DTYPES)
+            if len(gt.shape) != 3:
+                raise UserError(f"ground_truth: expected a 3D (z, y, x) label volume, got shape {gt.shape}")
+            if any(o % v for o, v in zip(gt.roi.offset, gt.voxel_size)):
+                raise UserError(
+                    f"ground_truth: its offset {tuple(gt.roi.offset)} is not a multiple of its voxel size "
+                    f"{tuple(gt.voxel_size)}"
+                )
             if gt.voxel_size != vs:
                 raise UserError(f"ground_truth: voxel size {tuple(gt.voxel_size)} differs from raw's {tuple(vs)}")
             if not gt.roi.contains(roi):
@@ -240,22 +251,50 @@ class RunDir:
     def lut(self, scoring: str, threshold: float) -> Path:
         return self.path / "luts" / scoring / f"{threshold_key(threshold)}.npz"
 
+    def recorded(self) -> dict | None:
+        """The run record in `layout.json` (None for a new directory)."""
+        if not self.layout.exists():
+            return None
+        try:
+            record = json.loads(self.layout.read_text())
+            RunLayout.from_json(record)
+            record["run_id"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(
+                f"run_dir: {self.layout} is damaged or from an older affseg ({type(e).__name__}: {e}); "
+                f"delete the run directory to start again"
+            ) from e
+        return record
+
     def read_layout(self) -> RunLayout:
-        return RunLayout.from_json(json.loads(self.layout.read_text()))
+        return RunLayout.from_json(self.recorded())
 
     def run_id(self) -> str | None:
         """The id made when the directory was claimed (None before): it
         names the run's default MongoDB database and its owner record."""
-        if not self.layout.exists():
-            return None
-        return json.loads(self.layout.read_text())["run_id"]
+        record = self.recorded()
+        return None if record is None else record["run_id"]
+
+    def check_writable(self) -> None:
+        """One line for a run_dir that cannot hold a run: a file, or a
+        directory (or the parent it would be made in) this process cannot
+        write, as on a read-only file system."""
+        existing = next(p for p in (self.path, *self.path.parents) if p.exists())
+        if not existing.is_dir():
+            raise UserError(f"run_dir: {existing} is a file, not a directory")
+        try:
+            fd, probe = tempfile.mkstemp(dir=existing, prefix=".affseg-write-test-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise UserError(f"run_dir: cannot write in {existing}: {e.strerror}") from e
 
     def changed_key(self, record: dict) -> str | None:
         """The first key in which `record` differs from the directory's
         recorded `run_record`; None for a new directory or an equal record."""
-        if not self.layout.exists():
+        existing = self.recorded()
+        if existing is None:
             return None
-        existing = json.loads(self.layout.read_text())
         return next((key for key in record if existing.get(key) != record[key]), None)
 
 
@@ -285,7 +324,11 @@ def raw_identity(config: RunConfig) -> dict:
     room = raw.roi.shape - cube
     digest = hashlib.sha256()
     for corner in [*itertools.product(*((0, r) for r in room)), room / vs / 2 * vs]:
-        digest.update(np.ascontiguousarray(raw[Roi(raw.roi.begin + Coordinate(corner), cube)]).tobytes())
+        sample = Roi(raw.roi.begin + Coordinate(corner), cube)
+        try:
+            digest.update(np.ascontiguousarray(read_roi(raw, sample, config.raw)).tobytes())
+        except VolumeReadError as e:
+            raise UserError(f"raw: {e}") from e
     return {
         "path": config.raw,
         "shape": list(raw.shape),
@@ -317,7 +360,7 @@ def check_run_dir(run_dir: RunDir, record: dict) -> None:
     with other inputs would silently mix with new ones. Writes nothing."""
     key = run_dir.changed_key(record)
     if key is not None:
-        existing = json.loads(run_dir.layout.read_text()).get(key)
+        existing = run_dir.recorded().get(key)
         raise UserError(
             f"run_dir {run_dir.path} was made with {key} = {json.dumps(existing)}, this config gives "
             f"{json.dumps(record[key])}; a run's finished blocks depend on it, so changing it is refused: "

@@ -166,8 +166,11 @@ class SqliteGraphStore(GraphStore):
         self.path = path
         self.name = str(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, timeout=600, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
+        try:
+            self.db = sqlite3.connect(path, timeout=600, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.DatabaseError as e:
+            raise UserError(f"store: {path} is not a usable SQLite database ({e}); delete the run directory to start again") from e
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(
             """
@@ -204,7 +207,10 @@ class SqliteGraphStore(GraphStore):
             self.db.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows)
             self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            # SQLite rolls back by itself on some errors ("database or disk
+            # is full"); a second ROLLBACK would fail and hide that cause
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
             raise
 
     def write_nodes(self, block: int, nodes: Nodes) -> None:

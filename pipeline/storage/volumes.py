@@ -46,6 +46,22 @@ def open_volume(container: Path, dataset: str, *, field: str, dtypes: tuple[str,
     return array
 
 
+class VolumeReadError(Exception):
+    """A read that failed inside zarr or its codecs, named by dataset and ROI."""
+
+
+def read_roi(volume: Array, roi: Roi, name: str | Path, fill_value=None) -> np.ndarray:
+    """`volume.to_ndarray(roi)`. A corrupt chunk otherwise fails with only
+    "error during blosc decompression"; this names the dataset and the ROI,
+    which is what a user needs to find the bad chunk."""
+    try:
+        if fill_value is None:
+            return volume.to_ndarray(roi)
+        return volume.to_ndarray(roi, fill_value=fill_value)
+    except Exception as e:
+        raise VolumeReadError(f"cannot read {name} at {roi}: {type(e).__name__}: {e}") from e
+
+
 def prepare_volume(
     container: Path,
     dataset: str,
