@@ -124,6 +124,10 @@ TRAIN_CASES = {
          "network": {"name": "residual_unet", "widths": [4, 6, 8], "downsample_factors": [[2, 2, 2], [2, 2, 2]], "crop": [4, 4, 4]}},
         "method.epm.ranges has 3 levels, the backbone 2",
     ),
+    "background pairs without a foreground head": (
+        {"method": {"name": "embedding", "background_pairs": False}},
+        "background_pairs: false needs a foreground head",
+    ),
     "embedding dimension 1": ({"method": {"name": "embedding", "dim": 1}}, "method.embedding.dim: Input should be greater than 1"),
 }
 

@@ -149,6 +149,27 @@ def test_each_term_adds_to_the_loss(term):
     assert more > scm + 1e-4
 
 
+@pytest.mark.parametrize("background_pairs", [True, False])
+def test_background_pairs_can_be_left_to_the_foreground_head(background_pairs):
+    """With background_pairs false, a voxel whose every pair touches
+    background gets no gradient from the embedding terms."""
+    settings = SCM_ONLY.model_copy(update={"foreground": FULL.foreground, "background_pairs": background_pairs})
+    step = _step(settings)
+    gradient = {}
+
+    def keep_gradient(module, inputs, output) -> None:
+        output.register_hook(lambda g: gradient.setdefault("embedding", g))
+
+    step.model.embed.register_forward_hook(keep_gradient)
+    raw, batch = _toy_batch()
+    step(raw, **batch)[1].backward()
+    # rows 0..1, columns 28..31: more than the longest offset (3) from both objects
+    far = gradient["embedding"][0, :, 0, 0:2, 28:32].abs().max()
+    inside = gradient["embedding"][0, :, 0, 8:12, 8:12].abs().max()
+    assert inside > 0
+    assert (far > 0) if background_pairs else (far == 0)
+
+
 def test_the_training_step_learns():
     raw, batch = _toy_batch()
     step = _step(FULL)
