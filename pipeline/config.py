@@ -20,6 +20,7 @@ from pydantic import AfterValidator, Field, field_validator, model_validator
 from pipeline.errors import UserError
 from pipeline.methods import MethodConfig, affinity
 from pipeline.schema import PositiveTriple, Probability, Strict, Triple
+from pipeline.storage.credentials import masked
 
 
 def in_plane(offsets) -> bool:
@@ -178,6 +179,13 @@ class RunConfig(Strict):
     # "sqlite" (a file in run_dir), or a MongoDB URI such as
     # "mongodb://host:27017/affseg_run1" (the path names the database)
     store: str = "sqlite"
+    # a file (mode 600) whose first line is the MongoDB password, for a URI
+    # such as "mongodb://user@host/db"; or set AFFSEG_MONGODB_PASSWORD. See
+    # pipeline/storage/credentials.py: a password is never written anywhere
+    store_password_file: AbsPath | None = None
+    # seconds a MongoDB server may stall (frozen, unreachable) before a
+    # request fails; the worker's block is then retried, never stuck
+    store_timeout_s: Annotated[float, Field(gt=0)] = 120
     predict: PredictConfig = PredictConfig()
     fragments: FragmentsConfig = FragmentsConfig()
     agglomerate: AgglomerateConfig = AgglomerateConfig()
@@ -192,7 +200,7 @@ class RunConfig(Strict):
     def _store(cls, value: str) -> str:
         if value == "sqlite" or value.startswith(("mongodb://", "mongodb+srv://")):
             return value
-        raise ValueError(f"{value!r} is neither 'sqlite' nor a mongodb:// URI")
+        raise ValueError(f"{masked(value)!r} is neither 'sqlite' nor a mongodb:// URI")
 
     @model_validator(mode="after")
     def _epsilon_below_thresholds(self) -> RunConfig:

@@ -22,6 +22,7 @@ import socket
 import sys
 import time
 import uuid
+from contextlib import ExitStack
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python pipeline/predict.py`
@@ -34,11 +35,13 @@ from daisy import logging as daisy_logging
 from pipeline.cli import cli_main
 from pipeline.config import RunConfig, load_json
 from pipeline.evaluate import evaluate_run, format_table
-from pipeline.storage.graph_store import RunOwner, open_store
+from pipeline.storage.graph_store import RunOwner
+from pipeline.orchestration.master_lock import master_lock
 from pipeline.orchestration.progress import ProgressLog
-from pipeline.orchestration.run_layout import RunDir, RunLayout, check_run_dir, claim_run_dir, load_network, run_record
+from pipeline.orchestration.run_layout import RunDir, RunLayout, check_run_dir, claim_run_dir, load_network, run_record, run_store
 from pipeline.orchestration.segments import write_luts
 from pipeline.orchestration.tasks import graph_pipeline, mutex_pipeline, relabel_task
+from pipeline.storage.credentials import move_inline_password
 from pipeline.storage.volumes import prepare_volume
 
 EXIT_FAILED = 1
@@ -122,19 +125,23 @@ def _master_step(step: str, progress: ProgressLog, report: dict, function):
     return result
 
 
-def open_run(config: RunConfig) -> tuple[RunLayout, RunDir]:
+def open_run(config: RunConfig, held: ExitStack | None = None) -> tuple[RunLayout, RunDir]:
     """Check the config against the data, claim (or re-open) the run
-    directory, and prepare its volumes: everything before the first block."""
+    directory, and prepare its volumes: everything before the first block.
+    A master passes `held`, which keeps the run directory's master lock
+    until the master is done."""
     layout = RunLayout.from_config(config, load_network(config))
     run_dir = RunDir(Path(config.run_dir))
     run_dir.check_writable()
+    if held is not None:
+        held.enter_context(master_lock(run_dir.master_lock))
     record = run_record(layout, config)
     check_run_dir(run_dir, record)
     run_id = run_dir.run_id() or uuid.uuid4().hex
     owner = RunOwner(run_id, str(run_dir.path.resolve()), socket.gethostname())
     # reach the store and check whose graph it holds before touching the
     # run dir: a bad URI or a store of another run leaves nothing behind
-    with open_store(config.store, run_dir.path, run_id) as store:
+    with run_store(config, run_dir, run_id) as store:
         store.check_owner(owner)
         fresh = claim_run_dir(run_dir, record, run_id)
         known = store.claim(owner)
@@ -153,7 +160,12 @@ def open_run(config: RunConfig) -> tuple[RunLayout, RunDir]:
 
 
 def run(config: RunConfig, config_source: str) -> dict:
-    layout, run_dir = open_run(config)
+    with ExitStack() as held:
+        return _run(config, config_source, held)
+
+
+def _run(config: RunConfig, config_source: str, held: ExitStack) -> dict:
+    layout, run_dir = open_run(config, held)
 
     vs = layout.voxel_size
     blockwise = [step for step in layout.steps if step not in ("segments", "evaluate")]
@@ -172,7 +184,7 @@ def run(config: RunConfig, config_source: str) -> dict:
         _run_daisy(mutex_pipeline(config, layout, run_dir), progress, report, run_dir.logs)
     else:
         _run_daisy(graph_pipeline(config, layout, run_dir), progress, report, run_dir.logs)
-        with open_store(config.store, run_dir.path, run_dir.run_id()) as store:
+        with run_store(config, run_dir) as store:
             report["graph"] = _master_step("segments", progress, report, lambda: write_luts(config, run_dir, store))
         _run_daisy(relabel_task(config, layout, run_dir), progress, report, run_dir.logs)
     if config.ground_truth:
@@ -190,6 +202,8 @@ def main() -> int:
     parser.add_argument("config", help="run config JSON (see configs/demo.json and the README's config reference)")
     args = parser.parse_args()
     config = RunConfig(**load_json(args.config))
+    # before anything is written or printed: see pipeline/storage/credentials.py
+    config = config.model_copy(update={"store": move_inline_password(config.store)})
     try:
         report = run(config, str(Path(args.config).absolute()))
     except RunFailed as e:

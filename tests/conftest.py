@@ -26,8 +26,8 @@ MODEL = REPO / "models/fib25_mala.pt"
 TEST_ROI = {"offset": [1200, 0, 0], "shape": [400, 1600, 1600]}
 
 
-def run_cli(*args: str, cwd: Path = REPO, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+def run_cli(*args: str, cwd: Path = REPO, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def affinity_model(spec: dict, offsets):
@@ -127,6 +127,33 @@ def mongodb_uri(tmp_path_factory):
     from secantus import SecantusDBServer
 
     server = SecantusDBServer(host="127.0.0.1", port=0, storage_path=str(tmp_path_factory.mktemp("secantus")))
+    server.start()
+    try:
+        yield server.uri
+    finally:
+        server.stop()
+
+
+MONGODB_USER, MONGODB_PASSWORD = "affseg", "S3cret pw/81"
+
+
+@pytest.fixture(scope="session")
+def mongodb_with_password(tmp_path_factory):
+    """A MongoDB-wire server that requires a password (MONGODB_USER,
+    MONGODB_PASSWORD); its URI has none. Always a local secantus server:
+    a test must know the password."""
+    import pymongo
+    from secantus import SecantusDBServer
+
+    storage = str(tmp_path_factory.mktemp("secantus-auth"))
+    # users are made on an open server, which then restarts requiring them
+    server = SecantusDBServer(host="127.0.0.1", port=0, storage_path=storage)
+    server.start()
+    client = pymongo.MongoClient(server.uri)
+    client.admin.command("createUser", MONGODB_USER, pwd=MONGODB_PASSWORD, roles=["root"])
+    client.close()
+    server.stop()
+    server = SecantusDBServer(host="127.0.0.1", port=0, storage_path=storage, require_auth=True)
     server.start()
     try:
         yield server.uri

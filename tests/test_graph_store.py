@@ -146,3 +146,57 @@ def test_a_full_sqlite_database_says_so(tmp_path):
         store.db.execute("PRAGMA max_page_count = 1000000")
         store.write_nodes(0, nodes([1, 2], 0))
         assert store.node_ids().tolist() == [1, 2]
+
+
+@pytest.fixture
+def own_mongodb_server(tmp_path):
+    """A MongoDB-wire server in its own process, so a test can freeze it."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import pymongo
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "secantus", "--host", "127.0.0.1", "--port", str(port),
+                               "--storage-path", str(tmp_path / "data"), "--standalone"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"mongodb://127.0.0.1:{port}/frozen"
+    deadline = time.time() + 60
+    while True:
+        try:
+            pymongo.MongoClient(uri, serverSelectionTimeoutMS=500).admin.command("ping")
+            break
+        except pymongo.errors.PyMongoError:
+            assert server.poll() is None and time.time() < deadline, "the server did not start"
+    try:
+        yield server, uri
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_a_frozen_mongodb_server_fails_the_request_instead_of_stalling_it(tmp_path, own_mongodb_server):
+    import signal
+    import time
+
+    from pymongo.errors import AutoReconnect
+
+    server, uri = own_mongodb_server
+    with open_store(uri, tmp_path, "0" * 32, timeout_s=1) as store:
+        store.write_nodes(0, nodes([1], 0))
+        server.send_signal(signal.SIGSTOP)
+        try:
+            started = time.time()
+            with pytest.raises(AutoReconnect):  # NetworkTimeout and ServerSelectionTimeoutError are kinds of it
+                store.write_nodes(1, nodes([2], 1))
+            # five attempts of about a second, with 7.5 s of back-off between them
+            assert time.time() - started < 30
+        finally:
+            server.send_signal(signal.SIGCONT)
+        # the server back: the same store works again
+        store.write_nodes(1, nodes([2], 1))
+        assert store.node_ids().tolist() == [1, 2]

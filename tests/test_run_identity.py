@@ -5,7 +5,13 @@ refused. Each of these once gave a wrong segmentation with exit 0."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +22,7 @@ from pipeline.config import RunConfig, load_json
 from pipeline.kernels.lut import apply_mapping, load_lut
 from pipeline.orchestration.run_layout import RunDir
 from pipeline.predict import open_run
-from tests.conftest import RAW, run_cli
+from tests.conftest import RAW, REPO, run_cli
 
 
 def run_predict(config: Path) -> dict:
@@ -120,3 +126,21 @@ def test_a_changed_raw_volume_is_refused(tmp_path, run_config):
     # another path
     moved = run_config(tmp_path / "config.json", raw=str(RAW))
     one_line_refusal(moved, "was made with raw = ")
+
+
+def test_one_master_per_run_directory_and_a_dead_masters_lock_is_taken_over(tmp_path, run_config):
+    config = run_config(tmp_path / "config.json")
+    first = subprocess.Popen([sys.executable, "pipeline/predict.py", str(config)], cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (tmp_path / "run" / "progress.jsonl").exists():
+            assert first.poll() is None and time.time() < deadline, "the first master did not start its run"
+            time.sleep(0.1)
+        one_line_refusal(config, f"is in use by the master on {socket.gethostname()}, PID {first.pid}, since ")
+    finally:
+        # killed while holding the lock: nothing releases it but its death
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert json.loads((tmp_path / "run" / "master.lock").read_text())["pid"] == first.pid
+    assert "scores" in run_predict(config)

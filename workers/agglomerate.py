@@ -16,7 +16,8 @@ import numpy as np
 from funlib.geometry import Roi
 from funlib.persistence import open_ds
 
-from pipeline.storage.graph_store import Edges, open_store
+from pipeline.orchestration.run_layout import run_store
+from pipeline.storage.graph_store import Edges
 from pipeline.kernels.rag import first_join_scores, rag_edges
 from pipeline.orchestration.run_layout import RunLayout
 from pipeline.kernels.watershed import merge_history, relabel_consecutive
@@ -65,7 +66,7 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     layout = run.layout
     affs = open_ds(run.run_dir.volumes / "affs")
     fragments = open_ds(run.run_dir.volumes / "fragments")
-    with open_store(run.config.store, run.run_dir.path, run.run_dir.run_id()) as store:
+    with run_store(run.config, run.run_dir) as store:
 
         def process_block(block) -> None:
             data = read_roi(affs, block.read_roi, "affs", fill_value=0)

@@ -14,7 +14,8 @@ import numpy as np
 from funlib.persistence import open_ds
 
 from pipeline.config import FragmentsConfig
-from pipeline.storage.graph_store import Nodes, open_store
+from pipeline.orchestration.run_layout import run_store
+from pipeline.storage.graph_store import Nodes
 from pipeline.kernels.watershed import (
     distance_watershed,
     epsilon_agglomerate,
@@ -43,7 +44,7 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     affs.lazy_op(np.s_[0:3])
     fragments = open_ds(run.run_dir.volumes / "fragments", mode="r+")
     vs = layout.voxel_size
-    with open_store(run.config.store, run.run_dir.path, run.run_dir.run_id()) as store:
+    with run_store(run.config, run.run_dir) as store:
 
         def process_block(block) -> None:
             data = read_roi(affs, block.read_roi, "affs", fill_value=0).astype(np.float32) / 255.0

@@ -24,6 +24,7 @@ from funlib.geometry import Coordinate, Roi
 
 from pipeline.config import RunConfig, in_plane, offsets_error, threshold_key
 from pipeline.errors import UserError
+from pipeline.storage.graph_store import GraphStore, open_store
 from pipeline.storage.volumes import VolumeReadError, open_volume, read_roi, split_path
 
 RAW_DTYPES = ("uint8",)
@@ -244,6 +245,7 @@ class RunDir:
     # which look-up table the segmentation volume holds (or is being
     # relabelled to): relabel's done markers are only valid for that one
     relabel_target = property(lambda self: self.path / "segmentation.json")
+    master_lock = property(lambda self: self.path / "master.lock")
 
     def tracking(self, step: str) -> Path:
         return self.path / "tracking" / step
@@ -296,6 +298,12 @@ class RunDir:
         if existing is None:
             return None
         return next((key for key in record if existing.get(key) != record[key]), None)
+
+
+def run_store(config: RunConfig, run_dir: RunDir, run_id: str | None = None) -> GraphStore:
+    """The run's graph store; `run_id` before the directory records one."""
+    return open_store(config.store, run_dir.path, run_id or run_dir.run_id(), config.store_password_file,
+                      config.store_timeout_s)
 
 
 def model_identity(config: RunConfig) -> str:

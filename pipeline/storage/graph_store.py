@@ -30,11 +30,29 @@ from urllib.parse import urlparse
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.storage.credentials import hide_in, masked, password, split_password, with_password
 
 EDGE_CHUNK = 100_000
 # portable MongoDB database names: no slash, backslash, dot, quote, dollar or
 # space, and under the 64-byte limit
 VALID_DATABASE = re.compile(r"[A-Za-z0-9_-]{1,63}")
+# seconds a MongoDB server may stall before a request fails (RunConfig.store_timeout_s)
+STORE_TIMEOUT_S = 120
+
+
+def _client_options(timeout_s: float) -> dict:
+    # a stalled server (frozen, partitioned) must turn into a failed, retried
+    # block, not a worker that waits forever: pymongo has no socket timeout
+    # by default. Reads and writes retry once by themselves on a new
+    # connection or primary, and `_retry` adds back-off on top.
+    ms = int(timeout_s * 1000)
+    return {
+        "serverSelectionTimeoutMS": ms,
+        "connectTimeoutMS": ms,
+        "socketTimeoutMS": ms,
+        "retryWrites": True,
+        "retryReads": True,
+    }
 # block indices per `$in` query: 8-byte ints keep a query far below MongoDB's
 # 16 MB document limit
 IN_CHUNK = 50_000
@@ -268,7 +286,7 @@ class MongoGraphStore(GraphStore):
 
     RETRIES = 5
 
-    def __init__(self, uri: str, default_database: str):
+    def __init__(self, uri: str, default_database: str, secret: str | None = None, timeout_s: float = STORE_TIMEOUT_S):
         import pymongo
         from pymongo.errors import PyMongoError
 
@@ -278,16 +296,20 @@ class MongoGraphStore(GraphStore):
                 f"store: {name!r} is not a valid MongoDB database name (at most 63 letters, digits, '_' and '-')"
             )
         self._pymongo = pymongo
-        self.uri = uri
+        bare, inline = split_password(uri)
+        secret = inline or secret
+        # messages name the URI with `***` for a password
+        self.uri = masked(with_password(bare, secret))
         try:
-            self.client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000, connectTimeoutMS=5000)
+            self.client = pymongo.MongoClient(with_password(bare, secret), **_client_options(timeout_s))
         except (PyMongoError, ValueError) as e:  # pymongo checks the URI's syntax here
-            raise UserError(f"store: not a valid MongoDB URI: {e}") from e
+            raise UserError(f"store: not a valid MongoDB URI: {hide_in(str(e), secret)}") from e
         try:
             self.client.admin.command("ping")
         except PyMongoError as e:
             self.client.close()
-            raise UserError(f"store: cannot reach MongoDB at {uri}: {type(e).__name__}") from e
+            reason = "authentication failed" if isinstance(e, pymongo.errors.OperationFailure) and e.code == 18 else type(e).__name__
+            raise UserError(f"store: cannot reach MongoDB at {self.uri}: {reason}") from e
         self.db = self.client[name]
         self.name = f"MongoDB database {name!r}"
         self.nodes = self.db["nodes"]
@@ -419,9 +441,13 @@ def default_database(run_dir: Path, run_id: str) -> str:
     return f"affseg_{readable}_{run_id[:16]}" if readable else f"affseg_{run_id[:16]}"
 
 
-def open_store(store: str, run_dir: Path, run_id: str) -> GraphStore:
+def open_store(store: str, run_dir: Path, run_id: str, password_file: str | None = None,
+               timeout_s: float = STORE_TIMEOUT_S) -> GraphStore:
     """`store` is a RunConfig.store value: 'sqlite' or a MongoDB URI; a URI
-    without a database gets the run's own (`default_database`)."""
+    without a database gets the run's own (`default_database`). A password
+    not in the URI comes from the environment or `password_file`
+    (pipeline/storage/credentials.py)."""
     if store == "sqlite":
         return SqliteGraphStore(run_dir / "graph.sqlite")
-    return MongoGraphStore(store, default_database=default_database(run_dir, run_id))
+    secret = password(Path(password_file) if password_file else None)
+    return MongoGraphStore(store, default_database=default_database(run_dir, run_id), secret=secret, timeout_s=timeout_s)
