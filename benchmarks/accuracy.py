@@ -45,6 +45,7 @@ from pipeline.evaluation.instance_metrics import SCORES as INSTANCE_SCORES  # no
 from pipeline.evaluation.instance_metrics import mean_instance_scores  # noqa: E402
 from pipeline.kernels.classical import otsu_watershed  # noqa: E402
 from pipeline.methods import load_model  # noqa: E402
+from pipeline.errors import UserError  # noqa: E402
 from pipeline.orchestration.run_layout import RunDir, RunLayout, run_record  # noqa: E402
 from pipeline.storage.volumes import open_volume, split_path  # noqa: E402
 
@@ -110,7 +111,11 @@ def _run(experiment: Experiment, model: Path, roi: RoiConfig, run_dir: Path, run
     # the benchmark's run dirs are its own scratch: a run made with another
     # model (retrained, resumed) or other settings is started again, where
     # predict.py itself would refuse it
-    if RunDir(run_dir).changed_key(run_record(RunLayout.from_config(config), config)) is not None:
+    try:
+        changed = RunDir(run_dir).changed_key(run_record(RunLayout.from_config(config), config)) is not None
+    except UserError:  # a damaged record, or one from an older affseg
+        changed = True
+    if changed:
         shutil.rmtree(run_dir)
     path = run_dir.parent / f"{run_dir.name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

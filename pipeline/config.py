@@ -166,6 +166,11 @@ class LauncherConfig(Strict):
     resources: dict[Literal["predict", "fragments", "agglomerate", "relabel"], Resources] = Field(
         default_factory=dict
     )
+    # SQLite's locks do not hold on most network file systems (NFS, Lustre,
+    # GPFS), which cluster workers share: concurrent writers can corrupt the
+    # graph. Cluster launchers therefore need a MongoDB store, unless this is
+    # set because run_dir is on a file system whose locks do work.
+    allow_sqlite: bool = False
 
 
 class RunConfig(Strict):
@@ -201,6 +206,16 @@ class RunConfig(Strict):
         if value == "sqlite" or value.startswith(("mongodb://", "mongodb+srv://")):
             return value
         raise ValueError(f"{masked(value)!r} is neither 'sqlite' nor a mongodb:// URI")
+
+    @model_validator(mode="after")
+    def _sqlite_stays_local(self) -> RunConfig:
+        if self.store == "sqlite" and self.launcher.kind != "local" and not self.launcher.allow_sqlite:
+            raise ValueError(
+                f"store: SQLite with the {self.launcher.kind} launcher is refused: cluster workers share run_dir "
+                f"over a network file system, where SQLite's locks are unsafe; use a mongodb:// store (or set "
+                f"launcher.allow_sqlite: true if run_dir's file system supports POSIX locks)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _epsilon_below_thresholds(self) -> RunConfig:

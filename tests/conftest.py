@@ -159,3 +159,51 @@ def mongodb_with_password(tmp_path_factory):
         yield server.uri
     finally:
         server.stop()
+
+
+class MongoServerProcess:
+    """A MongoDB-wire server (secantus) in a process of its own, which a test
+    can freeze (SIGSTOP), kill and start again on the same port and data."""
+
+    def __init__(self, storage: Path):
+        import socket
+
+        self.storage = storage
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.uri = f"mongodb://127.0.0.1:{self.port}/"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        import time
+
+        import pymongo
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "secantus", "--host", "127.0.0.1", "--port", str(self.port),
+             # durable commits, as mongod's journal: a killed server keeps what it acknowledged
+             "--storage-path", str(self.storage), "--standalone", "--sync-on-commit"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 60
+        while True:
+            try:
+                pymongo.MongoClient(self.uri, serverSelectionTimeoutMS=500).admin.command("ping")
+                return
+            except pymongo.errors.PyMongoError:
+                assert self.process.poll() is None and time.time() < deadline, "the server did not start"
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+@pytest.fixture
+def mongodb_process(tmp_path):
+    server = MongoServerProcess(tmp_path / "mongodb-data")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()

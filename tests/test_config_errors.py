@@ -43,6 +43,7 @@ CASES = {
     "volume smaller than a block": ({"postprocess__block_shape": [800, 400, 400]}, "smaller than one block"),
     "unreachable mongodb": ({"store": "mongodb://127.0.0.1:9/affseg"}, "cannot reach MongoDB at mongodb://127.0.0.1:9/affseg"),
     "not a store": ({"store": "postgres://x"}, "store: 'postgres://x' is neither"),
+    "sqlite on a cluster": ({"launcher": {"kind": "slurm"}}, "store: SQLite with the slurm launcher is refused"),
     "threshold listed twice": ({"agglomerate": {"thresholds": [0.3, 0.3], "threshold": 0.3}}, "lists a value twice"),
     "threshold not listed": ({"agglomerate": {"thresholds": [0.3], "threshold": 0.5}}, "must be one of thresholds"),
     "epsilon above thresholds": (

@@ -148,45 +148,14 @@ def test_a_full_sqlite_database_says_so(tmp_path):
         assert store.node_ids().tolist() == [1, 2]
 
 
-@pytest.fixture
-def own_mongodb_server(tmp_path):
-    """A MongoDB-wire server in its own process, so a test can freeze it."""
-    import socket
-    import subprocess
-    import sys
-    import time
-
-    import pymongo
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "secantus", "--host", "127.0.0.1", "--port", str(port),
-                               "--storage-path", str(tmp_path / "data"), "--standalone"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    uri = f"mongodb://127.0.0.1:{port}/frozen"
-    deadline = time.time() + 60
-    while True:
-        try:
-            pymongo.MongoClient(uri, serverSelectionTimeoutMS=500).admin.command("ping")
-            break
-        except pymongo.errors.PyMongoError:
-            assert server.poll() is None and time.time() < deadline, "the server did not start"
-    try:
-        yield server, uri
-    finally:
-        server.kill()
-        server.wait()
-
-
-def test_a_frozen_mongodb_server_fails_the_request_instead_of_stalling_it(tmp_path, own_mongodb_server):
+def test_a_frozen_mongodb_server_fails_the_request_instead_of_stalling_it(tmp_path, mongodb_process):
     import signal
     import time
 
     from pymongo.errors import AutoReconnect
 
-    server, uri = own_mongodb_server
-    with open_store(uri, tmp_path, "0" * 32, timeout_s=1) as store:
+    server = mongodb_process.process
+    with open_store(mongodb_process.uri + "frozen", tmp_path, "0" * 32, timeout_s=1) as store:
         store.write_nodes(0, nodes([1], 0))
         server.send_signal(signal.SIGSTOP)
         try:

@@ -224,6 +224,71 @@ def test_blocks_that_time_out_fail_the_run_saying_so(run_config, tmp_path):
     assert "predict: 1 of 1 blocks did not finish (" in failure and "timed out after 1 s" in failure, failure
 
 
+def test_mongodb_killed_mid_step_and_restarted_loses_nothing(reference, run_config, tmp_path, mongodb_process):
+    config = run_config(tmp_path / "config.json", store=mongodb_process.uri)
+    run_dir = Path(json.loads(config.read_text())["run_dir"])
+    process = subprocess.Popen([sys.executable, "pipeline/predict.py", str(config)], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while True:
+            progress = run_dir / "progress.jsonl"
+            records = [json.loads(line) for line in progress.read_text().splitlines()] if progress.exists() else []
+            if any(r["step"] == "agglomerate" and r.get("completed", 0) >= 1 for r in records):
+                break
+            assert process.poll() is None and time.time() < deadline, "the run ended before agglomerate"
+            time.sleep(0.05)
+        mongodb_process.kill()
+        time.sleep(5)
+        mongodb_process.start()
+        code = process.wait(timeout=900)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    # the store's retries may ride out the outage, or blocks fail and the
+    # same command finishes them
+    if code != 0:
+        assert code == 1
+        run_predict(config)
+    np.testing.assert_array_equal(volume(run_dir, "segmentation"), volume(reference, "segmentation"))
+
+
+def _on_a_cluster() -> dict:
+    """The environment of a login node: `sbatch` and `bsub` on PATH (the
+    stand-ins in tests/cluster_standins run jobs here as the real ones do)."""
+    return {**os.environ, "PATH": f"{REPO / 'tests' / 'cluster_standins'}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_slurm_runs_the_job_and_a_failed_blocks_cause_is_found_in_its_job_log(reference, run_config, tmp_path, mongodb_uri):
+    config = run_config(tmp_path / "config.json", store=mongodb_uri.rstrip("/") + f"/slurm_{tmp_path.name}",
+                        launcher={"kind": "slurm"})
+    run_dir = Path(json.loads(config.read_text())["run_dir"])
+    blocker = run_dir / "volumes.zarr" / "fragments" / "1" / "1"  # as in the test above
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("")
+    result = run_cli("pipeline/predict.py", str(config), env=_on_a_cluster())
+    assert result.returncode == 1, result.stderr[-2000:]
+    # the worker ran inside a SLURM job: its traceback is in the job's error file
+    assert "fragments: 2 of 8 blocks did not finish (KeyError" in result.stderr, result.stderr[-2000:]
+    assert any("KeyError" in p.read_text() for p in (run_dir / "logs" / "fragments").glob("slurm-*.err"))
+
+    blocker.unlink()
+    result = run_cli("pipeline/predict.py", str(config), env=_on_a_cluster())
+    assert result.returncode == 0, result.stderr[-2000:]
+    np.testing.assert_array_equal(volume(run_dir, "segmentation"), volume(reference, "segmentation"))
+
+
+def test_lsf_runs_the_job_with_a_log_per_job(reference, run_config, tmp_path, mongodb_uri):
+    config = run_config(tmp_path / "config.json", store=mongodb_uri.rstrip("/") + f"/lsf_{tmp_path.name}",
+                        launcher={"kind": "lsf"})
+    result = run_cli("pipeline/predict.py", str(config), env=_on_a_cluster())
+    assert result.returncode == 0, result.stderr[-2000:]
+    run_dir = Path(json.loads(config.read_text())["run_dir"])
+    np.testing.assert_array_equal(volume(run_dir, "segmentation"), volume(reference, "segmentation"))
+    for step in ("predict", "fragments", "agglomerate", "relabel"):
+        assert list((run_dir / "logs" / step).glob("lsf-*.out")), step
+
+
 def _retrained(config: dict, tmp_path: Path) -> None:
     """The same network with other weights, as after retraining."""
     model = torch.load(config["model"]["checkpoint"], map_location="cpu", weights_only=True)

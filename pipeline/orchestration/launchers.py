@@ -14,6 +14,7 @@ import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipeline.config import LauncherConfig, Resources
 
@@ -28,6 +29,13 @@ class Launcher:
     def worker_command(self) -> list[str]:
         return [sys.executable, "-m", f"workers.{self.step}", self.config_path]
 
+    def log(self, scheduler: str, job_id_pattern: str, stream: str) -> str:
+        """Where a cluster job's own output goes: beside the daisy worker
+        logs of its step, one file per job and stream, so that the master
+        finds a failed block's exception there."""
+        logs = Path(self.config_path).parent / "logs" / self.step
+        return str(logs / f"{scheduler}-{job_id_pattern}.{stream}")
+
     def command(self) -> list[str]:
         worker = self.worker_command()
         r = self.resources
@@ -37,6 +45,7 @@ class Launcher:
             command = [
                 "sbatch", "--wait", f"--job-name=affseg-{self.step}", f"--cpus-per-task={r.cpus}",
                 f"--mem={int(r.memory_gb * 1024)}M", f"--time={r.time_limit_min}",
+                f"--output={self.log('slurm', '%j', 'out')}", f"--error={self.log('slurm', '%j', 'err')}",
             ]
             if r.gpus:
                 command.append(f"--gres=gpu:{r.gpus}")
@@ -46,6 +55,7 @@ class Launcher:
         command = [
             "bsub", "-K", "-J", f"affseg-{self.step}", "-n", str(r.cpus),
             "-R", f"rusage[mem={int(r.memory_gb * 1024)}]", "-W", str(r.time_limit_min),
+            "-o", self.log("lsf", "%J", "out"), "-e", self.log("lsf", "%J", "err"),
         ]
         if r.gpus:
             command += ["-gpu", f"num={r.gpus}"]
