@@ -81,7 +81,7 @@ def test_missing_and_malformed_config_files(tmp_path):
     assert result.returncode == 2 and "not valid JSON" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("script", ["predict", "train", "ingest", "status", "evaluate"])
+@pytest.mark.parametrize("script", ["predict", "train", "ingest", "status", "evaluate", "view"])
 def test_every_command_has_help(script):
     result = run_cli(f"pipeline/{script}.py", "--help")
     assert result.returncode == 0 and "usage:" in result.stdout

@@ -1,0 +1,84 @@
+"""The viewer serves a run's datasets: the data it sends for a layer equals
+the zarr content (HTTP requests of chunks on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import urllib.request
+import zlib
+
+import numpy as np
+from funlib.persistence import open_ds
+
+from pipeline.config import RunConfig, load_json
+from pipeline.predict import open_run
+from pipeline.storage.volumes import prepare_volume
+from tests.conftest import REPO, run_cli
+
+
+def _fetch(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.read()
+
+
+def test_the_viewer_serves_each_dataset_as_stored(tmp_path, run_config):
+    config = run_config(tmp_path / "config.json")
+    layout, run_dir = open_run(RunConfig(**load_json(config)))
+    rng = np.random.default_rng(0)
+    written = {}
+    for name in ("affs", "fragments", "segmentation"):
+        array = open_ds(run_dir.volumes / name, mode="r+")
+        high = 255 if name == "affs" else 2**40
+        written[name] = rng.integers(0, high, array.shape, dtype=array.dtype)
+        array[array.roi] = written[name]
+
+    # what an embedding model adds: float16, which neuroglancer gets as float32
+    embedding = prepare_volume(run_dir.volumes, "embedding", layout.roi, layout.voxel_size, "float16",
+                               layout.block_shape, channels=4)
+    written["embedding"] = rng.normal(size=embedding.shape).astype(np.float16)
+    embedding[embedding.roi] = written["embedding"]
+
+    viewer = subprocess.Popen([sys.executable, "pipeline/view.py", str(config), "--port", "0"], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        while not lines or lines[-1] != "serving until Ctrl-C":
+            line = viewer.stdout.readline()
+            assert line, viewer.stderr.read()
+            lines.append(line.rstrip("\n"))
+        assert lines[0].startswith("neuroglancer: http://127.0.0.1:")
+        layers = {line.split()[0]: line.split()[-1] for line in lines[1:-1]}
+        assert list(layers) == ["raw", "affs", "embedding", "fragments", "segmentation"]
+
+        raw = open_ds(json.loads(config.read_text())["raw"])
+        written["raw"] = raw[raw.roi]
+        for name, info_url in layers.items():
+            info = json.loads(_fetch(info_url))
+            assert tuple(info["shape"]) == written[name].shape, name
+            assert info["dataType"] == ("float32" if name == "embedding" else written[name].dtype.name), name
+            # a chunk away from the origin, in array indices
+            start = [s // 4 for s in written[name].shape]
+            end = [min(a + 16, s) for a, s in zip(start, written[name].shape)]
+            if len(start) == 4:
+                start[0], end[0] = 0, written[name].shape[0]
+            # the encoding the info advertises, which the browser asks for
+            assert info["encoding"] == "npz"
+            chunk_url = info_url.replace("/info/", "/npz/") + f"/{','.join(['1'] * len(start))}/" \
+                + ",".join(map(str, start)) + "/" + ",".join(map(str, end))
+            served = np.load(io.BytesIO(zlib.decompress(_fetch(chunk_url))))
+            expected = written[name][tuple(slice(a, b) for a, b in zip(start, end))]
+            np.testing.assert_array_equal(served, expected, err_msg=name)
+    finally:
+        viewer.kill()
+        viewer.wait()
+
+
+def test_viewing_a_run_that_does_not_exist_is_one_line(tmp_path, run_config):
+    result = run_cli("pipeline/view.py", str(run_config(tmp_path / "config.json")))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"affseg: error: run_dir: {tmp_path / 'run'} holds no run; run pipeline/predict.py first"
+    ]
