@@ -40,6 +40,7 @@ from pipeline.orchestration.master_lock import master_lock
 from pipeline.orchestration.progress import ProgressLog
 from pipeline.orchestration.run_layout import RunDir, RunLayout, check_run_dir, claim_run_dir, load_network, run_record, run_store
 from pipeline.orchestration.segments import write_luts
+from pipeline.orchestration.supervisor import supervise
 from pipeline.orchestration.tasks import graph_pipeline, mutex_pipeline, relabel_task
 from pipeline.storage.credentials import move_inline_password
 from pipeline.storage.volumes import prepare_volume
@@ -204,6 +205,9 @@ def main() -> int:
     config = RunConfig(**load_json(args.config))
     # before anything is written or printed: see pipeline/storage/credentials.py
     config = config.model_copy(update={"store": move_inline_password(config.store)})
+    supervisor_exit = supervise(Path(config.run_dir))
+    if supervisor_exit is not None:
+        return supervisor_exit
     try:
         report = run(config, str(Path(args.config).absolute()))
     except RunFailed as e:

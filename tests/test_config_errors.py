@@ -50,6 +50,8 @@ CASES = {
         {"fragments": {"epsilon_agglomerate": 0.4}, "agglomerate": {"thresholds": [0.3, 0.5], "threshold": 0.5}},
         "config: fragments.epsilon_agglomerate 0.4 is above the smallest agglomerate threshold 0.3",
     ),
+    "roi outside the volume": ({"roi": {"offset": [1200, 0, 0], "shape": [800, 800, 800]}}, "is not inside the raw volume"),
+    "roi off the voxel grid": ({"roi": {"offset": [1205, 0, 0], "shape": [400, 800, 800]}}, "is not a multiple of the voxel size"),
     "negative shape": ({"roi": {"offset": [0, 0, 0], "shape": [-1, 10, 10]}}, "roi.shape.0"),
     "offsets an affinity model lacks": (
         {"model": {"baseline": "intensity", "offsets": [[-1, 0, 0], [0, -1, 0], [0, 0, -1], [0, 0, -5]]}},

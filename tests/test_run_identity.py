@@ -4,6 +4,7 @@ refused. Each of these once gave a wrong segmentation with exit 0."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -137,10 +138,37 @@ def test_one_master_per_run_directory_and_a_dead_masters_lock_is_taken_over(tmp_
         while not (tmp_path / "run" / "progress.jsonl").exists():
             assert first.poll() is None and time.time() < deadline, "the first master did not start its run"
             time.sleep(0.1)
-        one_line_refusal(config, f"is in use by the master on {socket.gethostname()}, PID {first.pid}, since ")
+        # the master is the supervisor's child (pipeline/orchestration/supervisor.py)
+        holder = json.loads((tmp_path / "run" / "master.lock").read_text())["pid"]
+        assert int(Path(f"/proc/{holder}/stat").read_text().rsplit(")", 1)[1].split()[1]) == first.pid
+        one_line_refusal(config, f"is in use by the master on {socket.gethostname()}, PID {holder}, since ")
     finally:
         # killed while holding the lock: nothing releases it but its death
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
-    assert json.loads((tmp_path / "run" / "master.lock").read_text())["pid"] == first.pid
     assert "scores" in run_predict(config)
+
+
+def test_a_master_that_dies_of_a_signal_is_explained_in_one_line(tmp_path, run_config):
+    """A full file system kills the master with SIGBUS inside daisy's native
+    code, without a word (reproduced on a full tmpfs); here the signal is
+    sent to the master directly."""
+    config = run_config(tmp_path / "config.json")
+    supervisor = subprocess.Popen([sys.executable, "pipeline/predict.py", str(config)], cwd=REPO,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        lock = tmp_path / "run" / "master.lock"
+        deadline = time.time() + 300
+        while not (lock.exists() and lock.read_text()):
+            assert supervisor.poll() is None and time.time() < deadline, "the master did not start"
+            time.sleep(0.1)
+        os.kill(json.loads(lock.read_text())["pid"], signal.SIGBUS)
+        _, stderr = supervisor.communicate(timeout=300)
+    finally:
+        # the master's workers, orphaned
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(supervisor.pid, signal.SIGKILL)
+    assert supervisor.returncode == 1
+    assert stderr.strip().splitlines()[-1].startswith(
+        f"affseg: run failed: the master died of SIGBUS, which happens when the file system of {tmp_path / 'run'} is full ("
+    ), stderr[-2000:]
