@@ -85,6 +85,11 @@ class PredictConfig(Strict):
     # optional datasets of the method's model to write beside the
     # affinities, e.g. "embedding" (float16) for an embedding model
     extra_outputs: list[str] = []
+    # what the network sees beyond the raw volume: "zero", as gunpowder's
+    # Pad gives in training, or "mirror", the volume reflected at its border.
+    # For independent 2D images, whose borders are the images' own, mirror
+    # keeps a zero band from looking like an object at the border
+    outside: Literal["zero", "mirror"] = "zero"
 
 
 class FragmentsConfig(Strict):

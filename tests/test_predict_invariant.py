@@ -114,3 +114,22 @@ def test_adaptive_offsets_are_the_cosines_of_the_embedding(tmp_path):
             expected[i] = max(0.0, float(np.dot(e[(slice(None), *here)], e[(slice(None), *there)])))
         np.testing.assert_allclose(affs[c], expected, atol=1 / 255 + 1e-6)
     assert affs[3:].std() > 0.01
+
+
+def test_mirrored_raw_beyond_the_volume_is_the_whole_volume_mirrored():
+    """`predict.outside: mirror` reads what np.pad(reflect) of the whole
+    volume holds there, whichever block asks: blocks stay equal to one pass."""
+    from workers.predict import read_raw
+
+    raw = open_ds(RAW)
+    vs = raw.voxel_size
+    whole = raw[raw.roi]
+    margin = 30
+    padded = np.pad(whole, margin, mode="reflect")
+    for begin in [(-100, -200, -150), (1400, 2300, -100), (500, 1000, 1000)]:
+        roi = Roi(raw.roi.begin + Coordinate(begin), (200, 300, 250))
+        start = [(b - o) // v + margin for b, o, v in zip(roi.begin, raw.roi.begin, vs)]
+        expected = padded[tuple(slice(s, s + n // v) for s, n, v in zip(start, roi.shape, vs))]
+        np.testing.assert_array_equal(read_raw(raw, roi, "raw", "mirror"), expected)
+        zero = read_raw(raw, roi, "raw", "zero")
+        assert zero.shape == expected.shape

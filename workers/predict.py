@@ -8,7 +8,7 @@ from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
-from funlib.geometry import Roi
+from funlib.geometry import Coordinate, Roi
 from funlib.persistence import Array, open_ds
 
 from pipeline.methods.base import MethodModel
@@ -26,14 +26,36 @@ def _stored(values: torch.Tensor, dtype: str) -> np.ndarray:
     return values.astype(dtype)
 
 
-def predict_roi(model: MethodModel, raw: Array, roi: Roi, layout: RunLayout, device: str, raw_name: str = "raw") -> dict[str, np.ndarray]:
+def read_raw(raw: Array, roi: Roi, name: str, outside: str) -> np.ndarray:
+    """Raw over `roi`; beyond the volume zeros, or the volume mirrored at its
+    border (PredictConfig.outside). Both depend only on the whole volume,
+    never on the block, so block-wise still equals one pass."""
+    if outside == "zero":
+        return read_roi(raw, roi, name, fill_value=0)
+    vs = raw.voxel_size
+    # per axis, the volume index each requested voxel mirrors to (numpy's
+    # "reflect": the border voxel is not repeated), then one read of their
+    # bounding box
+    sources = []
+    for begin, size, origin, n, v in zip(roi.begin, roi.shape, raw.roi.begin, raw.shape, vs):
+        index = np.arange(size // v) + (begin - origin) // v
+        folded = np.abs(index) % max(2 * (n - 1), 1)
+        sources.append(np.where(folded >= n, 2 * (n - 1) - folded, folded))
+    low = Coordinate(int(s.min()) for s in sources)
+    high = Coordinate(int(s.max()) + 1 for s in sources)
+    box = read_roi(raw, Roi(raw.roi.begin + low * vs, (high - low) * vs), name)
+    return box[np.ix_(*(s - lo for s, lo in zip(sources, low)))]
+
+
+def predict_roi(model: MethodModel, raw: Array, roi: Roi, layout: RunLayout, device: str, raw_name: str = "raw",
+                outside: str = "zero") -> dict[str, np.ndarray]:
     """`affs` (C, z, y, x) uint8 for the layout's offsets and the layout's
     extra outputs over `roi`, whose shape must be a valid output shape of
-    the network once grown by the margin. Raw outside the volume reads as 0,
-    exactly as in training (gunpowder's Pad). `raw_name` names the raw
-    dataset in a read error."""
+    the network once grown by the margin. Raw outside the volume is
+    `outside` (`read_raw`). `raw_name` names the raw dataset in a read
+    error."""
     margin = layout.predict_margin
-    data = read_roi(raw, roi.grow(layout.predict_read_context, layout.predict_read_context), raw_name, fill_value=0)
+    data = read_raw(raw, roi.grow(layout.predict_read_context, layout.predict_read_context), raw_name, outside)
     tensor = torch.from_numpy(data.astype(np.float32) / 255.0)[None, None].to(device)
     # bf16 autocast only on GPUs: it changes results slightly and buys nothing on CPU
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=True) if device.startswith("cuda") else nullcontext()
@@ -58,7 +80,7 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     def process_block(block) -> None:
         # blocks at the far edges overhang the volume: predict the whole
         # (valid-shaped) block, keep the part inside
-        prediction = predict_roi(model, raw, block.write_roi, layout, device, run.config.raw)
+        prediction = predict_roi(model, raw, block.write_roi, layout, device, run.config.raw, run.config.predict.outside)
         inside = block.write_roi.intersect(layout.roi)
         for name, values in prediction.items():
             datasets[name][inside] = values[(slice(None), *layout.window(inside, block.write_roi))]

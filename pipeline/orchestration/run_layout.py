@@ -357,6 +357,7 @@ def run_record(layout: RunLayout, config: RunConfig) -> dict:
         "raw": raw_identity(config),
         "store": config.store,
         "model": model_identity(config),
+        "predict_outside": config.predict.outside,
         "fragments": config.fragments.model_dump(),
         "scoring": config.agglomerate.scoring,
         "mutex": config.mutex.model_dump(mode="json"),
