@@ -51,5 +51,7 @@ def supervise(run_dir: Path) -> int | None:
     code = master.wait()
     if code >= 0:
         return code
-    print(f"affseg: run failed: {explain(-code, run_dir)}", file=sys.stderr)
+    # on a line of its own: the master may have died in the middle of one
+    # (a progress bar)
+    print(f"\naffseg: run failed: {explain(-code, run_dir)}", file=sys.stderr)
     return EXIT_FAILED
