@@ -40,7 +40,8 @@ sys.path.insert(0, str(REPO))
 from funlib.geometry import Roi  # noqa: E402
 
 from pipeline.cli import cli_main  # noqa: E402
-from pipeline.config import AbsPath, RoiConfig, RunConfig, Strict, TrainConfig, ZarrPath, in_plane, load_json  # noqa: E402
+from pipeline.config import AbsPath, RoiConfig, RunConfig, Strict, ZarrPath, in_plane, load_json  # noqa: E402
+from pipeline.training.config import TrainConfig  # noqa: E402
 from pipeline.evaluation.instance_metrics import SCORES as INSTANCE_SCORES  # noqa: E402
 from pipeline.evaluation.instance_metrics import mean_instance_scores  # noqa: E402
 from pipeline.kernels.classical import otsu_watershed  # noqa: E402

@@ -35,7 +35,7 @@ from daisy import logging as daisy_logging
 from pipeline.cli import cli_main
 from pipeline.config import RunConfig, load_json
 from pipeline.evaluate import evaluate_run, format_table
-from pipeline.storage.graph_store import RunOwner
+from pipeline.storage.graph_store import FIRST_CONTACT_S, RunOwner
 from pipeline.orchestration.master_lock import master_lock
 from pipeline.orchestration.progress import ProgressLog
 from pipeline.orchestration.run_layout import RunDir, RunLayout, check_run_dir, claim_run_dir, load_network, run_record, run_store
@@ -142,7 +142,7 @@ def open_run(config: RunConfig, held: ExitStack | None = None) -> tuple[RunLayou
     owner = RunOwner(run_id, str(run_dir.path.resolve()), socket.gethostname())
     # reach the store and check whose graph it holds before touching the
     # run dir: a bad URI or a store of another run leaves nothing behind
-    with run_store(config, run_dir, run_id) as store:
+    with run_store(config, run_dir, run_id, reach_s=FIRST_CONTACT_S) as store:
         store.check_owner(owner)
         fresh = claim_run_dir(run_dir, record, run_id)
         known = store.claim(owner)

@@ -42,7 +42,8 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from pipeline.cli import cli_main
-from pipeline.config import TrainConfig, load_json
+from pipeline.config import load_json
+from pipeline.training.config import TrainConfig
 from pipeline.errors import UserError
 from pipeline.methods import build_model, load_model, save_model, training_step
 from pipeline.orchestration.devices import choose_device

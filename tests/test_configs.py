@@ -9,7 +9,8 @@ from urllib.parse import urlparse
 import pytest
 
 from benchmarks.accuracy import AccuracyConfig
-from pipeline.config import RunConfig, TrainConfig
+from pipeline.config import RunConfig
+from pipeline.training.config import TrainConfig
 from tests.conftest import REPO
 
 CONFIGS = sorted((REPO / "configs").glob("*.json"))

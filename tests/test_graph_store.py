@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -89,10 +90,13 @@ def test_reset_empties_the_store(store):
     assert list(store.stream_edges()) == []
 
 
-def test_unreachable_mongodb_names_the_uri(tmp_path):
+def test_unreachable_mongodb_names_the_uri_without_waiting_for_the_request_timeout(tmp_path):
     uri = "mongodb://127.0.0.1:9/affseg"  # port 9 (discard): nothing listens
+    started = time.monotonic()
     with pytest.raises(UserError, match="cannot reach MongoDB at mongodb://127.0.0.1:9/affseg"):
-        open_store(uri, tmp_path, "0" * 32)
+        # the master's first contact (FIRST_CONTACT_S), here 1 s, not the 120 s of a request
+        open_store(uri, tmp_path, "0" * 32, timeout_s=120, reach_s=1)
+    assert time.monotonic() - started < 30
 
 
 def test_default_database_names_never_collide_and_are_always_valid():

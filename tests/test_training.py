@@ -12,7 +12,7 @@ from funlib.geometry import Coordinate, Roi
 from funlib.persistence import open_ds
 
 from networks.losses import WeightedMSELoss
-from pipeline.config import TrainConfig
+from pipeline.training.config import TrainConfig
 from pipeline.methods import load_model
 from pipeline.errors import UserError
 from pipeline.train import Training

@@ -38,6 +38,10 @@ EDGE_CHUNK = 100_000
 VALID_DATABASE = re.compile(r"[A-Za-z0-9_-]{1,63}")
 # seconds a MongoDB server may stall before a request fails (RunConfig.store_timeout_s)
 STORE_TIMEOUT_S = 120
+# seconds the master waits to reach the server when a run starts: a wrong
+# host or port is then reported at once, not after store_timeout_s. A
+# replica-set election, the longest a healthy server is away, takes about 12 s
+FIRST_CONTACT_S = 15
 
 
 def _client_options(timeout_s: float) -> dict:
@@ -286,7 +290,8 @@ class MongoGraphStore(GraphStore):
 
     RETRIES = 5
 
-    def __init__(self, uri: str, default_database: str, secret: str | None = None, timeout_s: float = STORE_TIMEOUT_S):
+    def __init__(self, uri: str, default_database: str, secret: str | None = None, timeout_s: float = STORE_TIMEOUT_S,
+                 reach_s: float | None = None):
         import pymongo
         from pymongo.errors import PyMongoError
 
@@ -305,7 +310,8 @@ class MongoGraphStore(GraphStore):
         except (PyMongoError, ValueError) as e:  # pymongo checks the URI's syntax here
             raise UserError(f"store: not a valid MongoDB URI: {hide_in(str(e), secret)}") from e
         try:
-            self.client.admin.command("ping")
+            with pymongo.timeout(min(reach_s or timeout_s, timeout_s)):
+                self.client.admin.command("ping")
         except PyMongoError as e:
             self.client.close()
             reason = "authentication failed" if isinstance(e, pymongo.errors.OperationFailure) and e.code == 18 else type(e).__name__
@@ -442,12 +448,14 @@ def default_database(run_dir: Path, run_id: str) -> str:
 
 
 def open_store(store: str, run_dir: Path, run_id: str, password_file: str | None = None,
-               timeout_s: float = STORE_TIMEOUT_S) -> GraphStore:
+               timeout_s: float = STORE_TIMEOUT_S, reach_s: float | None = None) -> GraphStore:
     """`store` is a RunConfig.store value: 'sqlite' or a MongoDB URI; a URI
     without a database gets the run's own (`default_database`). A password
     not in the URI comes from the environment or `password_file`
-    (pipeline/storage/credentials.py)."""
+    (pipeline/storage/credentials.py). `reach_s` bounds the wait for the
+    server's first answer (default: `timeout_s`)."""
     if store == "sqlite":
         return SqliteGraphStore(run_dir / "graph.sqlite")
     secret = password(Path(password_file) if password_file else None)
-    return MongoGraphStore(store, default_database=default_database(run_dir, run_id), secret=secret, timeout_s=timeout_s)
+    return MongoGraphStore(store, default_database=default_database(run_dir, run_id), secret=secret, timeout_s=timeout_s,
+                           reach_s=reach_s)

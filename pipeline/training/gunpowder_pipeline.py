@@ -21,7 +21,7 @@ import gunpowder as gp
 import numpy as np
 from funlib.geometry import Coordinate, Roi
 
-from pipeline.config import ArtifactConfig, AugmentConfig, TrainConfig, TrainVolume
+from pipeline.training.config import ArtifactConfig, AugmentConfig, TrainConfig, TrainVolume
 from pipeline.errors import UserError
 from pipeline.storage.volumes import open_volume, split_path
 
