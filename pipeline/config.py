@@ -77,6 +77,18 @@ class ModelConfig(Strict):
         return self
 
 
+class AffinitiesConfig(Strict):
+    """Affinities made elsewhere (another tool, or the `affs` of an earlier
+    run) in place of a model: the job starts at fragments. A 4D zarr dataset
+    (offset, z, y, x) on raw's voxel grid covering the run's ROI: uint8
+    (0..255 for [0, 1]) or float in [0, 1], which is rounded to uint8 as the
+    predict step rounds its own."""
+
+    dataset: ZarrPath
+    # one per channel, in channel order (z, y, x voxels)
+    offsets: list[Triple] = Field(min_length=2)
+
+
 class PredictConfig(Strict):
     # "auto" picks cuda:{worker_id % n_gpus} when CUDA is available, else CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -186,7 +198,10 @@ class RunConfig(Strict):
     raw: ZarrPath
     ground_truth: ZarrPath | None = None
     roi: RoiConfig | None = None
-    model: ModelConfig
+    # exactly one of the two: a model that predicts the affinities, or
+    # affinities that exist already
+    model: ModelConfig | None = None
+    affinities: AffinitiesConfig | None = None
     # "sqlite" (a file in run_dir), or a MongoDB URI such as
     # "mongodb://host:27017/affseg_run1" (the path names the database)
     store: str = "sqlite"
@@ -212,6 +227,12 @@ class RunConfig(Strict):
         if value == "sqlite" or value.startswith(("mongodb://", "mongodb+srv://")):
             return value
         raise ValueError(f"{masked(value)!r} is neither 'sqlite' nor a mongodb:// URI")
+
+    @model_validator(mode="after")
+    def _model_or_affinities(self) -> RunConfig:
+        if (self.model is None) == (self.affinities is None):
+            raise ValueError("give exactly one of model (predict the affinities) or affinities (given ones)")
+        return self
 
     @model_validator(mode="after")
     def _sqlite_stays_local(self) -> RunConfig:

@@ -4,6 +4,8 @@
 
 Steps: predict -> fragments -> agglomerate (daisy, pipelined block by block),
 segments (look-up tables), relabel (daisy), evaluate (with ground truth).
+A config with `affinities` (made elsewhere) in place of `model` starts at
+fragments.
 A 2D model (in-plane offsets only) runs predict -> mutex (mutex watershed
 per section, then small-segment merging) -> evaluate instead.
 Everything lands in the config's run_dir. Re-running the same command after
@@ -38,7 +40,7 @@ from pipeline.evaluate import evaluate_run, format_table
 from pipeline.storage.graph_store import FIRST_CONTACT_S, RunOwner
 from pipeline.orchestration.master_lock import master_lock
 from pipeline.orchestration.progress import ProgressLog
-from pipeline.orchestration.run_layout import RunDir, RunLayout, check_run_dir, claim_run_dir, load_network, run_record, run_store
+from pipeline.orchestration.run_layout import RunDir, RunLayout, check_run_dir, claim_run_dir, run_record, run_store
 from pipeline.orchestration.segments import write_luts
 from pipeline.orchestration.supervisor import supervise
 from pipeline.orchestration.tasks import graph_pipeline, mutex_pipeline, relabel_task
@@ -54,7 +56,8 @@ class RunFailed(Exception):
 
 def _prepare_volumes(layout: RunLayout, run_dir: RunDir) -> None:
     vs = layout.voxel_size
-    prepare_volume(run_dir.volumes, "affs", layout.roi, vs, "uint8", layout.predict_output, channels=len(layout.offsets))
+    if layout.predicted:
+        prepare_volume(run_dir.volumes, "affs", layout.roi, vs, "uint8", layout.predict_output, channels=len(layout.offsets))
     for name, channels, dtype in layout.extras:
         prepare_volume(run_dir.volumes, name, layout.roi, vs, dtype, layout.predict_output, channels=channels)
     for name in ("segmentation",) if layout.is_2d else ("fragments", "segmentation"):
@@ -131,7 +134,7 @@ def open_run(config: RunConfig, held: ExitStack | None = None) -> tuple[RunLayou
     directory, and prepare its volumes: everything before the first block.
     A master passes `held`, which keeps the run directory's master lock
     until the master is done."""
-    layout = RunLayout.from_config(config, load_network(config))
+    layout = RunLayout.from_config(config)
     run_dir = RunDir(Path(config.run_dir))
     run_dir.check_writable()
     if held is not None:
@@ -171,7 +174,8 @@ def _run(config: RunConfig, config_source: str, held: ExitStack) -> dict:
     vs = layout.voxel_size
     blockwise = [step for step in layout.steps if step not in ("segments", "evaluate")]
     voxels = {step: layout.voxels_per_block for step in blockwise}
-    voxels["predict"] = int(np.prod(layout.predict_output / vs))
+    if layout.predicted:
+        voxels["predict"] = int(np.prod(layout.predict_output / vs))
     progress = ProgressLog(run_dir.progress, blockwise, voxels)
     progress.log_step("run", "start", config=config_source)
     report: dict = {

@@ -49,7 +49,7 @@ void main() {
 
 
 class AsFloat32:
-    """A float16 zarr array as neuroglancer reads it (it has no float16)."""
+    """A float16 or float64 zarr array as neuroglancer reads it (it has neither)."""
 
     def __init__(self, array):
         self.array, self.shape, self.dtype = array, array.shape, np.dtype(np.float32)
@@ -64,7 +64,7 @@ def layer(name: str, path: Path, units: str) -> tuple[neuroglancer.Layer, neurog
     channel dimension."""
     array = open_volume(*split_path(path), field=name)
     data = zarr.open_array(str(path), mode="r")
-    if data.dtype == np.float16:
+    if data.dtype in (np.float16, np.float64):  # neither is a neuroglancer data type
         data = AsFloat32(data)
     scales = list(array.voxel_size)
     offset = [o // v for o, v in zip(array.roi.offset, array.voxel_size)]
@@ -100,7 +100,8 @@ def serve(config: RunConfig, bind: str, port: int) -> tuple[neuroglancer.Viewer,
     base = viewer.get_viewer_url().split("/v/")[0]
     volumes = {}
     with viewer.txn() as state:
-        for name, path in [("raw", Path(config.raw)), *run_datasets(run_dir)]:
+        given = [("affs", Path(config.affinities.dataset))] if config.affinities is not None else []
+        for name, path in [("raw", Path(config.raw)), *given, *run_datasets(run_dir)]:
             state.layers[name], volumes[name] = layer(name, path, units="nm")
         state.layout = "xy"
     for name, volume in volumes.items():

@@ -33,6 +33,8 @@ def broken(tmp_path, labels, **changes):
     return path
 
 
+NEAREST = [[-1, 0, 0], [0, -1, 0], [0, 0, -1]]
+
 CASES = {
     "unknown key": ({"postprocess__blok_shape": [1, 1, 1]}, "postprocess.blok_shape: unknown key"),
     "unknown top-level key": ({"thresholds": [0.5]}, "thresholds: unknown key"),
@@ -58,6 +60,17 @@ CASES = {
         "model.offsets: an affinity model gives only its training offsets",
     ),
     "extra output the model lacks": ({"predict": {"extra_outputs": ["embedding"]}}, "predict.extra_outputs: this model has no output 'embedding'"),
+    "model and affinities": (
+        {"affinities": {"dataset": str(RAW), "offsets": NEAREST}}, "give exactly one of model (predict the affinities) or affinities",
+    ),
+    "affinities not 4D": (
+        {"model": None, "affinities": {"dataset": str(RAW), "offsets": NEAREST}},
+        "affinities: expected a 4D (offset, z, y, x) dataset with one channel per offset (3), got shape (160, 250, 250)",
+    ),
+    "affinities offsets out of order": (
+        {"model": None, "affinities": {"dataset": str(RAW), "offsets": NEAREST[::-1]}},
+        "affinities.offsets: the first three offsets must be [-1,0,0], [0,-1,0], [0,0,-1]",
+    ),
 }
 
 

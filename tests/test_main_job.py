@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from funlib.persistence import open_ds
+from funlib.persistence import open_ds, prepare_ds
 
 from pipeline.evaluation.metrics import evaluate_arrays
 from pipeline.status import read_status
@@ -86,6 +86,25 @@ def test_blockwise_matches_one_block_over_the_whole_volume(reference, run_config
     assert json.loads((single / "report.json").read_text())["steps"]["fragments"]["blocks"] == 1
     arand = evaluate_arrays(eight_blocks, one_block)["arand"]
     assert arand < 0.02, f"block-wise segmentation differs from the one-block one: ARAND {arand:.4f}"
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+def test_a_run_from_given_affinities_equals_the_post_processing_after_predict(dtype, reference, run_config, tmp_path):
+    """The reference's affinities as another tool would hand them over: in
+    their own container, as uint8 or as floats in [0, 1]."""
+    affs = open_ds(reference / "volumes.zarr" / "affs")
+    values = affs[affs.roi] if dtype == "uint8" else (affs[affs.roi] / np.float32(255)).astype(dtype)
+    given = prepare_ds(tmp_path / "given.zarr" / "affs", shape=values.shape, offset=affs.roi.offset,
+                       voxel_size=affs.voxel_size, dtype=dtype, chunk_shape=(values.shape[0], 20, 80, 80), mode="w")
+    given[given.roi] = values
+    offsets = json.loads((reference / "layout.json").read_text())["offsets"]
+    run_dir = run_predict(run_config(tmp_path / "config.json", model=None,
+                                     affinities={"dataset": str(tmp_path / "given.zarr" / "affs"), "offsets": offsets}))
+    report = json.loads((run_dir / "report.json").read_text())
+    assert "predict" not in report["steps"] and not (run_dir / "volumes.zarr" / "affs").exists()
+    for name in ("fragments", "segmentation"):
+        np.testing.assert_array_equal(volume(run_dir, name), volume(reference, name))
+    assert report["scores"] == json.loads((reference / "report.json").read_text())["scores"]
 
 
 def test_mongodb_store_gives_the_same_segmentation(reference, run_config, tmp_path, mongodb_uri):

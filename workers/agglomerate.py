@@ -16,12 +16,11 @@ import numpy as np
 from funlib.geometry import Roi
 from funlib.persistence import open_ds
 
-from pipeline.orchestration.run_layout import run_store
-from pipeline.storage.graph_store import Edges
 from pipeline.kernels.rag import first_join_scores, rag_edges
-from pipeline.orchestration.run_layout import RunLayout
+from pipeline.orchestration.run_layout import RunLayout, affinities_path, run_store
+from pipeline.storage.graph_store import Edges
 from pipeline.kernels.watershed import merge_history, relabel_consecutive
-from pipeline.storage.volumes import read_roi
+from pipeline.storage.volumes import read_affinities, read_roi
 from workers.loop import ProcessBlock, WorkerRun, run_worker
 
 
@@ -64,12 +63,13 @@ def block_edges(affs: np.ndarray, labels: np.ndarray, ids: np.ndarray, offsets, 
 @contextmanager
 def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     layout = run.layout
-    affs = open_ds(run.run_dir.volumes / "affs")
+    affs_path = affinities_path(run.config, run.run_dir)
+    affs = open_ds(affs_path)
     fragments = open_ds(run.run_dir.volumes / "fragments")
     with run_store(run.config, run.run_dir) as store:
 
         def process_block(block) -> None:
-            data = read_roi(affs, block.read_roi, "affs", fill_value=0)
+            data = read_affinities(affs, block.read_roi, affs_path, fill_value=0)
             labels, ids = compact_fragments(read_roi(fragments, block.read_roi, "fragments", fill_value=0), block.read_roi, layout)
             edges = block_edges(data, labels, ids, layout.offsets, run.config.agglomerate.scoring)
             index = layout.block_index(block.write_roi)

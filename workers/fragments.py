@@ -14,7 +14,7 @@ import numpy as np
 from funlib.persistence import open_ds
 
 from pipeline.config import FragmentsConfig
-from pipeline.orchestration.run_layout import run_store
+from pipeline.orchestration.run_layout import affinities_path, run_store
 from pipeline.storage.graph_store import Nodes
 from pipeline.kernels.watershed import (
     distance_watershed,
@@ -22,7 +22,7 @@ from pipeline.kernels.watershed import (
     node_statistics,
     relabel_consecutive,
 )
-from pipeline.storage.volumes import read_roi
+from pipeline.storage.volumes import read_affinities
 from workers.loop import ProcessBlock, WorkerRun, run_worker
 
 
@@ -39,7 +39,8 @@ def block_fragments(affs: np.ndarray, options: FragmentsConfig, scoring: str, vo
 @contextmanager
 def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     layout, options = run.layout, run.config.fragments
-    affs = open_ds(run.run_dir.volumes / "affs")
+    affs_path = affinities_path(run.config, run.run_dir)
+    affs = open_ds(affs_path)
     # the watershed reads the 3 nearest-neighbour channels only
     affs.lazy_op(np.s_[0:3])
     fragments = open_ds(run.run_dir.volumes / "fragments", mode="r+")
@@ -47,7 +48,7 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     with run_store(run.config, run.run_dir) as store:
 
         def process_block(block) -> None:
-            data = read_roi(affs, block.read_roi, "affs", fill_value=0).astype(np.float32) / 255.0
+            data = read_affinities(affs, block.read_roi, affs_path, fill_value=0).astype(np.float32) / 255.0
             labels = block_fragments(data, options, run.config.agglomerate.scoring, vs)
             local, _ = relabel_consecutive(labels[layout.window(block.write_roi, block.read_roi)])
             n = int(local.max())

@@ -14,21 +14,23 @@ import numpy as np
 from funlib.persistence import open_ds
 
 from pipeline.kernels.mutex import clean_foreground, merge_small_segments, mutex_section
-from pipeline.storage.volumes import read_roi
+from pipeline.orchestration.run_layout import affinities_path
+from pipeline.storage.volumes import read_affinities, read_roi
 from workers.loop import ProcessBlock, WorkerRun, run_worker
 
 
 @contextmanager
 def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     layout, options = run.layout, run.config.mutex
-    affs = open_ds(run.run_dir.volumes / "affs")
+    affs_path = affinities_path(run.config, run.run_dir)
+    affs = open_ds(affs_path)
     segmentation = open_ds(run.run_dir.volumes / "segmentation", mode="r+")
     offsets = [o[1:] for o in layout.offsets]
     # a model with a foreground output: segment inside it only
     foreground = open_ds(run.run_dir.volumes / "foreground") if any(e[0] == "foreground" for e in layout.extras) else None
 
     def process_block(block) -> None:
-        data = read_roi(affs, block.write_roi, "affs").astype(np.float32) / 255.0
+        data = read_affinities(affs, block.write_roi, affs_path).astype(np.float32) / 255.0
         probability = read_roi(foreground, block.write_roi, "foreground")[0] / 255.0 if foreground is not None else None
         out = np.zeros(data.shape[1:], dtype=np.uint64)
         bump = np.uint64(layout.first_id(layout.block_index(block.write_roi)))

@@ -14,16 +14,14 @@ from funlib.persistence import Array, open_ds
 from pipeline.methods.base import MethodModel
 from pipeline.orchestration.devices import choose_device
 from pipeline.orchestration.run_layout import RunLayout, load_network
-from pipeline.storage.volumes import open_volume, read_roi, split_path
+from pipeline.storage.volumes import as_uint8, open_volume, read_roi, split_path
 from workers.loop import ProcessBlock, WorkerRun, run_worker
 
 
 def _stored(values: torch.Tensor, dtype: str) -> np.ndarray:
     """uint8 datasets hold values in [0, 1] as 0..255."""
     values = values.float().cpu().numpy()
-    if dtype == "uint8":
-        return np.round(values * 255).astype(np.uint8)
-    return values.astype(dtype)
+    return as_uint8(values) if dtype == "uint8" else values.astype(dtype)
 
 
 def read_raw(raw: Array, roi: Roi, name: str, outside: str) -> np.ndarray:

@@ -25,7 +25,7 @@ from funlib.geometry import Coordinate, Roi
 from pipeline.config import RunConfig, in_plane, offsets_error, threshold_key
 from pipeline.errors import UserError
 from pipeline.storage.graph_store import GraphStore, open_store
-from pipeline.storage.volumes import VolumeReadError, open_volume, read_roi, split_path
+from pipeline.storage.volumes import AFFINITY_DTYPES, VolumeReadError, open_volume, read_roi, split_path
 
 RAW_DTYPES = ("uint8",)
 LABEL_DTYPES = ("uint8", "uint16", "uint32", "uint64", "int32", "int64")
@@ -60,6 +60,9 @@ class RunLayout:
     predict_margin: Coordinate = Coordinate(0, 0, 0)
     # datasets the predict step writes besides `affs`: name -> (channels, dtype)
     extras: tuple[tuple[str, int, str], ...] = ()
+    # False for given affinities (RunConfig.affinities): no predict step, and
+    # the predict_* fields are unused
+    predicted: bool = True
 
     @property
     def predict_read_context(self) -> Coordinate:
@@ -78,9 +81,10 @@ class RunLayout:
     @property
     def steps(self) -> tuple[str, ...]:
         """The run's steps, in order (the master's steps included)."""
+        first = ("predict",) if self.predicted else ()
         if self.is_2d:
-            return ("predict", "mutex", "evaluate")
-        return ("predict", "fragments", "agglomerate", "segments", "relabel", "evaluate")
+            return (*first, "mutex", "evaluate")
+        return (*first, "fragments", "agglomerate", "segments", "relabel", "evaluate")
 
     @property
     def voxels_per_block(self) -> int:
@@ -127,6 +131,7 @@ class RunLayout:
             "context": list(self.context),
             "predict_margin": list(self.predict_margin),
             "extras": [list(e) for e in self.extras],
+            "predicted": self.predicted,
         }
 
     @classmethod
@@ -141,6 +146,7 @@ class RunLayout:
             context=Coordinate(data["context"]),
             predict_margin=Coordinate(data["predict_margin"]),
             extras=tuple(tuple(e) for e in data["extras"]),
+            predicted=data["predicted"],
         )
 
     @classmethod
@@ -162,15 +168,7 @@ class RunLayout:
             gt = open_volume(*split_path(config.ground_truth), field="ground_truth", dtypes=LABEL_DTYPES)
             if len(gt.shape) != 3:
                 raise UserError(f"ground_truth: expected a 3D (z, y, x) label volume, got shape {gt.shape}")
-            if any(o % v for o, v in zip(gt.roi.offset, gt.voxel_size)):
-                raise UserError(
-                    f"ground_truth: its offset {tuple(gt.roi.offset)} is not a multiple of its voxel size "
-                    f"{tuple(gt.voxel_size)}"
-                )
-            if gt.voxel_size != vs:
-                raise UserError(f"ground_truth: voxel size {tuple(gt.voxel_size)} differs from raw's {tuple(vs)}")
-            if not gt.roi.contains(roi):
-                raise UserError(f"ground_truth: its ROI {gt.roi} does not cover the run's {roi}")
+            _check_covers(gt, "ground_truth", vs, roi)
 
         pp = config.postprocess
         for name, value in (("block_shape", pp.block_shape), ("context", pp.context)):
@@ -183,11 +181,18 @@ class RunLayout:
                 f"{list(block_shape)}; use a smaller block"
             )
 
-        network = network if network is not None else load_network(config)
-        offsets = tuple(tuple(int(x) for x in o) for o in (config.model.offsets or network.offsets))
-        for error in (network.offsets_error(offsets), offsets_error(offsets)):
+        if config.affinities is not None:
+            offsets = tuple(tuple(int(x) for x in o) for o in config.affinities.offsets)
+            error = offsets_error(offsets)
             if error:
-                raise UserError(f"model.offsets: {error}")
+                raise UserError(f"affinities.offsets: {error}")
+            _check_given_affinities(config, len(offsets), vs, roi)
+        else:
+            network = network if network is not None else load_network(config)
+            offsets = tuple(tuple(int(x) for x in o) for o in (config.model.offsets or network.offsets))
+            for error in (network.offsets_error(offsets), offsets_error(offsets)):
+                if error:
+                    raise UserError(f"model.offsets: {error}")
         planar = in_plane(offsets)
         if planar:
             # mutex watershed segments whole sections, one block holding
@@ -199,6 +204,19 @@ class RunLayout:
                 )
         elif any(c < s for c, s in zip(pp.context, vs)):
             raise UserError(f"postprocess.context: {list(pp.context)} must be at least one voxel ({list(vs)}) per axis")
+        if config.affinities is not None:
+            zero = Coordinate(0, 0, 0)
+            layout = cls(vs, roi, offsets, predict_output=block_shape, predict_context=zero, block_shape=block_shape,
+                         context=Coordinate(pp.context), predicted=False)
+        else:
+            layout = cls._predicted(config, network, vs, roi, offsets, block_shape)
+        if int(np.prod(layout.block_grid)) * layout.voxels_per_block >= MAX_ID:
+            raise UserError("postprocess.block_shape: the volume has too many voxels for fragment ids below 2^53")
+        return layout
+
+    @classmethod
+    def _predicted(cls, config: RunConfig, network, vs: Coordinate, roi: Roi, offsets, block_shape: Coordinate) -> RunLayout:
+        """The predict step's geometry: the network's shapes and context."""
         available = network.outputs()
         unknown = [name for name in config.predict.extra_outputs if name not in available]
         if unknown:
@@ -214,20 +232,46 @@ class RunLayout:
         context = Coordinate(geometry.context)
         if any(c % 2 for c in context):
             raise UserError("model: the network's context is not symmetric")
-        layout = cls(
+        return cls(
             voxel_size=vs,
             roi=roi,
             offsets=offsets,
             predict_output=(output - margin * 2) * vs,
             predict_context=context / 2 * vs,
             block_shape=block_shape,
-            context=Coordinate(pp.context),
+            context=Coordinate(config.postprocess.context),
             predict_margin=margin * vs,
             extras=tuple((name, *available[name]) for name in sorted(wanted)),
         )
-        if int(np.prod(layout.block_grid)) * layout.voxels_per_block >= MAX_ID:
-            raise UserError("postprocess.block_shape: the volume has too many voxels for fragment ids below 2^53")
-        return layout
+
+
+def _check_given_affinities(config: RunConfig, channels: int, vs: Coordinate, roi: Roi) -> None:
+    affs = open_volume(*split_path(config.affinities.dataset), field="affinities", dtypes=AFFINITY_DTYPES)
+    if len(affs.shape) != 4 or affs.shape[0] != channels:
+        raise UserError(
+            f"affinities: expected a 4D (offset, z, y, x) dataset with one channel per offset ({channels}), "
+            f"got shape {affs.shape}"
+        )
+    _check_covers(affs, "affinities", vs, roi)
+
+
+def _check_covers(volume, field: str, vs: Coordinate, roi: Roi) -> None:
+    """A volume read beside raw: on raw's voxel grid, and covering the run's ROI."""
+    if any(o % v for o, v in zip(volume.roi.offset, volume.voxel_size)):
+        raise UserError(
+            f"{field}: its offset {tuple(volume.roi.offset)} is not a multiple of its voxel size {tuple(volume.voxel_size)}"
+        )
+    if volume.voxel_size != vs:
+        raise UserError(f"{field}: voxel size {tuple(volume.voxel_size)} differs from raw's {tuple(vs)}")
+    if not volume.roi.contains(roi):
+        raise UserError(f"{field}: its ROI {volume.roi} does not cover the run's {roi}")
+
+
+def affinities_path(config: RunConfig, run_dir: RunDir) -> Path:
+    """The run's affinities: the given dataset, or the predict step's."""
+    if config.affinities is not None:
+        return Path(config.affinities.dataset)
+    return run_dir.volumes / "affs"
 
 
 @dataclass(frozen=True)
@@ -308,9 +352,12 @@ def run_store(config: RunConfig, run_dir: RunDir, run_id: str | None = None,
                       config.store_timeout_s, reach_s)
 
 
-def model_identity(config: RunConfig) -> str:
-    """The baseline's name, or a digest of the checkpoint's bytes: a model
-    retrained into the same file is another model."""
+def model_identity(config: RunConfig) -> str | dict:
+    """The baseline's name, or a digest of the checkpoint's bytes (a model
+    retrained into the same file is another model), or the identity of the
+    given affinities."""
+    if config.affinities is not None:
+        return {"affinities": volume_identity(config.affinities.dataset, "affinities")}
     if config.model.baseline is not None:
         return f"baseline {config.model.baseline}"
     digest = hashlib.sha256()
@@ -320,31 +367,32 @@ def model_identity(config: RunConfig) -> str:
     return f"sha256 {digest.hexdigest()}"
 
 
-# voxels per side of the cubes `raw_identity` reads at the corners and centre
+# voxels per side of the cubes `volume_identity` reads at the corners and centre
 DIGEST_CUBE = 16
 
 
-def raw_identity(config: RunConfig) -> dict:
-    """What identifies the raw volume: its path, geometry and a digest of
-    nine small cubes (the ROI's corners and centre). Cheap at any volume
-    size, and it tells apart another volume with the same geometry."""
-    raw = open_volume(*split_path(config.raw), field="raw")
-    vs = raw.voxel_size
-    cube = Coordinate(min(DIGEST_CUBE * v, s) for v, s in zip(vs, raw.roi.shape))
-    room = raw.roi.shape - cube
+def volume_identity(path: str, field: str) -> dict:
+    """What identifies a volume (raw, given affinities): its path, geometry
+    and a digest of nine small cubes (the ROI's corners and centre, all
+    channels). Cheap at any volume size, and it tells apart another volume
+    with the same geometry."""
+    volume = open_volume(*split_path(path), field=field)
+    vs = volume.voxel_size
+    cube = Coordinate(min(DIGEST_CUBE * v, s) for v, s in zip(vs, volume.roi.shape))
+    room = volume.roi.shape - cube
     digest = hashlib.sha256()
     for corner in [*itertools.product(*((0, r) for r in room)), room / vs / 2 * vs]:
-        sample = Roi(raw.roi.begin + Coordinate(corner), cube)
+        sample = Roi(volume.roi.begin + Coordinate(corner), cube)
         try:
-            digest.update(np.ascontiguousarray(read_roi(raw, sample, config.raw)).tobytes())
+            digest.update(np.ascontiguousarray(read_roi(volume, sample, path)).tobytes())
         except VolumeReadError as e:
-            raise UserError(f"raw: {e}") from e
+            raise UserError(f"{field}: {e}") from e
     return {
-        "path": config.raw,
-        "shape": list(raw.shape),
-        "dtype": raw.dtype.name,
+        "path": path,
+        "shape": list(volume.shape),
+        "dtype": volume.dtype.name,
         "voxel_size": list(vs),
-        "offset": list(raw.roi.offset),
+        "offset": list(volume.roi.offset),
         "sample_sha256": digest.hexdigest(),
     }
 
@@ -356,7 +404,7 @@ def run_record(layout: RunLayout, config: RunConfig) -> dict:
     threshold."""
     return {
         **layout.to_json(),
-        "raw": raw_identity(config),
+        "raw": volume_identity(config.raw, "raw"),
         "store": config.store,
         "model": model_identity(config),
         "predict_outside": config.predict.outside,

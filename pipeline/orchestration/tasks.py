@@ -44,31 +44,38 @@ def blockwise_geometry(layout: RunLayout, block: Coordinate, context: Coordinate
     return total, read, write
 
 
-def _predict_task(config: RunConfig, layout: RunLayout, run_dir: RunDir) -> daisy.Task:
-    # predict blocks overhang the far edges: the network needs its full
-    # (valid) shape, and the worker keeps the part inside the volume
-    return _task(
-        "predict", "predict", config, run_dir,
-        *blockwise_geometry(layout, layout.predict_output, layout.predict_read_context),
-        fit="overhang", workers=config.predict.workers,
-    )
+def _after_predict(config: RunConfig, layout: RunLayout, run_dir: RunDir, *tasks: daisy.Task) -> daisy.Pipeline:
+    """`tasks` chained block by block, after the predict step when the run
+    has one (given affinities have none)."""
+    if layout.predicted:
+        # predict blocks overhang the far edges: the network needs its full
+        # (valid) shape, and the worker keeps the part inside the volume
+        predict = _task(
+            "predict", "predict", config, run_dir,
+            *blockwise_geometry(layout, layout.predict_output, layout.predict_read_context),
+            fit="overhang", workers=config.predict.workers,
+        )
+        tasks = (predict, *tasks)
+    pipeline = tasks[0]
+    for task in tasks[1:]:
+        pipeline = pipeline + task
+    return pipeline
 
 
 def graph_pipeline(config: RunConfig, layout: RunLayout, run_dir: RunDir) -> daisy.Pipeline:
     """predict -> fragments -> agglomerate, pipelined block by block."""
-    predict = _predict_task(config, layout, run_dir)
     postprocess = blockwise_geometry(layout, layout.block_shape, layout.context)
     fragments = _task("fragments", "fragments", config, run_dir, *postprocess, fit="shrink", workers=config.postprocess.workers)
     agglomerate = _task("agglomerate", "agglomerate", config, run_dir, *postprocess, fit="shrink", workers=config.postprocess.workers)
-    return predict + fragments + agglomerate
+    return _after_predict(config, layout, run_dir, fragments, agglomerate)
 
 
 def mutex_pipeline(config: RunConfig, layout: RunLayout, run_dir: RunDir) -> daisy.Pipeline:
-    """2D models: predict -> mutex watershed per section, straight into the
+    """2D: predict -> mutex watershed per section, straight into the
     segmentation. A section depends only on its own affinities: no context."""
     geometry = blockwise_geometry(layout, layout.block_shape, Coordinate(0, 0, 0))
     mutex = _task("mutex", "mutex", config, run_dir, *geometry, fit="shrink", workers=config.postprocess.workers)
-    return _predict_task(config, layout, run_dir) + mutex
+    return _after_predict(config, layout, run_dir, mutex)
 
 
 def relabel_task(config: RunConfig, layout: RunLayout, run_dir: RunDir) -> daisy.Task:

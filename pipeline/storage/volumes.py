@@ -62,6 +62,23 @@ def read_roi(volume: Array, roi: Roi, name: str | Path, fill_value=None) -> np.n
         raise VolumeReadError(f"cannot read {name} at {roi}: {type(e).__name__}: {e}") from e
 
 
+# what an affinity dataset may hold: see as_uint8
+AFFINITY_DTYPES = ("uint8", "float32", "float64")
+
+
+def as_uint8(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] as uint8 datasets hold them: 0..255, rounded. The
+    post-processing steps read affinities in this one form, whether the
+    predict step wrote them or another tool did (as floats)."""
+    return np.round(np.clip(values, 0, 1) * 255).astype(np.uint8)
+
+
+def read_affinities(volume: Array, roi: Roi, name: str | Path, fill_value=None) -> np.ndarray:
+    """`read_roi` of an affinity dataset, as uint8 (`as_uint8`)."""
+    data = read_roi(volume, roi, name, fill_value)
+    return data if data.dtype == np.uint8 else as_uint8(data)
+
+
 def prepare_volume(
     container: Path,
     dataset: str,
