@@ -22,7 +22,7 @@ from funlib.persistence import open_ds
 from pipeline.config import RunConfig, threshold_key
 from pipeline.cli import cli_main, run_command
 from pipeline.errors import UserError
-from pipeline.kernels.lut import apply_mapping, load_lut
+from pipeline.kernels.lut import LookUpTable
 from pipeline.evaluation.instance_metrics import SCORES as INSTANCE_SCORES
 from pipeline.evaluation.instance_metrics import instance_scores
 from pipeline.evaluation.metrics import Contingency, scores
@@ -39,7 +39,7 @@ def _lut(run_dir: RunDir, scoring: str, threshold: float):
             f"agglomerate.thresholds: the run has no look-up table for threshold {threshold_key(threshold)} "
             f"({scoring}); run pipeline/predict.py with this config first, it builds the tables"
         )
-    return load_lut(path)
+    return LookUpTable.open(path)
 
 
 def evaluate_run(config: RunConfig) -> list[dict[str, float]]:
@@ -64,7 +64,7 @@ def evaluate_run(config: RunConfig) -> list[dict[str, float]]:
         slab = Roi((z, *roi.begin[1:]), (min(slab_depth, roi.end[0] - z), *roi.shape[1:]))
         data, truth = labels[slab], gt[slab]
         for t, lut in luts.items():
-            tables[t].add(data if lut is None else apply_mapping(data, *lut), truth)
+            tables[t].add(data if lut is None else lut.map(data), truth)
         if layout.is_2d:
             sections += [instance_scores(t, d) for t, d in zip(truth, data)]
     rows = [{"threshold": t, **scores(tables[t])} for t in luts]

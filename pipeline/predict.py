@@ -190,7 +190,7 @@ def _run(config: RunConfig, config_source: str, held: ExitStack) -> dict:
     else:
         _run_daisy(graph_pipeline(config, layout, run_dir), progress, report, run_dir.logs)
         with run_store(config, run_dir) as store:
-            report["graph"] = _master_step("segments", progress, report, lambda: write_luts(config, run_dir, store))
+            report["graph"] = _master_step("segments", progress, report, lambda: write_luts(config, layout, run_dir, store))
         _run_daisy(relabel_task(config, layout, run_dir), progress, report, run_dir.logs)
     if config.ground_truth:
         report["scores"] = _master_step("evaluate", progress, report, lambda: evaluate_run(config))

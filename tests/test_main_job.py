@@ -19,8 +19,12 @@ import torch
 from funlib.persistence import open_ds, prepare_ds
 
 from pipeline.evaluation.metrics import evaluate_arrays
+from pipeline.kernels.lut import LookUpTable
+from pipeline.orchestration.run_layout import RunDir
 from pipeline.status import read_status
+from pipeline.storage.graph_store import open_store
 from tests.conftest import RAW, REPO, run_cli
+from tests.test_lut import reference_segments
 
 
 def run_predict(config: Path) -> Path:
@@ -61,6 +65,17 @@ def test_run_leaves_segmentation_report_and_scores(reference):
     ids_per_block = [set(np.unique(fragments[z:z + 20, y:y + 80, x:x + 80]).tolist()) - {0}
                      for z in (0, 20) for y in (0, 80) for x in (0, 80)]
     assert sum(len(s) for s in ids_per_block) == len(set().union(*ids_per_block))
+
+
+def test_look_up_tables_equal_connected_components_of_the_runs_graph(reference):
+    """The streamed union-find against its slow reference on the real graph."""
+    with open_store("sqlite", reference, RunDir(reference).run_id()) as store:
+        ids = store.node_ids()
+        u, v, scores = (np.concatenate(column) for column in zip(*store.stream_edges()))
+    assert len(u) > 100
+    for threshold in (0.3, 0.5, 0.7):
+        table = LookUpTable.open(RunDir(reference).lut("hist_quant_50", threshold))
+        np.testing.assert_array_equal(table.segments, reference_segments(ids, u, v, scores, threshold))
 
 
 def test_status_reports_every_step_done(reference, run_config, tmp_path):

@@ -20,7 +20,7 @@ import pymongo
 from funlib.persistence import open_ds
 
 from pipeline.config import RunConfig, load_json
-from pipeline.kernels.lut import apply_mapping, load_lut
+from pipeline.kernels.lut import LookUpTable
 from pipeline.orchestration.run_layout import RunDir
 from pipeline.predict import open_run
 from tests.conftest import RAW, REPO, run_cli
@@ -103,11 +103,11 @@ def test_close_thresholds_keep_their_own_tables_and_relabel_follows_the_chosen_o
         assert report["steps"]["relabel"]["skipped"] == 0
         fragments = open_ds(run_dir.volumes / "fragments")
         segmentation = open_ds(run_dir.volumes / "segmentation")
-        expected = apply_mapping(fragments[fragments.roi], *load_lut(run_dir.lut("hist_quant_50", chosen)))
+        expected = LookUpTable.open(run_dir.lut("hist_quant_50", chosen)).map(fragments[fragments.roi])
         np.testing.assert_array_equal(segmentation[segmentation.roi], expected)
         counts[chosen] = report["graph"]["segments@" + repr(chosen)]
-    assert (run_dir.path / "luts/hist_quant_50/0.3205.npz").exists()
-    assert (run_dir.path / "luts/hist_quant_50/0.3245.npz").exists()
+    assert (run_dir.path / "luts/hist_quant_50/0.3205.npy").exists()
+    assert (run_dir.path / "luts/hist_quant_50/0.3245.npy").exists()
     # the two tables differ on this volume, so a shared one would show
     assert counts[0.3205] != counts[0.3245]
     table = [row["threshold"] for row in report["scores"]]

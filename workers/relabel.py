@@ -1,5 +1,7 @@
 """Block-wise relabelling: fragments through the look-up table of the
-configured threshold into the uint64 `segmentation` dataset."""
+configured threshold into the uint64 `segmentation` dataset. The table is
+memory-mapped: a worker reads only its blocks' entries, so its memory does
+not grow with the number of fragments."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from contextlib import contextmanager
 
 from funlib.persistence import open_ds
 
-from pipeline.kernels.lut import apply_mapping, load_lut
+from pipeline.kernels.lut import LookUpTable
 from pipeline.storage.volumes import read_roi
 from workers.loop import ProcessBlock, WorkerRun, run_worker
 
@@ -16,12 +18,12 @@ from workers.loop import ProcessBlock, WorkerRun, run_worker
 @contextmanager
 def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     agglomerate = run.config.agglomerate
-    keys, segments = load_lut(run.run_dir.lut(agglomerate.scoring, agglomerate.threshold))
+    table = LookUpTable.open(run.run_dir.lut(agglomerate.scoring, agglomerate.threshold))
     fragments = open_ds(run.run_dir.volumes / "fragments")
     segmentation = open_ds(run.run_dir.volumes / "segmentation", mode="r+")
 
     def process_block(block) -> None:
-        segmentation[block.write_roi] = apply_mapping(read_roi(fragments, block.write_roi, "fragments"), keys, segments)
+        segmentation[block.write_roi] = table.map(read_roi(fragments, block.write_roi, "fragments"))
 
     yield process_block
 

@@ -295,7 +295,7 @@ class RunDir:
         return self.path / "tracking" / step
 
     def lut(self, scoring: str, threshold: float) -> Path:
-        return self.path / "luts" / scoring / f"{threshold_key(threshold)}.npz"
+        return self.path / "luts" / scoring / f"{threshold_key(threshold)}.npy"
 
     def recorded(self) -> dict | None:
         """The run record in `layout.json` (None for a new directory)."""
