@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 from funlib.persistence import open_ds, prepare_ds
 
 from pipeline.evaluation.metrics import evaluate_arrays
@@ -76,6 +77,17 @@ def test_look_up_tables_equal_connected_components_of_the_runs_graph(reference):
     for threshold in (0.3, 0.5, 0.7):
         table = LookUpTable.open(RunDir(reference).lut("hist_quant_50", threshold))
         np.testing.assert_array_equal(table.segments, reference_segments(ids, u, v, scores, threshold))
+
+
+def test_chunks_tile_the_blocks_and_stay_small(reference):
+    """No two blocks' writers share a chunk, and a viewer or a partial read
+    fetches 64^3 voxels at most."""
+    layout = RunDir(reference).read_layout()
+    for name, block in (("affs", layout.predict_output), ("fragments", layout.block_shape), ("segmentation", layout.block_shape)):
+        chunks = zarr.open_array(str(reference / "volumes.zarr" / name), mode="r").chunks[-3:]
+        blocks = block / layout.voxel_size
+        assert all(b % c == 0 and c <= 64 for b, c in zip(blocks, chunks)), (name, chunks, blocks)
+        assert chunks != tuple(blocks), name  # the test blocks have divisors below 64
 
 
 def test_status_reports_every_step_done(reference, run_config, tmp_path):

@@ -79,6 +79,25 @@ def read_affinities(volume: Array, roi: Roi, name: str | Path, fill_value=None) 
     return data if data.dtype == np.uint8 else as_uint8(data)
 
 
+# voxels per chunk axis at most: 64^3 chunks (2 MiB of uint64) let viewers
+# and partial reads fetch little, and keep a block to a few hundred files
+CHUNK_LIMIT = 64
+# below this, a chunk axis would make too many tiny files: keep the block's
+SMALLEST_CHUNK = 16
+
+
+def dividing_chunks(block: Coordinate) -> tuple[int, ...]:
+    """Per axis, the largest divisor of the block's extent (voxels) that is
+    at most CHUNK_LIMIT, so that chunks tile every block exactly. An extent
+    with no divisor from SMALLEST_CHUNK to CHUNK_LIMIT (a prime, say) stays
+    whole."""
+    chunks = []
+    for extent in block:
+        divisor = max(d for d in range(1, min(extent, CHUNK_LIMIT) + 1) if extent % d == 0)
+        chunks.append(divisor if divisor >= min(extent, SMALLEST_CHUNK) else extent)
+    return tuple(chunks)
+
+
 def prepare_volume(
     container: Path,
     dataset: str,
@@ -88,10 +107,11 @@ def prepare_volume(
     block_shape: Coordinate,
     channels: int | None = None,
 ) -> Array:
-    """Create (or reopen, if compatible) a dataset whose chunks are exactly
-    one write block, so that no two workers ever write the same chunk."""
+    """Create (or reopen, if compatible) a dataset written in blocks of
+    `block_shape`, in chunks that tile each block (`dividing_chunks`), so
+    that no two workers ever write the same chunk."""
     spatial = tuple(roi.shape / voxel_size)
-    chunks = tuple(block_shape / voxel_size)
+    chunks = dividing_chunks(block_shape / voxel_size)
     if channels is not None:
         spatial = (channels, *spatial)
         chunks = (channels, *chunks)
