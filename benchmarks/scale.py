@@ -2,6 +2,13 @@
 
     python benchmarks/scale.py [--edges N]
 
+Graph store: writes and whole-graph reads of a synthetic region graph
+(`--graph-edges`, default 5e5 edges, 1e4 per block as the agglomerate
+workers write them), for SQLite and for MongoDB (MONGODB_URI, or a local
+secantus server, the MongoDB-wire server of the tests). Prints edges/s for
+writing (one writer), for reading the node ids and for streaming the edges
+(what the segments step does).
+
 Look-up tables: the segments step (pipeline/kernels/lut.py) on a synthetic
 region graph of N edges (default 1e8) and N / 10 fragments (a RAG has about
 ten edges per fragment), in blocks of 1e6 voxels with fragment ids as the
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -79,10 +87,68 @@ def measure_luts(edges: int) -> dict:
     }
 
 
+def measure_store(spec: str, run_dir: Path, edges: int) -> dict:
+    from pipeline.storage.graph_store import Edges, Nodes, open_store
+
+    per_block = 10_000
+    rng = np.random.default_rng(3)
+    blocks = max(1, edges // per_block)
+    written = 0
+    with open_store(spec, run_dir, "0" * 32) as store:
+        store.reset()
+        started = time.perf_counter()
+        for block in range(blocks):
+            first = block * VOXELS_PER_BLOCK
+            ids = np.arange(first + 1, first + per_block // 5 + 1, dtype=np.uint64)
+            store.write_nodes(block, Nodes(ids, rng.random((len(ids), 3)), np.ones(len(ids), dtype=np.int64)))
+            u = np.sort(rng.choice(ids, per_block))
+            # distinct partners above u, inside the block's id range: unique pairs
+            v = ids[-1] + np.uint64(1) + np.arange(per_block, dtype=np.uint64)
+            store.write_edges(block, Edges(u, v, rng.random(per_block, dtype=np.float32),
+                                           rng.random((per_block, 3), dtype=np.float32)))
+            written += per_block
+        write_s = time.perf_counter() - started
+        started = time.perf_counter()
+        nodes = len(store.node_ids())
+        node_s = time.perf_counter() - started
+        started = time.perf_counter()
+        streamed = sum(len(chunk[0]) for chunk in store.stream_edges())
+        read_s = time.perf_counter() - started
+        store.reset()
+    assert streamed == written
+    return {"edges": written, "write_per_s": written / write_s, "nodes": nodes, "nodes_per_s": nodes / node_s,
+            "read_per_s": written / read_s}
+
+
+def mongodb_uri(storage: Path):
+    """MONGODB_URI, or a secantus server started here (returned to stop)."""
+    import os
+
+    if os.environ.get("MONGODB_URI"):
+        return os.environ["MONGODB_URI"], None
+    from secantus import SecantusDBServer
+
+    server = SecantusDBServer(host="127.0.0.1", port=0, storage_path=str(storage))
+    server.start()
+    return server.uri, server
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--edges", type=float, default=1e8, help="synthetic RAG edges (default 1e8)")
+    parser.add_argument("--graph-edges", type=float, default=5e5, help="edges written to and read from each store")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        uri, server = mongodb_uri(Path(tmp) / "mongodb")
+        try:
+            for name, spec in (("SQLite", "sqlite"), ("MongoDB", uri.rstrip("/") + "/affseg_scale_benchmark")):
+                g = measure_store(spec, Path(tmp) / "run", int(args.graph_edges))
+                print(f"graph store {name}: {g['edges']:.3g} edges written at {g['write_per_s'] / 1e3:.0f} k/s (one writer); "
+                      f"{g['nodes']:.3g} node ids read at {g['nodes_per_s'] / 1e3:.0f} k/s; "
+                      f"edges streamed at {g['read_per_s'] / 1e3:.0f} k/s")
+        finally:
+            if server is not None:
+                server.stop()
     r = measure_luts(int(args.edges))
     print(f"look-up tables: {r['edges']:.3g} edges, {r['fragments']:.3g} fragments, {len(THRESHOLDS)} thresholds")
     print(f"  {r['seconds']:.1f} s, {r['edges_per_s'] / 1e6:.1f} M edges/s (one core)")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.storage.graph_store import VALID_DATABASE, Edges, Nodes, RunOwner, default_database, open_store
+from pipeline.storage.graph_store import BLOCK_RANGE, VALID_DATABASE, Edges, Nodes, RunOwner, default_database, open_store
 
 
 @pytest.fixture(params=["sqlite", "mongodb"])
@@ -70,6 +70,20 @@ def test_edges_keep_nan_scores_and_affinities(store):
     streamed = list(store.stream_edges(chunk=2))
     assert [len(c[0]) for c in streamed] == [2, 2]
     assert sorted(np.concatenate([c[1] for c in streamed]).tolist()) == [5, 7, 9, 11]
+
+
+def test_the_whole_graph_is_read_in_order_across_many_blocks(store):
+    """The master reads node ids and edges block range by block range
+    (MongoDB: BLOCK_RANGE blocks per request); ids come back sorted and no
+    edge is lost between ranges."""
+    blocks = [0, BLOCK_RANGE - 1, BLOCK_RANGE, 5 * BLOCK_RANGE + 3]
+    for block in reversed(blocks):  # written out of order, as workers do
+        store.write_nodes(block, nodes([block * 1000 + 2, block * 1000 + 1], block))
+        store.write_edges(block, edges([(block * 1000 + 1, block * 1000 + 2)], [block / 1000]))
+    assert store.node_ids().tolist() == sorted(b * 1000 + k for b in blocks for k in (1, 2))
+    streamed = list(store.stream_edges())
+    assert sorted(np.concatenate([c[0] for c in streamed]).tolist()) == [b * 1000 + 1 for b in blocks]
+    np.testing.assert_allclose(sorted(np.concatenate([c[2] for c in streamed])), [b / 1000 for b in blocks], rtol=1e-6)
 
 
 def test_large_ids_below_2_53_survive(store):

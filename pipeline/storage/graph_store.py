@@ -57,6 +57,10 @@ def _client_options(timeout_s: float) -> dict:
         "retryWrites": True,
         "retryReads": True,
     }
+# blocks per request when the master reads the whole graph (MongoDB): the
+# unit a failed read is retried in, and about 1e6 edges (some 300 MB as
+# Python dicts) at Kasthuri15's density of about 3e4 edges per block
+BLOCK_RANGE = 32
 # block indices per `$in` query: 8-byte ints keep a query far below MongoDB's
 # 16 MB document limit
 IN_CHUNK = 50_000
@@ -271,8 +275,10 @@ class SqliteGraphStore(GraphStore):
         return _edges_from_rows([(u, v, s, np.frombuffer(a, dtype=np.float32)) for u, v, s, a in rows])
 
     def node_ids(self) -> np.ndarray:
-        ids = self.db.execute("SELECT id FROM nodes ORDER BY id").fetchall()
-        return np.array([i for (i,) in ids], dtype=np.uint64)
+        # chunk by chunk into numpy: a list of 1e8 row tuples would take GBs
+        cursor = self.db.execute("SELECT id FROM nodes ORDER BY id")
+        chunks = [np.array(rows, dtype=np.uint64).ravel() for rows in iter(lambda: cursor.fetchmany(EDGE_CHUNK), [])]
+        return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint64)
 
     def stream_edges(self, chunk: int = EDGE_CHUNK):
         cursor = self.db.execute("SELECT u, v, merge_score FROM edges")
@@ -399,20 +405,37 @@ class MongoGraphStore(GraphStore):
         documents.sort(key=lambda d: (d["u"], d["v"]))
         return _edges_from_rows([(d["u"], d["v"], d["merge_score"], d["affinities"]) for d in documents])
 
+    def _block_ranges(self, collection) -> Iterator[tuple[int, int]]:
+        """[first, end) ranges of BLOCK_RANGE block indices up to the last
+        block that holds a document of `collection`."""
+        last = self._retry(lambda: collection.find_one({}, {"block": 1}, sort=[("block", -1)]))
+        if last is None:
+            return
+        for first in range(0, last["block"] + 1, BLOCK_RANGE):
+            yield first, first + BLOCK_RANGE
+
+    def _read_range(self, collection, first: int, end: int, projection: dict, sort: list | None = None) -> list[dict]:
+        # one range is one retried request: a failure mid-stream re-reads
+        # that range only, never the whole graph
+        query = {"block": {"$gte": first, "$lt": end}}
+        return self._retry(lambda: list(collection.find(query, projection, sort=sort)))
+
     def node_ids(self) -> np.ndarray:
-        ids = [d["_id"] for d in self._retry(lambda: list(self.nodes.find({}, {"_id": 1}).sort("_id", 1)))]
-        return np.array(ids, dtype=np.uint64)
+        # block by block: a block's ids are below the next block's, so
+        # ranges sorted by id concatenate sorted
+        chunks = [
+            np.array([d["_id"] for d in self._read_range(self.nodes, first, end, {"_id": 1}, sort=[("_id", 1)])],
+                     dtype=np.uint64)
+            for first, end in self._block_ranges(self.nodes)
+        ]
+        return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint64)
 
     def stream_edges(self, chunk: int = EDGE_CHUNK):
-        cursor = self.edges.find({}, {"_id": 0, "u": 1, "v": 1, "merge_score": 1}, batch_size=chunk)
-        rows = []
-        for d in cursor:
-            rows.append((d["u"], d["v"], d["merge_score"]))
-            if len(rows) == chunk:
-                yield _edge_arrays(rows)
-                rows = []
-        if rows:
-            yield _edge_arrays(rows)
+        projection = {"_id": 0, "u": 1, "v": 1, "merge_score": 1}
+        for first, end in self._block_ranges(self.edges):
+            documents = self._read_range(self.edges, first, end, projection)
+            for start in range(0, len(documents), chunk):
+                yield _edge_arrays([(d["u"], d["v"], d["merge_score"]) for d in documents[start : start + chunk]])
 
     def close(self) -> None:
         self.client.close()
