@@ -52,8 +52,14 @@ def predict_roi(model: MethodModel, raw: Array, roi: Roi, layout: RunLayout, dev
     the network once grown by the margin. Raw outside the volume is
     `outside` (`read_raw`). `raw_name` names the raw dataset in a read
     error."""
-    margin = layout.predict_margin
     data = read_raw(raw, roi.grow(layout.predict_read_context, layout.predict_read_context), raw_name, outside)
+    return infer(model, data, roi, layout, device)
+
+
+def infer(model: MethodModel, data: np.ndarray, roi: Roi, layout: RunLayout, device: str) -> dict[str, np.ndarray]:
+    """The network's part of `predict_roi`: raw (uint8, `roi` grown by the
+    read context) in, the stored datasets' values over `roi` out."""
+    margin = layout.predict_margin
     tensor = torch.from_numpy(data.astype(np.float32) / 255.0)[None, None].to(device)
     # bf16 autocast only on GPUs: it changes results slightly and buys nothing on CPU
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=True) if device.startswith("cuda") else nullcontext()
