@@ -101,6 +101,11 @@ def test_status_reports_every_step_done(reference, run_config, tmp_path):
     result = run_cli("pipeline/status.py", str(config))
     assert result.returncode == 0 and "run finished" in result.stdout
     assert "agglomerate done" in " ".join(result.stdout.split())
+    assert "evaluate done" in " ".join(result.stdout.split())
+    # a run without ground truth has no evaluate step: it is not "waiting"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "ground_truth": None}))
+    result = run_cli("pipeline/status.py", str(config))
+    assert result.returncode == 0 and "run finished" in result.stdout and "evaluate" not in result.stdout
 
 
 def test_blockwise_matches_one_block_over_the_whole_volume(reference, run_config, tmp_path):
