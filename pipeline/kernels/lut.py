@@ -20,6 +20,7 @@ import numpy as np
 
 from pipeline.kernels.compiled import edge_buckets, flatten, fragment_indices, scatter_edges, union_edges
 
+
 def apply_mapping(values: np.ndarray, keys: np.ndarray, mapped: np.ndarray) -> np.ndarray:
     """Replace each value found in sorted `keys` by its `mapped` partner;
     values not in `keys` (such as 0, background) stay as they are."""
@@ -150,5 +151,3 @@ def build_luts(
         buckets[k] = []  # joined: free it
         flatten(parent)
         yield threshold, LookUpTable(fragments, ids[parent])
-
-

@@ -12,7 +12,8 @@ from pipeline.storage.graph_store import GraphStore
 
 
 def write_luts(config: RunConfig, layout: RunLayout, run_dir: RunDir, store: GraphStore) -> dict[str, int]:
-    fragments = FragmentIndex.from_ids(store.node_ids(), layout.voxels_per_block, int(np.prod(layout.block_grid)))
+    ids = store.node_ids()
+    fragments = FragmentIndex.from_ids(ids, layout.voxels_per_block, int(np.prod(layout.block_grid)))
     counts = {"fragments": len(fragments), "edges": 0}
 
     def counted_edges():
@@ -20,9 +21,9 @@ def write_luts(config: RunConfig, layout: RunLayout, run_dir: RunDir, store: Gra
             counts["edges"] += len(chunk[0])
             yield chunk
 
-    ids = fragments.ids()
     for threshold, table in build_luts(fragments, counted_edges(), config.agglomerate.thresholds):
         table.save(run_dir.lut(config.agglomerate.scoring, threshold))
-        # a segment is named by its smallest fragment, which maps to itself
+        # a segment is named by its smallest fragment, which maps to itself;
+        # the store's ids are the index's ids, in its order (from_ids checks)
         counts[f"segments@{threshold_key(threshold)}"] = int(np.count_nonzero(table.segments == ids))
     return counts

@@ -57,6 +57,8 @@ def _client_options(timeout_s: float) -> dict:
         "retryWrites": True,
         "retryReads": True,
     }
+
+
 # blocks per request when the master reads the whole graph (MongoDB): the
 # unit a failed read is retried in, and about 1e6 edges (some 300 MB as
 # Python dicts) at Kasthuri15's density of about 3e4 edges per block

@@ -16,6 +16,7 @@ from pipeline.config import AbsPath, RoiConfig, ZarrPath, in_plane, offsets_erro
 from pipeline.methods import MethodConfig, affinity
 from pipeline.schema import PositiveTriple, Probability, Strict, Triple
 
+
 class TrainVolume(Strict):
     raw: ZarrPath
     labels: ZarrPath
