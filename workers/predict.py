@@ -3,6 +3,7 @@ run's offsets, and the method's extra outputs, out."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
@@ -60,7 +61,8 @@ def infer(model: MethodModel, data: np.ndarray, roi: Roi, layout: RunLayout, dev
     """The network's part of `predict_roi`: raw (uint8, `roi` grown by the
     read context) in, the stored datasets' values over `roi` out."""
     margin = layout.predict_margin
-    tensor = torch.from_numpy(data.astype(np.float32) / 255.0)[None, None].to(device)
+    # uint8 crosses to the device: a quarter of float32's bytes
+    tensor = torch.from_numpy(data).to(device)[None, None].float() / 255.0
     # bf16 autocast only on GPUs: it changes results slightly and buys nothing on CPU
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=True) if device.startswith("cuda") else nullcontext()
     with torch.inference_mode(), autocast:
@@ -73,27 +75,59 @@ def infer(model: MethodModel, data: np.ndarray, roi: Roi, layout: RunLayout, dev
     return result
 
 
+# Two lanes (workers/loop.py): while the model works on one block, the other
+# lane reads its next block or writes its last, so the device waits for
+# neither. More lanes would only queue for the model.
+LANES = 2
+
+
+class BlockPredictor:
+    """The predict step's three phases for one block, and the block as a
+    whole. The model runs one block at a time (a lock), so that lanes
+    overlap only the reading and writing around it."""
+
+    def __init__(self, run: WorkerRun):
+        self.device = choose_device(run.config.predict.device, run.worker_id)
+        if self.device.startswith("cuda"):
+            # every block has the same shape: cuDNN's timed choice of
+            # convolution algorithms, made on the first, serves them all
+            torch.backends.cudnn.benchmark = True
+        self.model = load_network(run.config).to(self.device)
+        self.raw = open_volume(*split_path(run.config.raw), field="raw")
+        self.raw_name = run.config.raw
+        self.outside = run.config.predict.outside
+        self.layout = run.layout
+        names = ("affs", *(e[0] for e in self.layout.extras))
+        self.datasets = {name: open_ds(run.run_dir.volumes / name, mode="r+") for name in names}
+        self.model_lock = threading.Lock()
+
+    def read(self, roi: Roi) -> np.ndarray:
+        context = self.layout.predict_read_context
+        return read_raw(self.raw, roi.grow(context, context), self.raw_name, self.outside)
+
+    def infer(self, data: np.ndarray, roi: Roi) -> dict[str, np.ndarray]:
+        with self.model_lock:
+            return infer(self.model, data, roi, self.layout, self.device)
+
+    def write(self, roi: Roi, prediction: dict[str, np.ndarray]) -> None:
+        # blocks at the far edges overhang the volume: the whole (valid-
+        # shaped) block was predicted, keep the part inside
+        inside = roi.intersect(self.layout.roi)
+        for name, values in prediction.items():
+            self.datasets[name][inside] = values[(slice(None), *self.layout.window(inside, roi))]
+
+    def __call__(self, block) -> None:
+        roi = block.write_roi
+        self.write(roi, self.infer(self.read(roi), roi))
+
+
 @contextmanager
 def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
-    device = choose_device(run.config.predict.device, run.worker_id)
-    model = load_network(run.config).to(device)
-    raw = open_volume(*split_path(run.config.raw), field="raw")
-    layout = run.layout
-    datasets = {name: open_ds(run.run_dir.volumes / name, mode="r+") for name in ("affs", *(e[0] for e in layout.extras))}
-
-    def process_block(block) -> None:
-        # blocks at the far edges overhang the volume: predict the whole
-        # (valid-shaped) block, keep the part inside
-        prediction = predict_roi(model, raw, block.write_roi, layout, device, run.config.raw, run.config.predict.outside)
-        inside = block.write_roi.intersect(layout.roi)
-        for name, values in prediction.items():
-            datasets[name][inside] = values[(slice(None), *layout.window(inside, block.write_roi))]
-
-    yield process_block
+    yield BlockPredictor(run)
 
 
 def main() -> None:
-    run_worker(setup, "predict")
+    run_worker(setup, "predict", lanes=LANES)
 
 
 if __name__ == "__main__":
