@@ -5,8 +5,10 @@
 Runs the real main job (predict.py, local workers, SQLite) over the whole
 sample with the bundled model, then prints, from the run's report.json, the
 throughput of fragments, agglomerate and relabel in Mvoxel/s per core
-(voxels / in-block CPU seconds summed over workers) and the peak resident
-memory of any worker. Design target: >= 1 Mvoxel/s per core.
+(voxels / in-block CPU seconds summed over workers), the peak resident
+memory of any worker, and the scores of the result against the sample's
+ground truth (`make bench` ingests it first), so that speed and accuracy
+are read together. Design target: >= 1 Mvoxel/s per core.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="post-processing workers (default 2)")
     parser.add_argument("--block", type=int, nargs=3, default=(80, 125, 125), metavar=("Z", "Y", "X"),
                         help="post-processing block in voxels (default 80 125 125: 8 blocks)")
+    parser.add_argument("--ground-truth", default=str(REPO / "runs/fib25.zarr/labels"),
+                        help="labels to score against (default: the one make ingests); 'none' to skip")
     parser.add_argument("--run-dir", default=str(REPO / "runs/bench_postprocess"), help="scratch run directory (replaced)")
     args = parser.parse_args()
 
@@ -38,6 +42,7 @@ def main() -> None:
     config = {
         "run_dir": str(run_dir / "run"),
         "raw": str(REPO / "data/fib25_medulla/fib25.zarr/raw"),
+        "ground_truth": None if args.ground_truth == "none" else args.ground_truth,
         "model": {"checkpoint": str(REPO / "models/fib25_mala.pt")},
         "predict": {"device": "auto", "output_shape": [40, 128, 128], "workers": 1},
         # about 1/8 of the block as context on each side, as in the design
@@ -63,6 +68,9 @@ def main() -> None:
     print(f"fragments + agglomerate + relabel: {voxels / cpu / 1e6:.2f} Mvoxel/s per core "
           f"({cpu:.2f} CPU s); peak worker memory {peak / 2**20:.0f} MB")
     print(f"segments (LUTs, master): {steps['segments']['wall_s']:.2f} s for {report['graph']['edges']} edges")
+    for row in report.get("scores", []):
+        print(f"threshold {row['threshold']:.2f}: VOI {row['voi']:.4f} (split {row['voi_split']:.4f}, "
+              f"merge {row['voi_merge']:.4f}), ARAND {row['arand']:.4f}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 what the worker's overlapped lanes make of it.
 
     python benchmarks/predict_phases.py [--device cpu|cuda] [--blocks N]
-        [--output-shape Z Y X] [--whole-volume] [--repeat N] [--peak-tflops F]
+        [--output-shape Z Y X] [--whole-volume] [--repeat N] [--lanes N ...]
+        [--peak-tflops F]
 
 Runs the predict worker's own `BlockPredictor` (workers/predict.py) with the
 bundled model on the demo's sample (configs/demo.json; --whole-volume: all of
@@ -13,7 +14,8 @@ would otherwise finish before it is warm:
 1. in series, block by block: the seconds spent reading, in the model and
    writing, the output voxels per second, and the fraction of wall time the
    model is busy (the share that overlapping can win back);
-2. overlapped, as the worker runs them (`LANES` threads, workers/loop.py):
+2. overlapped, as the worker runs them (lanes, workers/loop.py), once per
+   number of lanes asked for (default: the worker's choice for the device):
    voxels per second and the speed-up over the series.
 
 Also prints the model's FLOPs per output voxel (counted by torch on one
@@ -43,7 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from pipeline.config import RunConfig, load_json  # noqa: E402
 from pipeline.predict import open_run  # noqa: E402
 from workers.loop import WorkerRun, run_lanes  # noqa: E402
-from workers.predict import LANES, BlockPredictor  # noqa: E402
+from workers.predict import BlockPredictor, predict_lanes  # noqa: E402
 
 
 def flops_per_voxel(predictor: BlockPredictor, roi: Roi) -> float:
@@ -61,6 +63,7 @@ def main() -> None:
     parser.add_argument("--output-shape", type=int, nargs=3, help="predict.output_shape in voxels (default: the demo's)")
     parser.add_argument("--whole-volume", action="store_true", help="predict all of the sample, not the demo's ROI")
     parser.add_argument("--repeat", type=int, default=1, help="go over the blocks this many times (default 1)")
+    parser.add_argument("--lanes", type=int, nargs="+", help="lanes to compare (default: the worker's choice)")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for the fraction reached")
     parser.add_argument("--run-dir", default=str(REPO / "runs/bench_predict_phases"), help="scratch run directory (replaced)")
     args = parser.parse_args()
@@ -108,24 +111,25 @@ def main() -> None:
     print(f"in series: read {totals[0]:.2f} s, model {totals[1]:.2f} s, write {totals[2]:.2f} s; "
           f"{voxels / series / 1e6:.3f} Mvoxel/s; model busy {totals[1] / series:.0%} of the wall time")
 
-    queue = iter(blocks)
-    lock = threading.Lock()
+    for lanes in args.lanes or [predict_lanes(predictor.device)]:
+        queue = iter(blocks)
+        lock = threading.Lock()
 
-    def acquire():
-        with lock:
-            roi = next(queue, None)
-        return nullcontext(None if roi is None else daisy.Block(layout.roi, roi, roi))
+        def acquire():
+            with lock:
+                roi = next(queue, None)
+            return nullcontext(None if roi is None else daisy.Block(layout.roi, roi, roi))
 
-    t0 = time.perf_counter()
-    run_lanes(predictor, LANES, lambda: acquire)
-    overlapped = time.perf_counter() - t0
-    rate = voxels / overlapped
-    print(f"overlapped ({LANES} lanes): {overlapped:.2f} s, {rate / 1e6:.3f} Mvoxel/s, "
-          f"{series / overlapped:.2f}x the series; model busy {totals[1] / overlapped:.0%} of the wall time")
-    reached = rate * flops / 1e12
-    peak = f", {reached / args.peak_tflops:.1%} of the {args.peak_tflops:g} TFLOP/s peak" if args.peak_tflops else ""
-    print(f"model arithmetic: {reached:.2f} TFLOP/s{peak}")
-
+        t0 = time.perf_counter()
+        run_lanes(predictor, lanes, lambda: acquire)
+        synchronize()
+        overlapped = time.perf_counter() - t0
+        rate = voxels / overlapped
+        print(f"overlapped ({lanes} lanes): {overlapped:.2f} s, {rate / 1e6:.3f} Mvoxel/s, "
+              f"{series / overlapped:.2f}x the series (its model time is {totals[1] / overlapped:.0%} of this wall time)")
+        reached = rate * flops / 1e12
+        peak = f", {reached / args.peak_tflops:.1%} of the {args.peak_tflops:g} TFLOP/s peak" if args.peak_tflops else ""
+        print(f"    model arithmetic: {reached:.2f} TFLOP/s{peak}")
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,8 @@
-"""Rates and memory the Kasthuri15 projection needs, measured on this machine.
+"""Rates and memory the Kasthuri15 projection needs, measured on this machine,
+and the projection itself.
 
-    python benchmarks/scale.py [--edges N]
+    python benchmarks/scale.py [--edges N] [--graph-edges N] [--bench-run DIR]
+        [--gpu-voxels-per-s R] [--gpus G] [--cores C]
 
 Graph store: writes and whole-graph reads of a synthetic region graph
 (`--graph-edges`, default 5e5 edges, 1e4 per block as the agglomerate
@@ -18,6 +20,15 @@ local); scores are uniform, thresholds 0.1 .. 0.9. Prints edges/s and the
 master's peak memory beyond the fragment arrays, in bytes per edge (numpy
 allocations, traced by tracemalloc; the edge chunks are drawn before, as a
 store's reader would hand them over, and are not counted).
+
+Projection: Kasthuri15 (10747 x 12895 x 1850 voxels) on G GPUs and C cores
+(default 8 and 256), from the rates above and from a `make bench` run
+(--bench-run, default runs/bench_postprocess/run: each post-processing
+step's voxels per CPU second, the fragments and edges per voxel, the bytes
+per voxel of each dataset on disk), with predict at R voxels/s per GPU
+(default 19.3e6: benchmarks/predict_phases.py on an H100 with the bundled
+model, README). Prints the time of each step, the largest being what limits
+the run.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.kernels.lut import FragmentIndex, build_luts  # noqa: E402
 
+KASTHURI15 = 10747 * 12895 * 1850  # voxels
 CHUNK = 10_000_000  # edges per streamed chunk, as a store would hand them over
 VOXELS_PER_BLOCK = 1_000_000
 THRESHOLDS = [round(0.1 * k, 1) for k in range(1, 10)]
@@ -133,16 +145,56 @@ def mongodb_uri(storage: Path):
     return server.uri, server
 
 
+def project(bench_run: Path, stores: dict, luts: dict, gpu_rate: float, gpus: int, cores: int) -> None:
+    """Kasthuri15's steps, each on its own: hours, and the resources."""
+    import json
+
+    report = json.loads((bench_run / "report.json").read_text())
+    voxels = report["volume_voxels"]
+    scale = KASTHURI15 / voxels
+    fragments, edges = report["graph"]["fragments"] * scale, report["graph"]["edges"] * scale
+    print(f"\nKasthuri15: {KASTHURI15:.3g} voxels, {gpus} GPUs, {cores} cores; from {bench_run}: "
+          f"{fragments:.2g} fragments and {edges:.2g} edges at the sample's density")
+    rows = [("predict", KASTHURI15 / gpu_rate / 3600, f"{KASTHURI15 / gpu_rate / 3600:.1f} GPU h",
+             KASTHURI15 / gpu_rate / gpus / 3600)]
+    for step in ("fragments", "agglomerate", "relabel"):
+        core_h = report["steps"][step]["cpu_s"] * scale / 3600
+        rows.append((step, core_h, f"{core_h:.0f} core h", core_h / cores))
+    for name, rates in stores.items():
+        rows.append((f"store write ({name}, one writer)", 0, f"{rates['write_per_s'] / 1e3:.0f} k edges/s",
+                     edges / rates["write_per_s"] / 3600))
+        rows.append((f"store edge stream ({name})", 0, f"{rates['read_per_s'] / 1e3:.0f} k edges/s",
+                     edges / rates["read_per_s"] / 3600))
+    memory = (28 * fragments + luts["bytes_per_edge"] * edges) / 2**30
+    rows.append(("look-up tables (master)", 0, f"{luts['edges_per_s'] / 1e6:.1f} M edges/s, {memory:.0f} GiB",
+                 edges / luts["edges_per_s"] / 3600))
+    print(f"{'step':<36}{'rate or work':>28}{'hours':>9}")
+    for name, _, work, hours in rows:
+        print(f"{name:<36}{work:>28}{hours:>9.2f}")
+    limit = max(rows, key=lambda r: r[3])
+    print(f"limiting: {limit[0]}, {limit[3]:.2f} h ({limit[3]:.1f}x the one-hour goal)")
+    print("storage:")
+    for dataset in ("affs", "fragments", "segmentation"):
+        size = sum(f.stat().st_size for f in (bench_run / "volumes.zarr" / dataset).rglob("*") if f.is_file())
+        print(f"  {dataset:<14}{size / voxels:6.2f} B/voxel on disk -> {size * scale / 1e12:6.2f} TB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--edges", type=float, default=1e8, help="synthetic RAG edges (default 1e8)")
     parser.add_argument("--graph-edges", type=float, default=5e5, help="edges written to and read from each store")
+    parser.add_argument("--bench-run", default=str(Path(__file__).resolve().parent.parent / "runs/bench_postprocess/run"),
+                        help="a make bench run directory, for the projection (skipped if absent)")
+    parser.add_argument("--gpu-voxels-per-s", type=float, default=19.3e6, help="predict rate per GPU (default: the H100's)")
+    parser.add_argument("--gpus", type=int, default=8)
+    parser.add_argument("--cores", type=int, default=256)
     args = parser.parse_args()
+    stores = {}
     with tempfile.TemporaryDirectory() as tmp:
         uri, server = mongodb_uri(Path(tmp) / "mongodb")
         try:
             for name, spec in (("SQLite", "sqlite"), ("MongoDB", uri.rstrip("/") + "/affseg_scale_benchmark")):
-                g = measure_store(spec, Path(tmp) / "run", int(args.graph_edges))
+                g = stores[name] = measure_store(spec, Path(tmp) / "run", int(args.graph_edges))
                 print(f"graph store {name}: {g['edges']:.3g} edges written at {g['write_per_s'] / 1e3:.0f} k/s (one writer); "
                       f"{g['nodes']:.3g} node ids read at {g['nodes_per_s'] / 1e3:.0f} k/s; "
                       f"edges streamed at {g['read_per_s'] / 1e3:.0f} k/s")
@@ -154,6 +206,10 @@ def main() -> None:
     print(f"  {r['seconds']:.1f} s, {r['edges_per_s'] / 1e6:.1f} M edges/s (one core)")
     print(f"  master peak {r['peak_bytes'] / 2**30:.2f} GiB; beyond the fragment arrays (28 B per fragment): "
           f"{r['bytes_per_edge']:.1f} B per edge")
+    if (Path(args.bench_run) / "report.json").exists():
+        project(Path(args.bench_run), stores, r, args.gpu_voxels_per_s, args.gpus, args.cores)
+    else:
+        print(f"no projection: {args.bench_run} holds no make bench run")
 
 
 if __name__ == "__main__":

@@ -2,74 +2,85 @@
 
     python pipeline/evaluate.py CONFIG
 
-`predict.py` calls the same code as its last step when the config names
-`ground_truth`; this command re-scores a finished run (for instance after
-adding thresholds and re-running `predict.py`, which only rebuilds the LUTs).
+`predict.py` runs the same step last when the config names `ground_truth`;
+this command re-scores a finished run (for instance against another ground
+truth, or after adding thresholds and re-running `predict.py`, which only
+rebuilds the LUTs). Evaluation is block-wise: workers write each block's
+contingency tables (workers/evaluate.py), the master adds them up.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python pipeline/evaluate.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from funlib.geometry import Roi
-from funlib.persistence import open_ds
+import numpy as np
+from daisy import logging as daisy_logging
 
 from pipeline.config import RunConfig, threshold_key
 from pipeline.cli import cli_main, run_command
 from pipeline.errors import UserError
-from pipeline.kernels.lut import LookUpTable
 from pipeline.evaluation.instance_metrics import SCORES as INSTANCE_SCORES
-from pipeline.evaluation.instance_metrics import instance_scores
 from pipeline.evaluation.metrics import Contingency, scores
-from pipeline.orchestration.run_layout import RunDir
-from pipeline.storage.volumes import open_volume, split_path
+from pipeline.orchestration.daisy_run import run_daisy
+from pipeline.orchestration.master_lock import master_lock
+from pipeline.orchestration.progress import ProgressLog
+from pipeline.orchestration.run_layout import RunDir, RunLayout
+from pipeline.orchestration.tasks import evaluate_task
+
+# the master sums the blocks' tables in groups of this many, so that its
+# memory holds one entry per distinct (segment, label) pair, not per block
+COMPACT_EVERY = 64
 
 COLUMNS = ("threshold", "voi_split", "voi_merge", "voi", "arand", "cremi_score")
 
 
-def _lut(run_dir: RunDir, scoring: str, threshold: float):
-    path = run_dir.lut(scoring, threshold)
-    if not path.exists():
-        raise UserError(
-            f"agglomerate.thresholds: the run has no look-up table for threshold {threshold_key(threshold)} "
-            f"({scoring}); run pipeline/predict.py with this config first, it builds the tables"
-        )
-    return LookUpTable.open(path)
+def _rows(config: RunConfig, layout: RunLayout) -> list[float]:
+    """The threshold of each row: a 2D (mutex watershed) run has one
+    segmentation, reported in the row of its bias."""
+    return [config.mutex.bias] if layout.is_2d else sorted(config.agglomerate.thresholds)
 
 
-def evaluate_run(config: RunConfig) -> list[dict[str, float]]:
-    """One row per agglomeration threshold; a 2D (mutex watershed) run has
-    one segmentation, reported in the row of its bias, with the 2D instance
-    scores of each section (an independent image; label 0 = background)
-    averaged over the sections."""
-    run_dir = RunDir(Path(config.run_dir))
-    layout = run_dir.read_layout()
-    gt = open_volume(*split_path(config.ground_truth), field="ground_truth")
-    if layout.is_2d:
-        labels = open_ds(run_dir.volumes / "segmentation")
-        luts = {config.mutex.bias: None}
-    else:
-        labels = open_ds(run_dir.volumes / "fragments")
-        luts = {t: _lut(run_dir, config.agglomerate.scoring, t) for t in sorted(config.agglomerate.thresholds)}
-    tables = {t: Contingency() for t in luts}
+def _check_tables(config: RunConfig, run_dir: RunDir) -> None:
+    for threshold in config.agglomerate.thresholds:
+        if not run_dir.lut(config.agglomerate.scoring, threshold).exists():
+            raise UserError(
+                f"agglomerate.thresholds: the run has no look-up table for threshold {threshold_key(threshold)} "
+                f"({config.agglomerate.scoring}); run pipeline/predict.py with this config first, it builds the tables"
+            )
+
+
+def evaluate_run(config: RunConfig, layout: RunLayout, run_dir: RunDir, progress: ProgressLog, report: dict) -> list[dict[str, float]]:
+    """One row per agglomeration threshold, from the evaluate task's blocks.
+    A 2D run's row also holds the 2D instance scores of each section (an
+    independent image; label 0 = background) averaged over the sections."""
+    if not layout.is_2d:
+        _check_tables(config, run_dir)
+    # tables of an earlier evaluation may be of other thresholds or
+    # another ground truth: evaluation is redone whole each time
+    shutil.rmtree(run_dir.evaluation, ignore_errors=True)
+    run_daisy(evaluate_task(config, layout, run_dir), progress, report, run_dir.logs)
+    thresholds = _rows(config, layout)
+    tables = [Contingency() for _ in thresholds]
     sections = []
-    roi = layout.roi
-    slab_depth = layout.block_shape[0]
-    for z in range(roi.begin[0], roi.end[0], slab_depth):
-        slab = Roi((z, *roi.begin[1:]), (min(slab_depth, roi.end[0] - z), *roi.shape[1:]))
-        data, truth = labels[slab], gt[slab]
-        for t, lut in luts.items():
-            tables[t].add(data if lut is None else lut.map(data), truth)
-        if layout.is_2d:
-            sections += [instance_scores(t, d) for t, d in zip(truth, data)]
-    rows = [{"threshold": t, **scores(tables[t])} for t in luts]
+    for n, path in enumerate(sorted(run_dir.evaluation.glob("*.npz")), start=1):
+        with np.load(path) as block:
+            for k, table in enumerate(tables):
+                table.add_table(block[f"seg_{k}"], block[f"gt_{k}"], block[f"counts_{k}"])
+            if layout.is_2d:
+                sections.append(block["sections"])
+        if n % COMPACT_EVERY == 0:
+            for table in tables:
+                table.compact()
+    rows = [{"threshold": t, **scores(table)} for t, table in zip(thresholds, tables)]
     if sections:
-        rows[0].update({k: sum(s[k] for s in sections) / len(sections) for k in INSTANCE_SCORES})
+        per_section = np.concatenate(sections)
+        rows[0].update({k: float(v) for k, v in zip(INSTANCE_SCORES, per_section.mean(axis=0))})
     return rows
 
 
@@ -93,9 +104,14 @@ def main() -> None:
     config, args = run_command("evaluate", __doc__, "print the rows as JSON instead of a table")
     if config.ground_truth is None:
         raise UserError("ground_truth: the config names no ground truth to evaluate against")
-    if not RunDir(Path(config.run_dir)).layout.exists():
+    run_dir = RunDir(Path(config.run_dir))
+    if not run_dir.layout.exists():
         raise UserError(f"run_dir: {config.run_dir} holds no run; run pipeline/predict.py first")
-    rows = evaluate_run(config)
+    layout = run_dir.read_layout()
+    with master_lock(run_dir.master_lock):
+        daisy_logging.set_log_basedir(run_dir.logs)
+        progress = ProgressLog(run_dir.progress, ["evaluate"], {"evaluate": layout.voxels_per_block}, bars=False)
+        rows = evaluate_run(config, layout, run_dir, progress, {"steps": {}})
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
 
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import resource
 import shutil
 import socket
 import sys
@@ -30,13 +28,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python pipeline/predict.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import daisy
 import numpy as np
 from daisy import logging as daisy_logging
 
 from pipeline.cli import cli_main
 from pipeline.config import RunConfig, load_json
 from pipeline.evaluate import evaluate_run, format_table
+from pipeline.orchestration.daisy_run import RunFailed, master_step, run_daisy
 from pipeline.storage.graph_store import FIRST_CONTACT_S, RunOwner
 from pipeline.orchestration.master_lock import master_lock
 from pipeline.orchestration.progress import ProgressLog
@@ -45,88 +43,21 @@ from pipeline.orchestration.segments import write_luts
 from pipeline.orchestration.supervisor import supervise
 from pipeline.orchestration.tasks import graph_pipeline, mutex_pipeline, relabel_task
 from pipeline.storage.credentials import move_inline_password
-from pipeline.storage.volumes import prepare_volume
+from pipeline.storage.volumes import PREDICTION_COMPRESSOR, prepare_volume
 
 EXIT_FAILED = 1
-
-
-class RunFailed(Exception):
-    pass
 
 
 def _prepare_volumes(layout: RunLayout, run_dir: RunDir) -> None:
     vs = layout.voxel_size
     if layout.predicted:
-        prepare_volume(run_dir.volumes, "affs", layout.roi, vs, "uint8", layout.predict_output, channels=len(layout.offsets))
+        prepare_volume(run_dir.volumes, "affs", layout.roi, vs, "uint8", layout.predict_output, channels=len(layout.offsets),
+                       compressor=PREDICTION_COMPRESSOR)
     for name, channels, dtype in layout.extras:
-        prepare_volume(run_dir.volumes, name, layout.roi, vs, dtype, layout.predict_output, channels=channels)
+        prepare_volume(run_dir.volumes, name, layout.roi, vs, dtype, layout.predict_output, channels=channels,
+                       compressor=PREDICTION_COMPRESSOR)
     for name in ("segmentation",) if layout.is_2d else ("fragments", "segmentation"):
         prepare_volume(run_dir.volumes, name, layout.roi, vs, "uint64", layout.block_shape)
-
-
-_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*")
-
-
-def _worker_error(logs: Path, step: str) -> str | None:
-    """The last exception a worker of `step` logged: daisy only knows that
-    the worker command failed, the cause is in the worker's stderr."""
-    found = None
-    for path in sorted((logs / step).glob("*.err"), key=lambda p: p.stat().st_mtime):
-        for line in path.read_text(errors="replace").splitlines():
-            if _ERROR_LINE.match(line) and not line.startswith("subprocess.CalledProcessError"):
-                found = line.strip()
-    return found
-
-
-def _run_daisy(pipeline, progress: ProgressLog, report: dict, logs: Path) -> None:
-    server = daisy.Server()
-    states = server.run_blockwise(pipeline, progress=progress, summary=False)
-    per_task = (server.last_tracking_summary or {}).get("per_task", {})
-    failed = []
-    for step, state in states.items():
-        blocks = int(state.completed_count)
-        fresh = blocks - int(state.skipped_count)
-        wall = progress.wall_time(step)
-        report["steps"][step] = {
-            "blocks": int(state.total_block_count),
-            "completed": blocks,
-            "skipped": int(state.skipped_count),
-            "failed": int(state.failed_count),
-            "orphaned": int(state.orphaned_count),
-            "worker_restarts": int(state.worker_restart_count),
-            "wall_s": round(wall, 2),
-            "voxels_per_s": round(fresh * progress.voxels_per_block[step] / wall, 1) if wall > 0 else None,
-            # in-block CPU seconds summed over workers: throughput per core
-            # is voxels / cpu_s, whatever the number of workers
-            "cpu_s": round(float(per_task.get(step, {}).get("total_cpu_secs", 0.0)), 2),
-            "peak_worker_rss_bytes": int(per_task.get(step, {}).get("max_peak_rss_bytes", 0)),
-        }
-        if blocks != state.total_block_count:
-            if state.timeout_reclaim_count:
-                # the worker was stopped mid-block: its log holds no error
-                cause = (f"{state.timeout_reclaim_count} block attempt(s) timed out after {state.timeout_secs:g} s; "
-                         f"raise block_timeout_s if blocks are this slow")
-            else:
-                cause = _worker_error(logs, step)
-            failed.append(
-                f"{step}: {state.total_block_count - blocks} of {state.total_block_count} blocks did not finish"
-                + (f" ({cause})" if cause else "")
-            )
-    if failed:
-        raise RunFailed("; ".join(failed))
-
-
-def _master_step(step: str, progress: ProgressLog, report: dict, function):
-    progress.log_step(step, "start")
-    started = time.time()
-    result = function()
-    wall = time.time() - started
-    report["steps"][step] = {
-        "wall_s": round(wall, 2),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-    }
-    progress.log_step(step, "finish", wall_s=round(wall, 2))
-    return result
 
 
 def open_run(config: RunConfig, held: ExitStack | None = None) -> tuple[RunLayout, RunDir]:
@@ -172,7 +103,7 @@ def _run(config: RunConfig, config_source: str, held: ExitStack) -> dict:
     layout, run_dir = open_run(config, held)
 
     vs = layout.voxel_size
-    blockwise = [step for step in layout.steps if step not in ("segments", "evaluate")]
+    blockwise = [step for step in layout.steps if step != "segments" and (step != "evaluate" or config.ground_truth)]
     voxels = {step: layout.voxels_per_block for step in blockwise}
     if layout.predicted:
         voxels["predict"] = int(np.prod(layout.predict_output / vs))
@@ -186,14 +117,14 @@ def _run(config: RunConfig, config_source: str, held: ExitStack) -> dict:
     }
     started = time.time()
     if layout.is_2d:
-        _run_daisy(mutex_pipeline(config, layout, run_dir), progress, report, run_dir.logs)
+        run_daisy(mutex_pipeline(config, layout, run_dir), progress, report, run_dir.logs)
     else:
-        _run_daisy(graph_pipeline(config, layout, run_dir), progress, report, run_dir.logs)
+        run_daisy(graph_pipeline(config, layout, run_dir), progress, report, run_dir.logs)
         with run_store(config, run_dir) as store:
-            report["graph"] = _master_step("segments", progress, report, lambda: write_luts(config, layout, run_dir, store))
-        _run_daisy(relabel_task(config, layout, run_dir), progress, report, run_dir.logs)
+            report["graph"] = master_step("segments", progress, report, lambda: write_luts(config, layout, run_dir, store))
+        run_daisy(relabel_task(config, layout, run_dir), progress, report, run_dir.logs)
     if config.ground_truth:
-        report["scores"] = _master_step("evaluate", progress, report, lambda: evaluate_run(config))
+        report["scores"] = evaluate_run(config, layout, run_dir, progress, report)
     report["wall_s"] = round(time.time() - started, 2)
     tmp = run_dir.report.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2))

@@ -68,6 +68,23 @@ def test_run_leaves_segmentation_report_and_scores(reference):
     assert sum(len(s) for s in ids_per_block) == len(set().union(*ids_per_block))
 
 
+def test_blockwise_evaluation_equals_the_scores_of_the_whole_volume(reference):
+    """The evaluate step's blocks' contingency tables, added up by the
+    master, score exactly as the whole segmentation at each threshold does."""
+    report = json.loads((reference / "report.json").read_text())
+    assert report["steps"]["evaluate"]["completed"] == report["steps"]["evaluate"]["blocks"] == 8
+    assert len(list((reference / "evaluation").glob("*.npz"))) == 8
+    config = json.loads((reference / "config.json").read_text())
+    ground_truth = open_ds(config["ground_truth"])
+    fragments = open_ds(reference / "volumes.zarr" / "fragments")
+    truth = ground_truth[fragments.roi]
+    for row in report["scores"]:
+        table = LookUpTable.open(RunDir(reference).lut(config["agglomerate"]["scoring"], row["threshold"]))
+        expected = evaluate_arrays(table.map(fragments[fragments.roi]), truth)
+        assert {k: row[k] for k in expected} == pytest.approx(expected, rel=1e-12)
+    assert len({row["voi"] for row in report["scores"]}) == 3
+
+
 def test_look_up_tables_equal_connected_components_of_the_runs_graph(reference):
     """The streamed union-find against its slow reference on the real graph."""
     with open_store("sqlite", reference, RunDir(reference).run_id()) as store:

@@ -133,3 +133,23 @@ def test_mirrored_raw_beyond_the_volume_is_the_whole_volume_mirrored():
         np.testing.assert_array_equal(read_raw(raw, roi, "raw", "mirror"), expected)
         zero = read_raw(raw, roi, "raw", "zero")
         assert zero.shape == expected.shape
+
+
+def test_affinities_quantised_on_the_device_equal_as_uint8():
+    """The predict step rounds to uint8 in torch (on the GPU, a quarter of
+    the bytes to copy back); given affinities are rounded by `as_uint8` in
+    numpy. Both must agree, at exact halves (round half to even) too."""
+    from pipeline.storage.volumes import as_uint8
+    from workers.predict import _stored
+
+    rng = np.random.default_rng(0)
+    values = np.concatenate([
+        rng.uniform(-0.5, 1.5, 100_000),
+        (np.arange(511) / 510),  # k + 0.5 steps of 1/255
+        np.nextafter(np.arange(511) / 510, 2), np.nextafter(np.arange(511) / 510, -1),
+    ]).astype(np.float32)
+    expected = as_uint8(values)
+    assert (expected % 2 == 1).any() and len(np.unique(expected)) == 256
+    np.testing.assert_array_equal(_stored(torch.from_numpy(values), "uint8"), expected)
+    np.testing.assert_array_equal(_stored(torch.from_numpy(values).to(torch.bfloat16), "uint8"),
+                                  as_uint8(torch.from_numpy(values).to(torch.bfloat16).float().numpy()))

@@ -4,9 +4,13 @@ import numpy as np
 import pytest
 from funlib.geometry import Coordinate, Roi
 
+from funlib.persistence import open_ds
+
+from pipeline.config import load_json
 from pipeline.kernels.rag import first_join_scores, rag_edges
 from pipeline.orchestration.run_layout import RunLayout
 from pipeline.kernels.watershed import epsilon_agglomerate, merge_history, relabel_consecutive
+from tests.conftest import REPO, noisy_ground_truth_affinities
 from workers.agglomerate import compact_fragments
 
 
@@ -29,12 +33,9 @@ def brute_force_first_join(n, history, u, v):
     return np.array(scores)
 
 
-def test_rag_edges_and_means_match_brute_force():
-    rng = np.random.default_rng(1)
-    labels = rng.integers(0, 6, size=(4, 5, 6)).astype(np.uint64)
-    # the last offset is longer than the block: it links nothing
-    offsets = [(-1, 0, 0), (0, -1, 0), (0, 0, -1), (0, -2, 0), (-9, 0, 0)]
-    affs = rng.random((5, 4, 5, 6)).astype(np.float32)
+def assert_rag_edges_match_brute_force(labels, affs, offsets):
+    """rag_edges (compiled kernels) against a pure-Python pass over every
+    voxel pair of every offset."""
     u, v, means = rag_edges(labels, affs, offsets)
     expected: dict[tuple[int, int], list[list[float]]] = {}
     for c, o in enumerate(offsets):
@@ -44,16 +45,39 @@ def test_rag_edges_and_means_match_brute_force():
                 continue
             a, b = int(labels[i]), int(labels[j])
             if a and b and a != b:
-                expected.setdefault((min(a, b), max(a, b)), [[] for _ in offsets])[c].append(affs[c][i])
+                expected.setdefault((min(a, b), max(a, b)), [[] for _ in offsets])[c].append(float(affs[c][i]))
     nearest = {k: val for k, val in expected.items() if any(val[c] for c in range(3))}
     assert list(zip(u.tolist(), v.tolist())) == sorted(nearest)
     for k, (a, b) in enumerate(zip(u, v)):
         for c in range(len(offsets)):
             values = nearest[(a, b)][c]
             if values:
-                assert means[k, c] == pytest.approx(np.mean(values), rel=1e-5)
+                assert means[k, c] == pytest.approx(np.mean(values), rel=1e-6)
             else:
                 assert np.isnan(means[k, c])
+    return len(u)
+
+
+def test_rag_edges_and_means_match_brute_force():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 6, size=(4, 5, 6)).astype(np.uint64)
+    # the last offset is longer than the block: it links nothing
+    offsets = [(-1, 0, 0), (0, -1, 0), (0, 0, -1), (0, -2, 0), (-9, 0, 0)]
+    affs = rng.random((5, 4, 5, 6)).astype(np.float32)
+    assert_rag_edges_match_brute_force(labels, affs, offsets)
+
+
+def test_rag_edges_match_brute_force_on_real_fragments(labels):
+    """waterz fragments of noisy affinities of real ground-truth bodies, the
+    demo's twelve offsets (up to 9 voxels), uint8 affinities as the worker
+    passes them."""
+    truth = open_ds(labels)[Roi((1200, 600, 600), (160, 320, 320))]
+    offsets = [tuple(o) for o in load_json(REPO / "configs/train_fib25.json")["offsets"]]
+    assert len(offsets) == 12
+    affs = noisy_ground_truth_affinities(truth, offsets, 0.3)
+    fragments, _ = relabel_consecutive(epsilon_agglomerate(affs[:3].astype(np.float32) / 255, None, 0.1, "hist_quant_50"))
+    assert 20 < fragments.max() < 2000
+    assert assert_rag_edges_match_brute_force(fragments, affs, offsets) > 50
 
 
 def test_first_join_scores_on_a_real_waterz_history():

@@ -105,13 +105,14 @@ def scheduler_connection() -> Acquire:
     return daisy.Client().acquire_block
 
 
-def run_worker(setup: Callable[[WorkerRun], AbstractContextManager[ProcessBlock]], step: str, lanes: int = 1) -> None:
+def run_worker(setup: Callable[[WorkerRun], AbstractContextManager[ProcessBlock]], step: str,
+               lanes: Callable[[WorkerRun], int] = lambda run: 1) -> None:
     parser = argparse.ArgumentParser(
         prog=f"python -m workers.{step}",
         description=f"Block-wise {step} worker; started by pipeline/predict.py through a launcher.",
     )
     parser.add_argument("config", help="RUN_DIR/config.json written by pipeline/predict.py")
     args = parser.parse_args()
-    worker_id = int(daisy.Context.from_env()["worker_id"])
-    with setup(load_run(args.config, worker_id)) as process_block:
-        run_lanes(process_block, lanes, scheduler_connection)
+    run = load_run(args.config, int(daisy.Context.from_env()["worker_id"]))
+    with setup(run) as process_block:
+        run_lanes(process_block, lanes(run), scheduler_connection)

@@ -35,6 +35,18 @@ class Contingency:
         self.gt.append(gt_ids[keys % len(gt_ids)].astype(np.uint64))
         self.counts.append(counts)
 
+    def add_table(self, seg: np.ndarray, gt: np.ndarray, counts: np.ndarray) -> None:
+        """Add a table made by another `Contingency` (a block's)."""
+        self.seg.append(seg)
+        self.gt.append(gt)
+        self.counts.append(counts)
+
+    def compact(self) -> None:
+        """Sum the parts added so far into one table: memory then holds
+        one entry per distinct pair, however many parts were added."""
+        seg, gt, counts = self.table()
+        self.seg, self.gt, self.counts = [seg], [gt], [counts]
+
     def table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if not self.counts:
             return np.zeros(0, np.uint64), np.zeros(0, np.uint64), np.zeros(0, np.int64)

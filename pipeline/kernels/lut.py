@@ -84,11 +84,7 @@ class LookUpTable:
 
     def map(self, fragments: np.ndarray) -> np.ndarray:
         """Segment ids of a fragment volume; 0 (background) stays 0."""
-        flat = fragments.ravel()
-        out = np.zeros(flat.shape, dtype=np.uint64)
-        inside = flat != 0
-        out[inside] = self.segments[self.fragments.index(flat[inside])]
-        return out.reshape(fragments.shape)
+        return next(map_each([self], fragments))
 
     def save(self, path: Path) -> None:
         """Atomically: a reader never sees a half-written table."""
@@ -110,6 +106,18 @@ class LookUpTable:
         blocks, voxels_per_block = int(table[0]), int(table[1])
         starts = np.array(table[2 : 3 + blocks], dtype=np.int64)
         return cls(FragmentIndex(voxels_per_block, starts), table[3 + blocks :])
+
+
+def map_each(tables: list[LookUpTable], fragments: np.ndarray) -> Iterator[np.ndarray]:
+    """`table.map(fragments)` for each of a run's tables (one per threshold,
+    all over the same fragments), with the fragments' indices found once."""
+    flat = fragments.ravel()
+    inside = flat != 0
+    at = tables[0].fragments.index(flat[inside]) if tables else None
+    for table in tables:
+        out = np.zeros(flat.shape, dtype=np.uint64)
+        out[inside] = table.segments[at]
+        yield out.reshape(fragments.shape)
 
 
 def build_luts(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.kernels.compiled import boundary_keys, edge_sums
+
 
 def offset_pairs(shape, offset) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
     """Slices of voxels i and i + offset that both lie inside the block."""
@@ -24,29 +26,20 @@ def rag_edges(labels: np.ndarray, affs: np.ndarray, offsets) -> tuple[np.ndarray
     face-adjacent labels (offsets[:3], the nearest neighbours); channel c's
     mean is over the voxel pairs (i, i + offsets[c]) that link u and v, NaN
     where the offset never does. `affs[c][i]` is the affinity of i and
-    i + offsets[c] (gunpowder's convention)."""
-    n = int(labels.max())
-    stride = np.int64(n + 1)
-    per_channel = []
-    for channel, offset in enumerate(offsets):
-        here, there = offset_pairs(labels.shape, offset)
-        a, b = labels[here], labels[there]  # views: no copy of the block
-        # only boundary pairs: a small fraction of the block, so the sort is cheap
-        linking = (a != b) & (a > 0) & (b > 0)
-        a, b = a[linking].astype(np.int64), b[linking].astype(np.int64)
-        keys = np.minimum(a, b) * stride + np.maximum(a, b)
-        per_channel.append((keys, affs[channel][here][linking].astype(np.float64)))
-    edge_keys = np.unique(np.concatenate([k for k, _ in per_channel[:3]]))
-    means = np.full((len(edge_keys), len(offsets)), np.nan, dtype=np.float32)
-    for channel, (keys, values) in enumerate(per_channel):
-        at = np.searchsorted(edge_keys, keys)
-        at_clipped = np.minimum(at, len(edge_keys) - 1)
-        on_edge = (at < len(edge_keys)) & (edge_keys[at_clipped] == keys) if len(edge_keys) else at < 0
-        counts = np.bincount(at[on_edge], minlength=len(edge_keys))
-        sums = np.bincount(at[on_edge], weights=values[on_edge], minlength=len(edge_keys))
-        linked = counts > 0
-        means[linked, channel] = sums[linked] / counts[linked]
-    return (edge_keys // stride).astype(np.int64), (edge_keys % stride).astype(np.int64), means
+    i + offsets[c] (gunpowder's convention). The passes over the block are
+    compiled kernels (`boundary_keys`, `edge_sums`)."""
+    stride = np.int64(int(labels.max()) + 1 if labels.size else 1)
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 3)
+    nearest = offsets[:3]
+    keys = np.empty(boundary_keys(labels, nearest, stride, np.empty(0, np.int64)), np.int64)
+    boundary_keys(labels, nearest, stride, keys)
+    edge_keys = np.unique(keys)
+    counts = np.zeros((len(edge_keys), len(offsets)), dtype=np.int64)
+    sums = np.zeros((len(edge_keys), len(offsets)), dtype=np.float64)
+    edge_sums(labels, affs, offsets, stride, edge_keys, counts, sums)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = np.where(counts > 0, sums / counts, np.nan).astype(np.float32)
+    return edge_keys // stride, edge_keys % stride, means
 
 
 def first_join_scores(n: int, history: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:

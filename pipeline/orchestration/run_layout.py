@@ -290,6 +290,8 @@ class RunDir:
     # relabelled to): relabel's done markers are only valid for that one
     relabel_target = property(lambda self: self.path / "segmentation.json")
     master_lock = property(lambda self: self.path / "master.lock")
+    # one file per evaluate block: its contingency tables (evaluate.py)
+    evaluation = property(lambda self: self.path / "evaluation")
 
     def tracking(self, step: str) -> Path:
         return self.path / "tracking" / step

@@ -93,3 +93,12 @@ def relabel_task(config: RunConfig, layout: RunLayout, run_dir: RunDir) -> daisy
         tmp.replace(run_dir.relabel_target)
     geometry = blockwise_geometry(layout, layout.block_shape, Coordinate(0, 0, 0))
     return _task("relabel", "relabel", config, run_dir, *geometry, fit="shrink", workers=config.postprocess.workers)
+
+
+def evaluate_task(config: RunConfig, layout: RunLayout, run_dir: RunDir) -> daisy.Task:
+    """Contingency tables block by block (workers/evaluate.py). Evaluation
+    is redone whole each time (its inputs, thresholds and ground truth may
+    have changed), so its done markers are cleared first."""
+    shutil.rmtree(run_dir.tracking("evaluate"), ignore_errors=True)
+    geometry = blockwise_geometry(layout, layout.block_shape, Coordinate(0, 0, 0))
+    return _task("evaluate", "evaluate", config, run_dir, *geometry, fit="shrink", workers=config.postprocess.workers)

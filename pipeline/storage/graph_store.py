@@ -22,7 +22,9 @@ import re
 import sqlite3
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -63,6 +65,9 @@ def _client_options(timeout_s: float) -> dict:
 # unit a failed read is retried in, and about 1e6 edges (some 300 MB as
 # Python dicts) at Kasthuri15's density of about 3e4 edges per block
 BLOCK_RANGE = 32
+# ranges requested at once by a whole-graph read (4 x some 300 MB of
+# documents held at Kasthuri15's density)
+READERS = 4
 # block indices per `$in` query: 8-byte ints keep a query far below MongoDB's
 # 16 MB document limit
 IN_CHUNK = 50_000
@@ -422,20 +427,31 @@ class MongoGraphStore(GraphStore):
         query = {"block": {"$gte": first, "$lt": end}}
         return self._retry(lambda: list(collection.find(query, projection, sort=sort)))
 
+    def _read_ranges(self, collection, projection: dict, sort: list | None = None) -> Iterator[list[dict]]:
+        """Each range's documents (`_read_range`), in range order, with
+        READERS requests in flight: the server answers the next ranges
+        while this process decodes one."""
+        with ThreadPoolExecutor(READERS) as pool:
+            pending: deque = deque()
+            for first, end in self._block_ranges(collection):
+                pending.append(pool.submit(self._read_range, collection, first, end, projection, sort))
+                if len(pending) == READERS:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
     def node_ids(self) -> np.ndarray:
         # block by block: a block's ids are below the next block's, so
         # ranges sorted by id concatenate sorted
         chunks = [
-            np.array([d["_id"] for d in self._read_range(self.nodes, first, end, {"_id": 1}, sort=[("_id", 1)])],
-                     dtype=np.uint64)
-            for first, end in self._block_ranges(self.nodes)
+            np.array([d["_id"] for d in documents], dtype=np.uint64)
+            for documents in self._read_ranges(self.nodes, {"_id": 1}, sort=[("_id", 1)])
         ]
         return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint64)
 
     def stream_edges(self, chunk: int = EDGE_CHUNK):
         projection = {"_id": 0, "u": 1, "v": 1, "merge_score": 1}
-        for first, end in self._block_ranges(self.edges):
-            documents = self._read_range(self.edges, first, end, projection)
+        for documents in self._read_ranges(self.edges, projection):
             for start in range(0, len(documents), chunk):
                 yield _edge_arrays([(d["u"], d["v"], d["merge_score"]) for d in documents[start : start + chunk]])
 

@@ -1,0 +1,74 @@
+"""Block-wise evaluation: for each block, the contingency table of the
+segmentation at every threshold (fragments through each look-up table)
+against the ground truth, and for a 2D run each section's instance scores.
+A block's tables go to RUN_DIR/evaluation/BLOCK.npz, which the master adds
+up (pipeline/evaluate.py); no worker or master ever holds a whole volume.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+from funlib.persistence import open_ds
+
+from pipeline.evaluation.instance_metrics import SCORES as INSTANCE_SCORES
+from pipeline.evaluation.instance_metrics import instance_scores
+from pipeline.evaluation.metrics import Contingency
+from pipeline.kernels.lut import LookUpTable, map_each
+from pipeline.storage.volumes import open_volume, read_roi, split_path
+from workers.loop import ProcessBlock, WorkerRun, run_worker
+
+
+def block_result(segmentations: list[np.ndarray], truth: np.ndarray, per_section: bool) -> dict[str, np.ndarray]:
+    """Row k's contingency table (`seg_k`, `gt_k`, `counts_k`) for the k-th
+    segmentation of one block, and with `per_section` the instance scores of
+    each section (`sections`, one row per section in INSTANCE_SCORES order)."""
+    result = {}
+    for k, segmentation in enumerate(segmentations):
+        contingency = Contingency()
+        contingency.add(segmentation, truth)
+        result[f"seg_{k}"], result[f"gt_{k}"], result[f"counts_{k}"] = contingency.table()
+    if per_section:
+        rows = [instance_scores(t, s) for t, s in zip(truth, segmentations[0])]
+        result["sections"] = np.array([[row[k] for k in INSTANCE_SCORES] for row in rows], dtype=np.float64)
+    return result
+
+
+@contextmanager
+def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
+    config, layout, run_dir = run.config, run.layout, run.run_dir
+    gt = open_volume(*split_path(config.ground_truth), field="ground_truth")
+    if layout.is_2d:
+        labels, tables = open_ds(run_dir.volumes / "segmentation"), None
+    else:
+        labels = open_ds(run_dir.volumes / "fragments")
+        scoring = config.agglomerate.scoring
+        tables = [LookUpTable.open(run_dir.lut(scoring, t)) for t in sorted(config.agglomerate.thresholds)]
+    run_dir.evaluation.mkdir(exist_ok=True)
+
+    def process_block(block) -> None:
+        roi = block.write_roi
+        data = read_roi(labels, roi, "segmentation" if tables is None else "fragments")
+        truth = read_roi(gt, roi, config.ground_truth)
+        segmentations = [data] if tables is None else list(map_each(tables, data))
+        result = block_result(segmentations, truth, per_section=layout.is_2d)
+        buffer = io.BytesIO()
+        np.savez(buffer, **result)
+        # atomically: the master never reads half a file
+        path = run_dir.evaluation / f"{layout.block_index(roi)}.npz"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(buffer.getvalue())
+        tmp.replace(path)
+
+    yield process_block
+
+
+def main() -> None:
+    run_worker(setup, "evaluate")
+
+
+if __name__ == "__main__":
+    main()
