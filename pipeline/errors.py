@@ -10,6 +10,8 @@ from __future__ import annotations
 import pydantic
 
 EXIT_USAGE = 2
+# a run (or evaluation) whose blocks did not all finish
+EXIT_FAILED = 1
 
 
 class UserError(Exception):

@@ -24,10 +24,10 @@ from daisy import logging as daisy_logging
 
 from pipeline.config import RunConfig, threshold_key
 from pipeline.cli import cli_main, run_command
-from pipeline.errors import UserError
+from pipeline.errors import EXIT_FAILED, UserError
 from pipeline.evaluation.instance_metrics import SCORES as INSTANCE_SCORES
 from pipeline.evaluation.metrics import Contingency, scores
-from pipeline.orchestration.daisy_run import run_daisy
+from pipeline.orchestration.daisy_run import RunFailed, run_daisy
 from pipeline.orchestration.master_lock import master_lock
 from pipeline.orchestration.progress import ProgressLog
 from pipeline.orchestration.run_layout import RunDir, RunLayout
@@ -64,8 +64,14 @@ def evaluate_run(config: RunConfig, layout: RunLayout, run_dir: RunDir, progress
     # tables of an earlier evaluation may be of other thresholds or
     # another ground truth: evaluation is redone whole each time
     shutil.rmtree(run_dir.evaluation, ignore_errors=True)
-    run_daisy(evaluate_task(config, layout, run_dir), progress, report, run_dir.logs)
     thresholds = _rows(config, layout)
+    # what the workers score against: this command's config, which may name
+    # another ground truth or thresholds than the run's config.json
+    run_dir.evaluation.mkdir()
+    target = {"ground_truth": config.ground_truth, "scoring": config.agglomerate.scoring,
+              "thresholds": None if layout.is_2d else thresholds}
+    run_dir.evaluation_target.write_text(json.dumps(target))
+    run_daisy(evaluate_task(config, layout, run_dir), progress, report, run_dir.logs)
     tables = [Contingency() for _ in thresholds]
     sections = []
     for n, path in enumerate(sorted(run_dir.evaluation.glob("*.npz")), start=1):
@@ -100,7 +106,7 @@ def format_table(rows: list[dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main() -> int:
     config, args = run_command("evaluate", __doc__, "print the rows as JSON instead of a table")
     if config.ground_truth is None:
         raise UserError("ground_truth: the config names no ground truth to evaluate against")
@@ -111,8 +117,13 @@ def main() -> None:
     with master_lock(run_dir.master_lock):
         daisy_logging.set_log_basedir(run_dir.logs)
         progress = ProgressLog(run_dir.progress, ["evaluate"], {"evaluate": layout.voxels_per_block}, bars=False)
-        rows = evaluate_run(config, layout, run_dir, progress, {"steps": {}})
+        try:
+            rows = evaluate_run(config, layout, run_dir, progress, {"steps": {}})
+        except RunFailed as e:
+            print(f"affseg: evaluation failed: {e}\nworker logs: {run_dir.logs}", file=sys.stderr)
+            return EXIT_FAILED
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    return 0
 
 
 if __name__ == "__main__":

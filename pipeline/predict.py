@@ -33,6 +33,7 @@ from daisy import logging as daisy_logging
 
 from pipeline.cli import cli_main
 from pipeline.config import RunConfig, load_json
+from pipeline.errors import EXIT_FAILED
 from pipeline.evaluate import evaluate_run, format_table
 from pipeline.orchestration.daisy_run import RunFailed, master_step, run_daisy
 from pipeline.storage.graph_store import FIRST_CONTACT_S, RunOwner
@@ -44,9 +45,6 @@ from pipeline.orchestration.supervisor import supervise
 from pipeline.orchestration.tasks import graph_pipeline, mutex_pipeline, relabel_task
 from pipeline.storage.credentials import move_inline_password
 from pipeline.storage.volumes import PREDICTION_COMPRESSOR, prepare_volume
-
-EXIT_FAILED = 1
-
 
 def _prepare_volumes(layout: RunLayout, run_dir: RunDir) -> None:
     vs = layout.voxel_size

@@ -85,6 +85,26 @@ def test_blockwise_evaluation_equals_the_scores_of_the_whole_volume(reference):
     assert len({row["voi"] for row in report["scores"]}) == 3
 
 
+def test_evaluate_scores_against_its_own_ground_truth_and_thresholds(reference, tmp_path):
+    """evaluate.py's workers score against the command's config, not the
+    run's config.json: here the run's own segmentation (threshold 0.5) as
+    ground truth, so that 0.5 scores perfectly and 0.3 does not."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    config = {**json.loads((run / "config.json").read_text()), "run_dir": str(run)}
+    (run / "config.json").write_text(json.dumps(config))
+    assert config["agglomerate"]["threshold"] == 0.5 and config["ground_truth"] != str(run / "volumes.zarr/segmentation")
+    other = tmp_path / "evaluate.json"
+    other.write_text(json.dumps({**config, "ground_truth": str(run / "volumes.zarr/segmentation"),
+                                 "agglomerate": {**config["agglomerate"], "thresholds": [0.3, 0.5]}}))
+    result = run_cli("pipeline/evaluate.py", str(other), "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(result.stdout)
+    assert [row["threshold"] for row in rows] == [0.3, 0.5]
+    assert rows[1]["voi"] == pytest.approx(0, abs=1e-9) and rows[1]["arand"] == pytest.approx(0, abs=1e-9)
+    assert rows[0]["voi"] > 0.1
+
+
 def test_look_up_tables_equal_connected_components_of_the_runs_graph(reference):
     """The streamed union-find against its slow reference on the real graph."""
     with open_store("sqlite", reference, RunDir(reference).run_id()) as store:

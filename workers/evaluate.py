@@ -8,6 +8,7 @@ up (pipeline/evaluate.py); no worker or master ever holds a whole volume.
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -39,20 +40,21 @@ def block_result(segmentations: list[np.ndarray], truth: np.ndarray, per_section
 
 @contextmanager
 def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
-    config, layout, run_dir = run.config, run.layout, run.run_dir
-    gt = open_volume(*split_path(config.ground_truth), field="ground_truth")
+    layout, run_dir = run.layout, run.run_dir
+    # the master's choice for this evaluation (pipeline/evaluate.py), not
+    # the run's config, whose ground truth and thresholds it may override
+    target = json.loads(run_dir.evaluation_target.read_text())
+    gt = open_volume(*split_path(target["ground_truth"]), field="ground_truth")
     if layout.is_2d:
         labels, tables = open_ds(run_dir.volumes / "segmentation"), None
     else:
         labels = open_ds(run_dir.volumes / "fragments")
-        scoring = config.agglomerate.scoring
-        tables = [LookUpTable.open(run_dir.lut(scoring, t)) for t in sorted(config.agglomerate.thresholds)]
-    run_dir.evaluation.mkdir(exist_ok=True)
+        tables = [LookUpTable.open(run_dir.lut(target["scoring"], t)) for t in target["thresholds"]]
 
     def process_block(block) -> None:
         roi = block.write_roi
         data = read_roi(labels, roi, "segmentation" if tables is None else "fragments")
-        truth = read_roi(gt, roi, config.ground_truth)
+        truth = read_roi(gt, roi, target["ground_truth"])
         segmentations = [data] if tables is None else list(map_each(tables, data))
         result = block_result(segmentations, truth, per_section=layout.is_2d)
         buffer = io.BytesIO()

@@ -82,9 +82,10 @@ def predict_lanes(device: str) -> int:
     """Lanes (workers/loop.py) of a predict worker: while the model works on
     one block, other lanes read their next block or write their last. On
     the CPU the model takes 95% of a block's time, and two lanes hide the
-    rest. On a GPU, writing a block takes longer than the model; three lanes
-    were fastest on an H100 (1.20x the series; four 1.17x, six 0.84x:
-    README, "GPU prediction")."""
+    rest. On a GPU, writing a block takes about twice the model's time;
+    on an H100, two and three lanes gave 1.04..1.20x the series, equal
+    within the spread of repeated runs, and four or six less (README, "GPU
+    prediction")."""
     return 3 if device.startswith("cuda") else 2
 
 

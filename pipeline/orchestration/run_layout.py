@@ -292,6 +292,8 @@ class RunDir:
     master_lock = property(lambda self: self.path / "master.lock")
     # one file per evaluate block: its contingency tables (evaluate.py)
     evaluation = property(lambda self: self.path / "evaluation")
+    # the ground truth and thresholds of the evaluation in progress
+    evaluation_target = property(lambda self: self.path / "evaluation" / "target.json")
 
     def tracking(self, step: str) -> Path:
         return self.path / "tracking" / step

@@ -19,8 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.errors import EXIT_FAILED
+
 CHILD = "AFFSEG_MASTER_CHILD"
-EXIT_FAILED = 1
 
 
 def _free_bytes(path: Path) -> int:
