@@ -9,8 +9,8 @@ address in the DAISY_CONTEXT environment variable.
 
 A step may ask for several lanes: threads of one worker, each with its own
 connection to the scheduler, taking and releasing its own blocks. The
-predict step uses two so that one block is read and another written while
-the model works on a third (see workers/predict.py).
+predict step uses two or three, so that blocks are read and written while
+the model works on another (`predict_lanes` in workers/predict.py).
 """
 
 from __future__ import annotations
