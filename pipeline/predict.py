@@ -101,7 +101,7 @@ def _run(config: RunConfig, config_source: str, held: ExitStack) -> dict:
     layout, run_dir = open_run(config, held)
 
     vs = layout.voxel_size
-    blockwise = [step for step in layout.steps if step != "segments" and (step != "evaluate" or config.ground_truth)]
+    blockwise = [step for step in layout.steps(evaluated=config.ground_truth is not None) if step != "segments"]
     voxels = {step: layout.voxels_per_block for step in blockwise}
     if layout.predicted:
         voxels["predict"] = int(np.prod(layout.predict_output / vs))

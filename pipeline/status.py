@@ -81,8 +81,7 @@ def main() -> None:
     if not run_dir.progress.exists():
         raise UserError(f"run_dir: {config.run_dir} has no progress log yet; has predict.py been started?")
     status = read_status(run_dir.progress)
-    # evaluate runs only with ground truth
-    steps = tuple(s for s in run_dir.read_layout().steps if s != "evaluate" or config.ground_truth)
+    steps = run_dir.read_layout().steps(evaluated=config.ground_truth is not None)
     print(json.dumps(status, indent=2) if args.json else format_status(status, steps))
 
 

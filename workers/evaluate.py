@@ -17,7 +17,7 @@ from funlib.persistence import open_ds
 
 from pipeline.evaluation.instance_metrics import SCORES as INSTANCE_SCORES
 from pipeline.evaluation.instance_metrics import instance_scores
-from pipeline.evaluation.metrics import Contingency
+from pipeline.evaluation.metrics import contingency_pairs
 from pipeline.kernels.lut import LookUpTable, map_each
 from pipeline.storage.volumes import open_volume, read_roi, split_path
 from workers.loop import ProcessBlock, WorkerRun, run_worker
@@ -29,9 +29,7 @@ def block_result(segmentations: list[np.ndarray], truth: np.ndarray, per_section
     each section (`sections`, one row per section in INSTANCE_SCORES order)."""
     result = {}
     for k, segmentation in enumerate(segmentations):
-        contingency = Contingency()
-        contingency.add(segmentation, truth)
-        result[f"seg_{k}"], result[f"gt_{k}"], result[f"counts_{k}"] = contingency.table()
+        result[f"seg_{k}"], result[f"gt_{k}"], result[f"counts_{k}"] = contingency_pairs(segmentation, truth)
     if per_section:
         rows = [instance_scores(t, s) for t, s in zip(truth, segmentations[0])]
         result["sections"] = np.array([[row[k] for k in INSTANCE_SCORES] for row in rows], dtype=np.float64)

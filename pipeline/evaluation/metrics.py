@@ -17,6 +17,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+def contingency_pairs(segmentation: np.ndarray, ground_truth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct (segment, label) pairs of two volumes, where the label is
+    not 0, and the voxels of each: one table, sorted by pair."""
+    labelled = ground_truth.ravel() != 0
+    seg_ids, seg = np.unique(segmentation.ravel()[labelled], return_inverse=True)
+    gt_ids, gt = np.unique(ground_truth.ravel()[labelled], return_inverse=True)
+    # one integer key per pair: sorting int64 is far faster than sorting rows
+    keys, counts = np.unique(seg.astype(np.int64) * len(gt_ids) + gt, return_counts=True)
+    return seg_ids[keys // len(gt_ids)].astype(np.uint64), gt_ids[keys % len(gt_ids)].astype(np.uint64), counts
+
+
 @dataclass
 class Contingency:
     """Voxel counts of (segment, ground-truth label) pairs."""
@@ -26,17 +37,11 @@ class Contingency:
     counts: list[np.ndarray] = field(default_factory=list)
 
     def add(self, segmentation: np.ndarray, ground_truth: np.ndarray) -> None:
-        labelled = ground_truth.ravel() != 0
-        seg_ids, seg = np.unique(segmentation.ravel()[labelled], return_inverse=True)
-        gt_ids, gt = np.unique(ground_truth.ravel()[labelled], return_inverse=True)
-        # one integer key per pair: sorting int64 is far faster than sorting rows
-        keys, counts = np.unique(seg.astype(np.int64) * len(gt_ids) + gt, return_counts=True)
-        self.seg.append(seg_ids[keys // len(gt_ids)].astype(np.uint64))
-        self.gt.append(gt_ids[keys % len(gt_ids)].astype(np.uint64))
-        self.counts.append(counts)
+        self.add_table(*contingency_pairs(segmentation, ground_truth))
 
     def add_table(self, seg: np.ndarray, gt: np.ndarray, counts: np.ndarray) -> None:
-        """Add a table made by another `Contingency` (a block's)."""
+        """Add a table of (segment, label, voxels), such as a block's
+        `contingency_pairs`."""
         self.seg.append(seg)
         self.gt.append(gt)
         self.counts.append(counts)

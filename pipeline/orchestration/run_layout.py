@@ -78,13 +78,14 @@ class RunLayout:
     def is_2d(self) -> bool:
         return in_plane(self.offsets)
 
-    @property
-    def steps(self) -> tuple[str, ...]:
-        """The run's steps, in order (the master's steps included)."""
+    def steps(self, evaluated: bool) -> tuple[str, ...]:
+        """The run's steps, in order (the master's steps included); evaluate
+        only when `evaluated` (the config names ground truth)."""
         first = ("predict",) if self.predicted else ()
+        last = ("evaluate",) if evaluated else ()
         if self.is_2d:
-            return (*first, "mutex", "evaluate")
-        return (*first, "fragments", "agglomerate", "segments", "relabel", "evaluate")
+            return (*first, "mutex", *last)
+        return (*first, "fragments", "agglomerate", "segments", "relabel", *last)
 
     @property
     def voxels_per_block(self) -> int:
