@@ -7,8 +7,9 @@ from funlib.geometry import Coordinate, Roi
 from funlib.persistence import open_ds
 
 from pipeline.config import load_json
-from pipeline.kernels.rag import first_join_scores, rag_edges
+from pipeline.kernels.rag import edge_means, first_join_scores
 from pipeline.orchestration.run_layout import RunLayout
+from pipeline.storage.volumes import as_uint8
 from pipeline.kernels.watershed import epsilon_agglomerate, merge_history, relabel_consecutive
 from tests.conftest import REPO, noisy_ground_truth_affinities
 from workers.agglomerate import compact_fragments
@@ -21,11 +22,10 @@ def brute_force_first_join(n, history, u, v):
         members = {i: {i} for i in range(n + 1)}
         where = {i: i for i in range(n + 1)}
         found = np.nan
-        for a, b, c, s in history:
+        for a, b, s in history:  # regions a and b became region a
             ra, rb = where[int(a)], where[int(b)]
             merged = members.pop(ra) | members.pop(rb)
             members[ra] = merged
-            where[int(c)] = ra
             if x in merged and y in merged:
                 found = s
                 break
@@ -34,9 +34,11 @@ def brute_force_first_join(n, history, u, v):
 
 
 def assert_rag_edges_match_brute_force(labels, affs, offsets):
-    """rag_edges (compiled kernels) against a pure-Python pass over every
-    voxel pair of every offset."""
-    u, v, means = rag_edges(labels, affs, offsets)
+    """The region graph's edges and their `edge_means` (compiled kernels)
+    against a pure-Python pass over every voxel pair of every offset."""
+    uv, _ = merge_history(affs, labels, "hist_quant_50")
+    u, v = uv[:, 0].astype(np.int64), uv[:, 1].astype(np.int64)
+    means = edge_means(labels, affs, offsets, u, v)
     expected: dict[tuple[int, int], list[list[float]]] = {}
     for c, o in enumerate(offsets):
         for i in np.ndindex(labels.shape):
@@ -63,7 +65,7 @@ def test_rag_edges_and_means_match_brute_force():
     labels = rng.integers(0, 6, size=(4, 5, 6)).astype(np.uint64)
     # the last offset is longer than the block: it links nothing
     offsets = [(-1, 0, 0), (0, -1, 0), (0, 0, -1), (0, -2, 0), (-9, 0, 0)]
-    affs = rng.random((5, 4, 5, 6)).astype(np.float32)
+    affs = rng.integers(0, 256, size=(5, 4, 5, 6)).astype(np.uint8)
     assert_rag_edges_match_brute_force(labels, affs, offsets)
 
 
@@ -75,7 +77,7 @@ def test_rag_edges_match_brute_force_on_real_fragments(labels):
     offsets = [tuple(o) for o in load_json(REPO / "configs/train_fib25.json")["offsets"]]
     assert len(offsets) == 12
     affs = noisy_ground_truth_affinities(truth, offsets, 0.3)
-    fragments, _ = relabel_consecutive(epsilon_agglomerate(affs[:3].astype(np.float32) / 255, None, 0.1, "hist_quant_50"))
+    fragments, _ = relabel_consecutive(epsilon_agglomerate(affs, None, 0.1, "hist_quant_50"))
     assert 20 < fragments.max() < 2000
     assert assert_rag_edges_match_brute_force(fragments, affs, offsets) > 50
 
@@ -83,11 +85,11 @@ def test_rag_edges_match_brute_force_on_real_fragments(labels):
 def test_first_join_scores_on_a_real_waterz_history():
     rng = np.random.default_rng(2)
     affs = rng.random((3, 12, 20, 20)).astype(np.float32)
-    affs = (affs + np.roll(affs, 1, axis=2)) / 2  # some spatial structure
+    affs = as_uint8((affs + np.roll(affs, 1, axis=2)) / 2)  # some spatial structure
     local, ids = relabel_consecutive(epsilon_agglomerate(affs, None, 0.0, "hist_quant_50"))
-    history = merge_history(affs, local, "hist_quant_50")
+    uv, history = merge_history(affs, local, "hist_quant_50")
     assert len(history) > 10
-    u, v, _ = rag_edges(local, affs, [(-1, 0, 0), (0, -1, 0), (0, 0, -1)])
+    u, v = uv[:, 0].astype(np.int64), uv[:, 1].astype(np.int64)
     scores = first_join_scores(len(ids), history, u, v)
     np.testing.assert_allclose(scores, brute_force_first_join(len(ids), history, u, v), rtol=1e-6)
 

@@ -1,8 +1,8 @@
 """Block-wise agglomeration: RAG edges with merge scores.
 
-waterz agglomerates the fragments of block + context to the end and keeps
-the merge history; every edge gets the score at which its two fragments
-first joined. The block that holds the centre of `u` (the smaller id) owns
+The fragments of block + context are agglomerated to the end (waterz's
+region merging, pipeline/kernels/watershed.py), keeping the merge history;
+every edge gets the score at which its two fragments first joined. The block that holds the centre of `u` (the smaller id) owns
 the edge. A fragment lies inside its block's write ROI, a box, so its centre
 does too: the owner is simply the block encoded in `u`'s id.
 """
@@ -16,7 +16,7 @@ import numpy as np
 from funlib.geometry import Roi
 from funlib.persistence import open_ds
 
-from pipeline.kernels.rag import first_join_scores, rag_edges
+from pipeline.kernels.rag import edge_means, first_join_scores
 from pipeline.orchestration.run_layout import RunLayout, affinities_path, run_store
 from pipeline.storage.graph_store import Edges
 from pipeline.kernels.watershed import merge_history, relabel_consecutive
@@ -52,9 +52,9 @@ def compact_fragments(fragments: np.ndarray, roi: Roi, layout: RunLayout) -> tup
 def block_edges(affs: np.ndarray, labels: np.ndarray, ids: np.ndarray, offsets, scoring: str) -> Edges:
     """All RAG edges of the block with merge scores, for consecutive
     `labels` 1..n whose fragment ids are `ids` (sorted). `affs` is uint8."""
-    u, v, means = rag_edges(labels, affs, offsets)
-    # waterz takes float affinities; the 3 nearest-neighbour channels suffice
-    history = merge_history(affs[:3].astype(np.float32) / 255.0, labels, scoring)
+    uv, history = merge_history(affs, labels, scoring)
+    u, v = uv[:, 0].astype(np.int64), uv[:, 1].astype(np.int64)
+    means = edge_means(labels, affs, offsets, u, v)
     scores = first_join_scores(len(ids), history, u, v)
     # labels are ranks of the sorted ids, so u < v holds for ids too
     return Edges(ids[u - 1], ids[v - 1], scores, (means / 255.0).astype(np.float32))

@@ -27,8 +27,8 @@ from workers.loop import ProcessBlock, WorkerRun, run_worker
 
 
 def block_fragments(affs: np.ndarray, options: FragmentsConfig, scoring: str, voxel_size) -> np.ndarray:
+    """Fragments of uint8 affinities (block + context)."""
     if options.method == "waterz":
-        # waterz's watershed and the epsilon merges in one pass
         return epsilon_agglomerate(affs, None, options.epsilon_agglomerate, scoring)
     fragments = distance_watershed(affs, voxel_size, options.per_section)
     if options.epsilon_agglomerate > 0:
@@ -48,7 +48,7 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     with run_store(run.config, run.run_dir) as store:
 
         def process_block(block) -> None:
-            data = read_affinities(affs, block.read_roi, affs_path, fill_value=0).astype(np.float32) / 255.0
+            data = read_affinities(affs, block.read_roi, affs_path, fill_value=0)
             labels = block_fragments(data, options, run.config.agglomerate.scoring, vs)
             local, _ = relabel_consecutive(labels[layout.window(block.write_roi, block.read_roi)])
             n = int(local.max())

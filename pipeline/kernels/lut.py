@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.kernels.compiled import edge_buckets, flatten, fragment_indices, scatter_edges, union_edges
+from pipeline.kernels.compiled.lut import edge_buckets, flatten, fragment_indices, scatter_edges, union_edges
 
 
 def apply_mapping(values: np.ndarray, keys: np.ndarray, mapped: np.ndarray) -> np.ndarray:

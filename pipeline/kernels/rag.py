@@ -1,11 +1,13 @@
-"""Region adjacency graphs of a block: edges, per-offset mean affinities, and
-the score at which waterz first joined the two fragments of each edge."""
+"""Region adjacency graphs of a block: per-offset mean affinities of the
+edges, and the score at which the agglomeration first joined the two
+fragments of each edge. The edges themselves come from the region merging
+(`region_merging` in pipeline/kernels/watershed.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from pipeline.kernels.compiled import boundary_keys, edge_sums
+from pipeline.kernels.compiled.rag import edge_sums
 
 
 def offset_pairs(shape, offset) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
@@ -19,38 +21,34 @@ def offset_pairs(shape, offset) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
     return tuple(here), tuple(there)
 
 
-def rag_edges(labels: np.ndarray, affs: np.ndarray, offsets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Edges between consecutive labels (0 = background, ignored).
-
-    Returns (u, v, mean affinities (E, C)) with u < v. The graph is that of
-    face-adjacent labels (offsets[:3], the nearest neighbours); channel c's
-    mean is over the voxel pairs (i, i + offsets[c]) that link u and v, NaN
-    where the offset never does. `affs[c][i]` is the affinity of i and
-    i + offsets[c] (gunpowder's convention). The passes over the block are
-    compiled kernels (`boundary_keys`, `edge_sums`)."""
+def edge_means(labels: np.ndarray, affs: np.ndarray, offsets, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Per-offset mean affinities (E, C), float32, of the edges (u, v),
+    u < v, between labels: channel c's mean is over the voxel pairs (i, i +
+    offsets[c]) that link u and v, NaN where the offset never does.
+    `affs[c][i]` is the affinity of i and i + offsets[c] (gunpowder's
+    convention). One compiled pass over the block for all offsets
+    (`edge_sums`)."""
     stride = np.int64(int(labels.max()) + 1 if labels.size else 1)
     offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 3)
-    nearest = offsets[:3]
-    keys = np.empty(boundary_keys(labels, nearest, stride, np.empty(0, np.int64)), np.int64)
-    boundary_keys(labels, nearest, stride, keys)
-    edge_keys = np.unique(keys)
+    edge_keys = u.astype(np.int64) * stride + v.astype(np.int64)
     counts = np.zeros((len(edge_keys), len(offsets)), dtype=np.int64)
     sums = np.zeros((len(edge_keys), len(offsets)), dtype=np.float64)
     edge_sums(labels, affs, offsets, stride, edge_keys, counts, sums)
     with np.errstate(invalid="ignore", divide="ignore"):
-        means = np.where(counts > 0, sums / counts, np.nan).astype(np.float32)
-    return edge_keys // stride, edge_keys % stride, means
+        return np.where(counts > 0, sums / counts, np.nan).astype(np.float32)
 
 
 def first_join_scores(n: int, history: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """For each edge (u, v) of labels 1..n, the score of the merge at which u
-    and v first ended up in one region (NaN if they never did).
+    and v first ended up in one region (NaN if they never did). `history`
+    rows are (a, b, score): regions a and b became region a.
 
     The merges build a binary merge tree (leaves 1..n, one inner node per
     merge, created in merge order); the wanted score is that of the lowest
     common ancestor, found for all edges at once by binary lifting."""
     m = len(history)
-    a, b, c = (history[:, k].astype(np.int64) for k in range(3))
+    a, b = (history[:, k].astype(np.int64) for k in range(2))
+    c = a
     merge = np.arange(m, dtype=np.int64)
     # merge j joins the nodes that regions a_j and b_j were last turned into:
     # inner node n+1+j' for the latest j' < j with c_j' == region, else the
@@ -66,7 +64,7 @@ def first_join_scores(n: int, history: np.ndarray, u: np.ndarray, v: np.ndarray)
     parent[node_before(a)] = n + 1 + merge
     parent[node_before(b)] = n + 1 + merge
     score = np.full(n + 1 + m, np.nan)
-    score[n + 1 :] = history[:, 3]
+    score[n + 1 :] = history[:, 2]
     # pointer jumping: after round k, `pointer` is each node's 2^k-th
     # ancestor (or its root) and `depth` the distance to it, so the rounds
     # yield the binary-lifting table and, at the end, every node's depth

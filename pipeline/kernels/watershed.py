@@ -1,61 +1,48 @@
-"""Fragment extraction and agglomeration primitives (waterz and a seeded
-watershed), on in-memory block arrays. Workers add the I/O around them."""
+"""Fragment extraction and agglomeration primitives on in-memory block
+arrays: waterz's watershed and region merging (our compiled port,
+pipeline/kernels/compiled/waterz.py) and a seeded watershed. Workers add
+the I/O around them. Affinities are uint8, as the datasets hold them."""
 
 from __future__ import annotations
 
-import os
-import sys
-from contextlib import contextmanager
-
 import numpy as np
-import waterz
 from scipy import ndimage
 
-# prebuilt in the waterz wheel: no compiler or boost headers needed
-SCORING_FUNCTIONS = {
-    "hist_quant_50": "OneMinus<HistogramQuantileAffinity<RegionGraphType,50,ScoreValue,256,false>>",
-    "hist_quant_75": "OneMinus<HistogramQuantileAffinity<RegionGraphType,75,ScoreValue,256,false>>",
-    "mean": "OneMinus<MeanAffinity<RegionGraphType,ScoreValue>>",
-}
+from pipeline.kernels.compiled import waterz
+
+# waterz's float view of an affinity byte v: float32(v) / 255, as the
+# workers used to pass it; its default watershed thresholds, as the
+# float32 its C++ core compares with; and its 256-level discretization
+AS_FLOAT = np.arange(256, dtype=np.float32) / np.float32(255)
+ABOVE_LOW = AS_FLOAT > np.float32(0.0001)
+AT_HIGH = AS_FLOAT >= np.float32(0.9999)
+BINS = np.where(AS_FLOAT >= 1, 255, np.minimum((AS_FLOAT * np.float32(256)).astype(np.int64), 255))
+# waterz's prebuilt scoring functions: OneMinus<HistogramQuantileAffinity<..,
+# Q, .., 256, false>> and OneMinus<MeanAffinity<..>>
+QUANTILES = {"hist_quant_50": 50, "hist_quant_75": 75, "mean": waterz.MEAN}
 
 
-@contextmanager
-def _quiet_stdout():
-    """waterz's C++ core prints several lines per call to the process's
-    stdout; on a large run that would bury the worker logs."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 1)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 1)
-            os.close(saved)
-
-
-def _agglomerate(affs: np.ndarray, threshold: float, scoring: str, fragments: np.ndarray | None, history: bool):
-    """One waterz run up to `threshold` on the 3 nearest-neighbour channels:
-    its own watershed first when no fragments are given."""
-    with _quiet_stdout():
-        result = next(
-            waterz.agglomerate(
-                np.ascontiguousarray(affs[:3], dtype=np.float32),
-                [threshold],
-                fragments=None if fragments is None else np.ascontiguousarray(fragments, dtype=np.uint64),
-                scoring_function=SCORING_FUNCTIONS[scoring],
-                discretize_queue=256,
-                return_merge_history=history,
-            )
-        )
-    # waterz reuses one output buffer across thresholds: copy it
-    return (result[0].copy(), result[1]) if history else result.copy()
+def region_merging(affs: np.ndarray, labels: np.ndarray, n: int, scoring: str, threshold: float):
+    """waterz's agglomeration of `labels` (int64, 0..n, 0 = background)
+    until `threshold`. Returns (edges (E, 2) with u < v: the region graph,
+    in (u, v) order; parent pointers of the regions (`waterz.roots`); the
+    merges as rows (a, b, score): regions a < b became region a)."""
+    quantile = QUANTILES[scoring]
+    uv, first, values = waterz.region_graph(labels, affs, n)
+    if quantile == waterz.MEAN:
+        means = waterz.running_means(values, first, AS_FLOAT)
+    else:
+        waterz.sort_segments(values, first)
+        means = np.zeros(0, np.float32)
+    # waterz compares scores with the threshold as a C float
+    parent, history = waterz.merge_regions(n, uv, first, values, BINS, means, quantile, np.float32(threshold))
+    return uv, parent, history
 
 
 def epsilon_agglomerate(affs: np.ndarray, fragments: np.ndarray | None, epsilon: float, scoring: str) -> np.ndarray:
     """Merge fragments whose agglomeration score is below `epsilon`; with
-    `fragments=None`, waterz's own watershed makes them first, in the same
-    pass (the region graph is built once). 0 where no fragment.
+    `fragments=None`, waterz's watershed makes them first. 0 where no
+    fragment.
 
     Watershed basins of real affinities are tiny and many (tens of voxels);
     every later hierarchical decision on them is noisy, and a block border
@@ -63,14 +50,22 @@ def epsilon_agglomerate(affs: np.ndarray, fragments: np.ndarray | None, epsilon:
     first gives a few times fewer, larger fragments: the same scores at every
     threshold >= epsilon, a smaller graph, and block-wise results much closer
     to a one-block run (measured in the README)."""
-    return _agglomerate(affs, epsilon, scoring, fragments, history=False)
+    if fragments is None:
+        labels = np.empty(affs.shape[1:], dtype=np.int64)
+        n = waterz.watershed(affs, ABOVE_LOW, AT_HIGH, labels)
+    else:
+        labels = fragments.astype(np.int64)
+        n = int(labels.max()) if labels.size else 0
+    _, parent, _ = region_merging(affs, labels, n, scoring, epsilon)
+    waterz.roots(parent, labels)
+    return labels.astype(np.uint64)
 
 
 def distance_watershed(affs: np.ndarray, voxel_size, per_section: bool) -> np.ndarray:
     """Seeded watershed on the distance transform of the boundary map:
     seeds are the maxima of the distance to the nearest boundary, where the
-    mean nearest-neighbour affinity is at most 0.5."""
-    inside = affs[:3].mean(axis=0) > 0.5
+    mean nearest-neighbour affinity (uint8) is at most 0.5."""
+    inside = affs[:3].mean(axis=0) > 127.5
     if per_section:
         fragments = np.zeros(inside.shape, dtype=np.uint64)
         next_id = 0
@@ -91,13 +86,14 @@ def _seeded(inside: np.ndarray, sampling) -> np.ndarray:
     return watershed(-distance, seeds, mask=inside).astype(np.uint64)
 
 
-def merge_history(affs: np.ndarray, fragments: np.ndarray, scoring: str) -> np.ndarray:
+def merge_history(affs: np.ndarray, fragments: np.ndarray, scoring: str) -> tuple[np.ndarray, np.ndarray]:
     """Agglomerate consecutive-labelled `fragments` (0 = background) to the
-    end and return the merges as rows (a, b, c, score): regions a and b
-    became region c at that score."""
-    _, history = _agglomerate(affs, 1.0, scoring, fragments, history=True)
-    rows = np.array([(m["a"], m["b"], m["c"], m["score"]) for m in history], dtype=np.float64)
-    return rows.reshape(-1, 4)
+    end. Returns (the region graph's edges, (E, 2) with u < v, in (u, v)
+    order; the merges as rows (a, b, score): regions a < b became region a
+    at that score)."""
+    labels = fragments.astype(np.int64)
+    uv, _, history = region_merging(affs, labels, int(labels.max()) if labels.size else 0, scoring, 1.0)
+    return uv, history
 
 
 def relabel_consecutive(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

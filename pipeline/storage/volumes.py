@@ -55,13 +55,22 @@ class VolumeReadError(Exception):
 
 
 def read_roi(volume: Array, roi: Roi, name: str | Path, fill_value=None) -> np.ndarray:
-    """`volume.to_ndarray(roi)`. A corrupt chunk otherwise fails with only
-    "error during blosc decompression"; this names the dataset and the ROI,
-    which is what a user needs to find the bad chunk."""
+    """The data in `roi`, `fill_value` (or 0) where it leaves the volume:
+    `volume.to_ndarray(roi, fill_value)`, without its cost. That wraps its
+    output in a dask array, and dask tokenizes a numpy array by hashing all
+    of its bytes (sha1: 0.05 CPU s per agglomerate block). A corrupt chunk
+    otherwise fails with only "error during blosc decompression"; this
+    names the dataset and the ROI, which is what a user needs to find the
+    bad chunk."""
     try:
-        if fill_value is None:
-            return volume.to_ndarray(roi)
-        return volume.to_ndarray(roi, fill_value=fill_value)
+        shared = volume.roi.intersect(roi)
+        if shared == roi:
+            return volume[roi]
+        channels = tuple(volume.shape[: volume.channel_dims])
+        data = np.full(channels + tuple(roi.shape / volume.voxel_size), fill_value or 0, dtype=volume.dtype)
+        if not shared.empty:
+            data[(slice(None),) * len(channels) + ((shared - roi.begin) / volume.voxel_size).to_slices()] = volume[shared]
+        return data
     except Exception as e:
         raise VolumeReadError(f"cannot read {name} at {roi}: {type(e).__name__}: {e}") from e
 
