@@ -31,11 +31,11 @@ def edge_means(labels: np.ndarray, affs: np.ndarray, offsets, u: np.ndarray, v: 
     stride = np.int64(int(labels.max()) + 1 if labels.size else 1)
     offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 3)
     edge_keys = u.astype(np.int64) * stride + v.astype(np.int64)
-    counts = np.zeros((len(edge_keys), len(offsets)), dtype=np.int64)
-    sums = np.zeros((len(edge_keys), len(offsets)), dtype=np.float64)
+    counts = np.zeros((len(offsets), len(edge_keys)), dtype=np.int64)
+    sums = np.zeros((len(offsets), len(edge_keys)), dtype=np.float64)
     edge_sums(labels, affs, offsets, stride, edge_keys, counts, sums)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(counts > 0, sums / counts, np.nan).astype(np.float32)
+        return np.where(counts > 0, sums / counts, np.nan).astype(np.float32).T.copy()
 
 
 def first_join_scores(n: int, history: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:

@@ -39,23 +39,22 @@ def hash_slot(key, shift):
 def edge_sums(labels, affs, offsets, stride, edge_keys, counts, sums) -> None:
     """For each voxel pair (i, i + offsets[c]) between labels a != b, both >
     0, whose key min(a, b) * stride + max(a, b) is in `edge_keys`:
-    counts[e, c] += 1 and sums[e, c] += affs[c][i], e the key's position.
+    counts[c, e] += 1 and sums[c, e] += affs[c][i], e the key's position.
     One pass over the block for all offsets; keys are found in an
-    open-addressing hash table (a binary search per pair took 2x longer)."""
+    open-addressing hash table (a binary search per pair took 2x longer).
+    Channel-major sums keep one offset's accumulators close together: with
+    (edge, channel) rows the pass took 1.3x longer."""
     bits = 1
     while (1 << bits) < 2 * len(edge_keys):
         bits += 1
     mask = (1 << bits) - 1
     shift = np.uint64(64 - bits)
-    table = np.full(1 << bits, -1, np.int64)
+    table = np.full(1 << bits, -1, np.int32)
     for e in range(len(edge_keys)):
         h = hash_slot(edge_keys[e], shift)
         while table[h] >= 0:
             h = (h + 1) & mask
         table[h] = e
-    # neighbouring boundary pairs mostly link the same two labels: the last
-    # key found is checked before the table
-    last_key, e = np.int64(-1), np.int64(-1)
     for c in range(offsets.shape[0]):
         dz, dy, dx, z0, z1, y0, y1, x0, x1 = _pair_box(labels.shape, offsets, c)
         for z in range(z0, z1):
@@ -66,12 +65,10 @@ def edge_sums(labels, affs, offsets, stride, edge_keys, counts, sums) -> None:
                     if a == b or a == 0 or b == 0:
                         continue
                     key = min(a, b) * stride + max(a, b)
-                    if key != last_key:
-                        h = hash_slot(key, shift)
-                        while table[h] >= 0 and edge_keys[table[h]] != key:
-                            h = (h + 1) & mask
-                        last_key, e = key, np.int64(table[h])
+                    h = hash_slot(key, shift)
+                    while table[h] >= 0 and edge_keys[table[h]] != key:
+                        h = (h + 1) & mask
+                    e = table[h]
                     if e >= 0:
-                        counts[e, c] += 1
-                        sums[e, c] += affs[c, z, y, x]
-
+                        counts[c, e] += 1
+                        sums[c, e] += affs[c, z, y, x]
