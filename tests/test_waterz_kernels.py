@@ -86,7 +86,9 @@ def test_fragments_equal_waterz(name, scoring, request):
     """The watershed (epsilon 0: basins only) and epsilon merging on top."""
     affs = affinities(name, request)
     counts = []
-    for epsilon in (0.0, 0.1, 0.3):
+    # the last epsilon is a score a histogram can have (bin 128's): merging
+    # stops at scores >= epsilon, not only above
+    for epsilon in (0.0, 0.1, 0.3, 1 - 128.5 / 256):
         expected, _ = waterz_agglomerate(affs, epsilon, scoring)
         ours = epsilon_agglomerate(affs, None, epsilon, scoring)
         assert ours.dtype == np.uint64
@@ -117,3 +119,27 @@ def test_merge_history_equals_waterz(name, scoring, request):
     assert [tuple(e) for e in uv.tolist()] == sorted(pairs)
     merged, _ = waterz_agglomerate(affs, 0.2, scoring, fragments)
     np.testing.assert_array_equal(epsilon_agglomerate(affs, fragments, 0.2, scoring), merged)
+
+
+def test_edge_table_against_a_dict():
+    """The region merging's edge table (open addressing, deletion by
+    shifting back) against a dict, in a table small enough that clusters
+    wrap around its end."""
+    from pipeline.kernels.compiled.waterz import _find_edge, _insert_edge, _remove_edge
+
+    bits = 5
+    mask, shift = (1 << bits) - 1, np.uint64(64 - bits)
+    keys, table = np.full(1 << bits, -1, np.int64), np.empty(1 << bits, np.int32)
+    rng = np.random.default_rng(5)
+    expected: dict[int, int] = {}
+    for step in range(20000):
+        key = int(rng.integers(0, 64))
+        if key in expected and rng.random() < 0.5:
+            _remove_edge(keys, table, key, shift, mask)
+            del expected[key]
+        elif key not in expected and len(expected) < 24:
+            _insert_edge(keys, table, key, step, shift, mask)
+            expected[key] = step
+        for probe in rng.integers(0, 64, 4).tolist():
+            assert _find_edge(keys, table, probe, shift, mask) == expected.get(probe, -1)
+    assert (keys >= 0).sum() == len(expected)

@@ -11,11 +11,8 @@ from scipy import ndimage
 from pipeline.kernels.compiled import waterz
 
 # waterz's float view of an affinity byte v: float32(v) / 255, as the
-# workers used to pass it; its default watershed thresholds, as the
-# float32 its C++ core compares with; and its 256-level discretization
+# workers used to pass it, and its 256-level discretization of that
 AS_FLOAT = np.arange(256, dtype=np.float32) / np.float32(255)
-ABOVE_LOW = AS_FLOAT > np.float32(0.0001)
-AT_HIGH = AS_FLOAT >= np.float32(0.9999)
 BINS = np.where(AS_FLOAT >= 1, 255, np.minimum((AS_FLOAT * np.float32(256)).astype(np.int64), 255))
 # waterz's prebuilt scoring functions: OneMinus<HistogramQuantileAffinity<..,
 # Q, .., 256, false>> and OneMinus<MeanAffinity<..>>
@@ -52,7 +49,7 @@ def epsilon_agglomerate(affs: np.ndarray, fragments: np.ndarray | None, epsilon:
     to a one-block run (measured in the README)."""
     if fragments is None:
         labels = np.empty(affs.shape[1:], dtype=np.int64)
-        n = waterz.watershed(affs, ABOVE_LOW, AT_HIGH, labels)
+        n = waterz.watershed(affs, labels)
     else:
         labels = fragments.astype(np.int64)
         n = int(labels.max()) if labels.size else 0

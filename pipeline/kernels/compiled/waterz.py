@@ -38,13 +38,17 @@ _VISITED = np.uint8(0x40)
 
 
 @njit(cache=True, nogil=True)
-def watershed(affs, above_low, at_high, labels) -> int:
+def watershed(affs, labels) -> int:
     """waterz's (zwatershed's) steepest-ascent watershed on the 3
-    nearest-neighbour channels of uint8 `affs` (3+, Z, Y, X); `above_low[v]`
-    and `at_high[v]` say whether affinity byte v, as waterz's float, is >
-    its low and >= its high threshold. Writes basins 1..n in scan order to
-    `labels` (int64, Z Y X; 0 where no affinity is above low) and returns n.
-    `affs[d][p]` links p and p - e_d, gunpowder's convention."""
+    nearest-neighbour channels of uint8 `affs` (3+, Z, Y, X). Writes basins
+    1..n in scan order to `labels` (int64, Z Y X; 0 where every affinity is
+    0) and returns n. `affs[d][p]` links p and p - e_d, gunpowder's
+    convention.
+
+    waterz's thresholds, low 0.0001 and high 0.9999 (its defaults), become
+    simple for bytes: a voxel flows nowhere unless an affinity is > 0, and
+    the only byte at or above high, 255, is then the largest, so "flow to
+    every largest neighbour or any at or above high" is "to every largest"."""
     zdim, ydim, xdim = labels.shape
     size = zdim * ydim * xdim
     flags = np.zeros(size, np.uint8)
@@ -52,29 +56,29 @@ def watershed(affs, above_low, at_high, labels) -> int:
         for y in range(ydim):
             for x in range(xdim):
                 # the six neighbours' affinities, -1 outside the block (waterz
-                # uses `low` there, which can neither be the maximum nor high)
+                # uses `low` there, which can never be the largest)
                 nz = np.int64(affs[0, z, y, x]) if z > 0 else -1
                 ny = np.int64(affs[1, z, y, x]) if y > 0 else -1
                 nx = np.int64(affs[2, z, y, x]) if x > 0 else -1
                 pz = np.int64(affs[0, z + 1, y, x]) if z < zdim - 1 else -1
                 py = np.int64(affs[1, z, y + 1, x]) if y < ydim - 1 else -1
                 px = np.int64(affs[2, z, y, x + 1]) if x < xdim - 1 else -1
-                # (nested two-argument max and plain ifs: numba made the
+                # (nested two-argument max and plain ifs: numba made a
                 # six-argument max and a helper per direction 8x slower)
                 m = max(max(max(nz, ny), max(nx, pz)), max(py, px))
-                if m >= 0 and above_low[m]:
+                if m > 0:
                     f = 0
-                    if nz >= 0 and (nz == m or at_high[nz]):
+                    if nz == m:
                         f |= 0x01
-                    if ny >= 0 and (ny == m or at_high[ny]):
+                    if ny == m:
                         f |= 0x02
-                    if nx >= 0 and (nx == m or at_high[nx]):
+                    if nx == m:
                         f |= 0x04
-                    if pz >= 0 and (pz == m or at_high[pz]):
+                    if pz == m:
                         f |= 0x08
-                    if py >= 0 and (py == m or at_high[py]):
+                    if py == m:
                         f |= 0x10
-                    if px >= 0 and (px == m or at_high[px]):
+                    if px == m:
                         f |= 0x20
                     flags[(z * ydim + y) * xdim + x] = f
     step = np.array([-ydim * xdim, -xdim, -1, ydim * xdim, xdim, 1], np.int64)
