@@ -21,7 +21,25 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 STEPS = ("fragments", "agglomerate", "relabel")
+
+
+def warm_kernels() -> None:
+    """Compile the workers' numba kernels once, here, into their on-disk
+    cache: on a fresh clone or after a change to a kernel, every worker
+    would otherwise compile them in its first block (about 6 CPU s each),
+    and compiling is not the rate."""
+    import numpy as np
+
+    from pipeline.kernels.rag import edge_means
+    from pipeline.kernels.watershed import epsilon_agglomerate, merge_history, relabel_consecutive
+
+    affs = np.random.default_rng(0).integers(0, 256, (3, 6, 6, 6)).astype(np.uint8)
+    labels, _ = relabel_consecutive(epsilon_agglomerate(affs, None, 0.1, "hist_quant_50"))
+    for scoring in ("hist_quant_50", "mean"):
+        uv, _ = merge_history(affs, labels, scoring)
+    edge_means(labels, affs, [(-1, 0, 0)], uv[:, 0].astype(np.int64), uv[:, 1].astype(np.int64))
 
 
 def main() -> None:
@@ -50,6 +68,7 @@ def main() -> None:
     }
     config_path = run_dir / "config.json"
     config_path.write_text(json.dumps(config, indent=2))
+    warm_kernels()
     subprocess.run([sys.executable, str(REPO / "pipeline/predict.py"), str(config_path)], check=True,
                    stdout=subprocess.DEVNULL)
     report = json.loads((run_dir / "run" / "report.json").read_text())

@@ -63,24 +63,14 @@ def watershed(affs, labels) -> int:
                 pz = np.int64(affs[0, z + 1, y, x]) if z < zdim - 1 else -1
                 py = np.int64(affs[1, z, y + 1, x]) if y < ydim - 1 else -1
                 px = np.int64(affs[2, z, y, x + 1]) if x < xdim - 1 else -1
-                # (nested two-argument max and plain ifs: numba made a
-                # six-argument max and a helper per direction 8x slower)
+                # (nested two-argument maxima: numba made one six-argument
+                # max 8x slower)
                 m = max(max(max(nz, ny), max(nx, pz)), max(py, px))
                 if m > 0:
-                    f = 0
-                    if nz == m:
-                        f |= 0x01
-                    if ny == m:
-                        f |= 0x02
-                    if nx == m:
-                        f |= 0x04
-                    if pz == m:
-                        f |= 0x08
-                    if py == m:
-                        f |= 0x10
-                    if px == m:
-                        f |= 0x20
-                    flags[(z * ydim + y) * xdim + x] = f
+                    # the direction bits -z -y -x +z +y +x of the largest
+                    flags[(z * ydim + y) * xdim + x] = (
+                        (nz == m) | (ny == m) << 1 | (nx == m) << 2 | (pz == m) << 3 | (py == m) << 4 | (px == m) << 5
+                    )
     step = np.array([-ydim * xdim, -xdim, -1, ydim * xdim, xdim, 1], np.int64)
 
     # plateau corners: a voxel pointing at one that does not point back
@@ -155,42 +145,15 @@ def region_graph(labels, affs, n):
 
     Returns (uv: (E, 2) int32 with u < v, first: (E + 1) offsets into
     `values`: the affinities of edge e are values[first[e]:first[e + 1]])."""
-    zdim, ydim, xdim = labels.shape
     # pairs grouped by their smaller label, in scan order
     start = np.zeros(n + 2, np.int64)
-    for z in range(zdim):
-        for y in range(ydim):
-            for x in range(xdim):
-                a = labels[z, y, x]
-                if a == 0:
-                    continue
-                for d in range(3):
-                    if (d == 0 and z == 0) or (d == 1 and y == 0) or (d == 2 and x == 0):
-                        continue
-                    b = labels[z - (d == 0), y - (d == 1), x - (d == 2)]
-                    if a != b and b > 0:
-                        start[min(a, b) + 1] += 1
+    _label_pairs(labels, affs, start[1:], np.empty(0, np.int32), np.empty(0, np.uint8))
     for i in range(1, n + 2):
         start[i] += start[i - 1]
     pairs = start[n + 1]
     other = np.empty(pairs, np.int32)
     byte = np.empty(pairs, np.uint8)
-    fill = start[:-1].copy()
-    for z in range(zdim):
-        for y in range(ydim):
-            for x in range(xdim):
-                a = labels[z, y, x]
-                if a == 0:
-                    continue
-                for d in range(3):
-                    if (d == 0 and z == 0) or (d == 1 and y == 0) or (d == 2 and x == 0):
-                        continue
-                    b = labels[z - (d == 0), y - (d == 1), x - (d == 2)]
-                    if a != b and b > 0:
-                        lo = min(a, b)
-                        other[fill[lo]] = max(a, b)
-                        byte[fill[lo]] = affs[d, z, y, x]
-                        fill[lo] += 1
+    _label_pairs(labels, affs, start[:-1].copy(), other, byte)
     # each label's neighbours, found with a per-label stamp, sorted; then
     # the pairs are scattered to their edge in scan order
     stamp = np.zeros(n + 1, np.int64)
@@ -231,6 +194,32 @@ def region_graph(labels, affs, n):
             count[other[i]] += 1
         edge += k
     return uv, first, values
+
+
+@njit(cache=True, nogil=True)
+def _label_pairs(labels, affs, slots, other, byte) -> None:
+    """The face-adjacent voxel pairs of labels a != b, both > 0, in waterz's
+    order (the voxel scan, then offsets z, y, x). With `other` empty, counts
+    them: slots[min(a, b)] += 1. Otherwise writes max(a, b) and the pair's
+    affinity at position slots[min(a, b)], and advances it."""
+    zdim, ydim, xdim = labels.shape
+    write = len(other) > 0
+    for z in range(zdim):
+        for y in range(ydim):
+            for x in range(xdim):
+                a = labels[z, y, x]
+                if a == 0:
+                    continue
+                for d in range(3):
+                    if (d == 0 and z == 0) or (d == 1 and y == 0) or (d == 2 and x == 0):
+                        continue
+                    b = labels[z - (d == 0), y - (d == 1), x - (d == 2)]
+                    if a != b and b > 0:
+                        lo = min(a, b)
+                        if write:
+                            other[slots[lo]] = max(a, b)
+                            byte[slots[lo]] = affs[d, z, y, x]
+                        slots[lo] += 1
 
 
 @njit(cache=True, nogil=True)
@@ -373,12 +362,7 @@ def merge_regions(n, uv, first, values, bins, means, quantile, threshold):
     tail = np.full(n + 1, -1, np.int32)
     after = np.full(2 * edges, -1, np.int32)
     for s in range(2 * edges):
-        node = uv[s >> 1, s & 1]
-        if head[node] < 0:
-            head[node] = s
-        else:
-            after[tail[node]] = s
-        tail[node] = s
+        _append(head, tail, after, uv[s >> 1, s & 1], s)
 
     # histograms: an edge's own sorted affinities until it absorbs another,
     # then runs (bin, count) in a pool; absorbed edges wait in a list
@@ -482,11 +466,7 @@ def merge_regions(n, uv, first, values, bins, means, quantile, threshold):
                     _insert_edge(keys, table, at, keep, shift, mask)
                     # the slot on b's side now stands for a
                     after[s] = -1
-                    if head[a] < 0:
-                        head[a] = s
-                    else:
-                        after[tail[a]] = s
-                    tail[a] = s
+                    _append(head, tail, after, a, s)
             s = following
         head[b] = -1
         tail[b] = -1
@@ -495,15 +475,23 @@ def merge_regions(n, uv, first, values, bins, means, quantile, threshold):
 
 @njit(cache=True, nogil=True)
 def _push(e, score, queued, behind, front, back, pushed, lowest):
+    # e to the back of its score's bin
     level = _discretize(score, LEVELS)
     queued[pushed] = e
     behind[pushed] = -1
-    if front[level] < 0:
-        front[level] = pushed
-    else:
-        behind[back[level]] = pushed
-    back[level] = pushed
+    _append(front, back, behind, level, pushed)
     return pushed + 1, min(lowest, level)
+
+
+@njit(cache=True, nogil=True)
+def _append(first, last, following, at, item) -> None:
+    # `item` to the end of linked list `at` (first and last item per list,
+    # the following item per item; -1 for none)
+    if first[at] < 0:
+        first[at] = item
+    else:
+        following[last[at]] = item
+    last[at] = item
 
 
 @njit(cache=True, nogil=True)
