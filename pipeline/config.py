@@ -31,7 +31,7 @@ def in_plane(offsets) -> bool:
 
 def offsets_error(offsets) -> str | None:
     """What is wrong with a model's offsets for its post-processing, or
-    None: waterz reads the first three channels as the z, y, x nearest
+    None: the waterz steps read the first three channels as the z, y, x nearest
     neighbours; mutex watershed (2D) reads the y, x ones first."""
     offsets = [tuple(int(x) for x in o) for o in offsets]
     if in_plane(offsets):
@@ -106,7 +106,8 @@ class PredictConfig(Strict):
 
 
 class FragmentsConfig(Strict):
-    # "waterz": waterz's own watershed on the nearest-neighbour affinities;
+    # "waterz": waterz's watershed on the nearest-neighbour affinities (our
+    # compiled port, pipeline/kernels/compiled/waterz.py);
     # "distance": seeded watershed on the distance transform of the boundaries
     method: Literal["waterz", "distance"] = "waterz"
     # for "distance": run slice by slice (anisotropic data)
@@ -125,7 +126,8 @@ def threshold_key(threshold: float) -> str:
 
 
 class AgglomerateConfig(Strict):
-    # prebuilt waterz scoring functions only: no compiler needed
+    # waterz's scoring functions (OneMinus of the median, the 75th
+    # percentile or the mean affinity), as our compiled port has them
     scoring: Literal["hist_quant_50", "hist_quant_75", "mean"] = "hist_quant_50"
     thresholds: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
         default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], min_length=1

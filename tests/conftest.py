@@ -30,6 +30,13 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: float = 900, env: dict | None
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
+    """A refused command: exit 2 and one line on stderr naming `message`."""
+    assert result.returncode == 2, (result.stdout + result.stderr)[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("affseg: error: ") and message in lines[0], result.stderr
+
+
 def affinity_model(spec: dict, offsets):
     """A fresh (untrained) affinity-method model on the backbone `spec`."""
     return build_model(affinity.Settings(), spec, offsets)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import MODEL, RAW, run_cli
+from tests.conftest import MODEL, RAW, assert_one_line_error, run_cli
 
 
 def broken(tmp_path, labels, **changes):
@@ -179,12 +179,6 @@ def test_a_2d_model_needs_blocks_of_whole_sections(tmp_path, labels):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def _one_line(result, message: str) -> None:
-    assert result.returncode == 2, result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("affseg: error: ") and message in lines[0], result.stderr
-
-
 class _Code:
     """Pickles as a call: what the weights-only loader must refuse."""
 
@@ -217,11 +211,11 @@ def _checkpoint(kind: str, tmp_path):
     ("code", "holds Python objects besides weights; affseg loads weights only and refuses it"),
     ("weights that do not fit", "its weights do not fit the network it records (3 offsets"),
 ])
-def test_a_bad_checkpoint_is_one_line(kind, message, tmp_path, labels):
+def test_a_bad_checkpoint_isassert_one_line_error(kind, message, tmp_path, labels):
     path = _checkpoint(kind, tmp_path)
     result = run_cli("pipeline/predict.py", str(broken(tmp_path, labels, model={"checkpoint": str(path)})))
-    _one_line(result, f"model.checkpoint: {path}")
-    _one_line(result, message)
+    assert_one_line_error(result, f"model.checkpoint: {path}")
+    assert_one_line_error(result, message)
     assert "code ran" not in result.stdout + result.stderr
     assert "weights_only=False" not in result.stderr
 
@@ -239,8 +233,8 @@ def _gt_off_grid(tmp_path, labels):
     from funlib.persistence import open_ds, prepare_ds
 
     gt = open_ds(labels)
-    moved = prepare_ds(tmp_path / "moved.zarr" / "labels", shape=gt.shape, offset=(5, 0, 0),
-                       voxel_size=gt.voxel_size, dtype=gt.dtype)
+    prepare_ds(tmp_path / "moved.zarr" / "labels", shape=gt.shape, offset=(5, 0, 0),
+               voxel_size=gt.voxel_size, dtype=gt.dtype)
     return {"ground_truth": str(tmp_path / "moved.zarr" / "labels")}
 
 
@@ -262,24 +256,24 @@ def _run_dir_under_a_file(tmp_path, labels):
 ])
 def test_bad_inputs_are_refused_before_the_run(make, message, tmp_path, labels):
     result = run_cli("pipeline/predict.py", str(broken(tmp_path, labels, **make(tmp_path, labels))))
-    _one_line(result, message)
+    assert_one_line_error(result, message)
 
 
 @pytest.mark.parametrize("damage, message", [
     ("layout.json", "layout.json is damaged or from an older affseg"),
     ("graph.sqlite", "graph.sqlite is not a usable SQLite database"),
 ])
-def test_a_damaged_run_directory_is_one_line(damage, message, tmp_path, labels):
+def test_a_damaged_run_directory_isassert_one_line_error(damage, message, tmp_path, labels):
     from pipeline.config import RunConfig, load_json
     from pipeline.predict import open_run
 
     config = broken(tmp_path, labels)
     open_run(RunConfig(**load_json(config)))
     (tmp_path / "run" / damage).write_bytes(b"\x00garbage{" * 100)
-    _one_line(run_cli("pipeline/predict.py", str(config)), message)
+    assert_one_line_error(run_cli("pipeline/predict.py", str(config)), message)
 
 
-def test_a_read_only_run_directory_is_one_line(tmp_path, labels):
+def test_a_read_only_run_directory_isassert_one_line_error(tmp_path, labels):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     # root writes through permission bits, not through the immutable flag
@@ -287,15 +281,15 @@ def test_a_read_only_run_directory_is_one_line(tmp_path, labels):
     unlock = ["chattr", "-i"] if os.geteuid() == 0 else ["chmod", "755"]
     subprocess.run([*lock, str(run_dir)], check=True)
     try:
-        _one_line(run_cli("pipeline/predict.py", str(broken(tmp_path, labels))), f"run_dir: cannot write in {run_dir}")
+        assert_one_line_error(run_cli("pipeline/predict.py", str(broken(tmp_path, labels))), f"run_dir: cannot write in {run_dir}")
     finally:
         subprocess.run([*unlock, str(run_dir)], check=True)
 
 
-def test_evaluating_a_threshold_without_a_table_is_one_line(tmp_path, labels):
+def test_evaluating_a_threshold_without_a_table_isassert_one_line_error(tmp_path, labels):
     from pipeline.config import RunConfig, load_json
     from pipeline.predict import open_run
 
     config = broken(tmp_path, labels)
     open_run(RunConfig(**load_json(config)))
-    _one_line(run_cli("pipeline/evaluate.py", str(config)), "the run has no look-up table for threshold 0.1")
+    assert_one_line_error(run_cli("pipeline/evaluate.py", str(config)), "the run has no look-up table for threshold 0.1")

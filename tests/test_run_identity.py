@@ -23,7 +23,7 @@ from pipeline.config import RunConfig, load_json
 from pipeline.kernels.lut import LookUpTable
 from pipeline.orchestration.run_layout import RunDir
 from pipeline.predict import open_run
-from tests.conftest import RAW, REPO, run_cli
+from tests.conftest import RAW, REPO, assert_one_line_error, run_cli
 
 
 def run_predict(config: Path) -> dict:
@@ -33,10 +33,7 @@ def run_predict(config: Path) -> dict:
 
 
 def one_line_refusal(config: Path, message: str) -> None:
-    result = run_cli("pipeline/predict.py", str(config))
-    assert result.returncode == 2, result.stderr[-3000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert_one_line_error(run_cli("pipeline/predict.py", str(config)), message)
 
 
 def test_runs_with_the_same_folder_name_keep_their_own_graphs(tmp_path, run_config, mongodb_uri):
