@@ -211,7 +211,7 @@ def _checkpoint(kind: str, tmp_path):
     ("code", "holds Python objects besides weights; affseg loads weights only and refuses it"),
     ("weights that do not fit", "its weights do not fit the network it records (3 offsets"),
 ])
-def test_a_bad_checkpoint_isassert_one_line_error(kind, message, tmp_path, labels):
+def test_a_bad_checkpoint_is_one_line(kind, message, tmp_path, labels):
     path = _checkpoint(kind, tmp_path)
     result = run_cli("pipeline/predict.py", str(broken(tmp_path, labels, model={"checkpoint": str(path)})))
     assert_one_line_error(result, f"model.checkpoint: {path}")
@@ -263,7 +263,7 @@ def test_bad_inputs_are_refused_before_the_run(make, message, tmp_path, labels):
     ("layout.json", "layout.json is damaged or from an older affseg"),
     ("graph.sqlite", "graph.sqlite is not a usable SQLite database"),
 ])
-def test_a_damaged_run_directory_isassert_one_line_error(damage, message, tmp_path, labels):
+def test_a_damaged_run_directory_is_one_line(damage, message, tmp_path, labels):
     from pipeline.config import RunConfig, load_json
     from pipeline.predict import open_run
 
@@ -273,7 +273,7 @@ def test_a_damaged_run_directory_isassert_one_line_error(damage, message, tmp_pa
     assert_one_line_error(run_cli("pipeline/predict.py", str(config)), message)
 
 
-def test_a_read_only_run_directory_isassert_one_line_error(tmp_path, labels):
+def test_a_read_only_run_directory_is_one_line(tmp_path, labels):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     # root writes through permission bits, not through the immutable flag
@@ -286,7 +286,7 @@ def test_a_read_only_run_directory_isassert_one_line_error(tmp_path, labels):
         subprocess.run([*unlock, str(run_dir)], check=True)
 
 
-def test_evaluating_a_threshold_without_a_table_isassert_one_line_error(tmp_path, labels):
+def test_evaluating_a_threshold_without_a_table_is_one_line(tmp_path, labels):
     from pipeline.config import RunConfig, load_json
     from pipeline.predict import open_run
 

@@ -82,9 +82,9 @@ def test_rag_edges_match_brute_force_on_real_fragments(labels):
     assert assert_rag_edges_match_brute_force(fragments, affs, offsets) > 50
 
 
-def test_first_join_scores_on_a_real_waterz_history():
+def test_first_join_scores_on_a_real_merge_history():
     rng = np.random.default_rng(2)
-    affs = rng.random((3, 12, 20, 20)).astype(np.float32)
+    affs = rng.random((3, 8, 16, 16)).astype(np.float32)
     affs = as_uint8((affs + np.roll(affs, 1, axis=2)) / 2)  # some spatial structure
     local, ids = relabel_consecutive(epsilon_agglomerate(affs, None, 0.0, "hist_quant_50"))
     uv, history = merge_history(affs, local, "hist_quant_50")
