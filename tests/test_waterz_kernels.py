@@ -143,3 +143,17 @@ def test_edge_table_against_a_dict():
         for probe in rng.integers(0, 64, 4).tolist():
             assert _find_edge(keys, table, probe, shift, mask) == expected.get(probe, -1)
     assert (keys >= 0).sum() == len(expected)
+
+
+def test_a_region_bordering_hundreds_equals_waterz():
+    """One region around 361 small ones: its neighbours are sorted by the
+    library sort, not the insertion sort of short lists."""
+    rng = np.random.default_rng(6)
+    fragments = np.ones((4, 40, 40), np.uint64)
+    # ids in no spatial order, so that they are met unsorted
+    fragments[1:3, 1:39:2, 1:39:2] = rng.permutation(np.arange(2, 2 + 19 * 19)).reshape(19, 19)
+    affs = rng.integers(0, 256, (3, 4, 40, 40)).astype(np.uint8)
+    _, expected = waterz_agglomerate(affs, 1.0, "hist_quant_50", fragments)
+    uv, history = merge_history(affs, fragments, "hist_quant_50")
+    assert (uv[:, 0] == 1).sum() == 361
+    np.testing.assert_array_equal(history, expected)

@@ -181,7 +181,11 @@ def region_graph(labels, affs, n):
                 neighbours[k] = b
                 k += 1
             count[b] += 1
-        _insertion_sort(neighbours, k)
+        if k <= 32:
+            _insertion_sort(neighbours, k)
+        else:
+            # a large region can border thousands of small ones
+            neighbours[:k].sort()
         for j in range(k):
             b = neighbours[j]
             uv[edge + j, 0] = a
@@ -224,7 +228,7 @@ def _label_pairs(labels, affs, slots, other, byte) -> None:
 
 @njit(cache=True, nogil=True)
 def _insertion_sort(values, k) -> None:
-    # values[:k] ascending: a label has few neighbours
+    # values[:k] ascending, for the short runs where this beats a library sort
     for i in range(1, k):
         x = values[i]
         j = i - 1
