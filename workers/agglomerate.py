@@ -2,9 +2,10 @@
 
 The fragments of block + context are agglomerated to the end (waterz's
 region merging, pipeline/kernels/watershed.py), keeping the merge history;
-every edge gets the score at which its two fragments first joined. The block that holds the centre of `u` (the smaller id) owns
-the edge. A fragment lies inside its block's write ROI, a box, so its centre
-does too: the owner is simply the block encoded in `u`'s id.
+every edge gets the score at which its two fragments first joined. The
+block that holds the centre of `u` (the smaller id) owns the edge. A
+fragment lies inside its block's write ROI, a box, so its centre does too:
+the owner is simply the block encoded in `u`'s id.
 """
 
 from __future__ import annotations
