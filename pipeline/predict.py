@@ -44,6 +44,7 @@ from pipeline.orchestration.segments import write_luts
 from pipeline.orchestration.supervisor import supervise
 from pipeline.orchestration.tasks import graph_pipeline, mutex_pipeline, relabel_task
 from pipeline.storage.credentials import move_inline_password
+from pipeline.storage.files import write_atomically
 from pipeline.storage.volumes import PREDICTION_COMPRESSOR, prepare_volume
 
 def _prepare_volumes(layout: RunLayout, run_dir: RunDir) -> None:
@@ -124,9 +125,7 @@ def _run(config: RunConfig, config_source: str, held: ExitStack) -> dict:
     if config.ground_truth:
         report["scores"] = evaluate_run(config, layout, run_dir, progress, report)
     report["wall_s"] = round(time.time() - started, 2)
-    tmp = run_dir.report.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(run_dir.report)
+    write_atomically(run_dir.report, json.dumps(report, indent=2))
     progress.log_step("run", "finish", wall_s=report["wall_s"])
     return report
 

@@ -19,6 +19,7 @@ from pipeline.evaluation.instance_metrics import SCORES as INSTANCE_SCORES
 from pipeline.evaluation.instance_metrics import instance_scores
 from pipeline.evaluation.metrics import contingency_pairs
 from pipeline.kernels.lut import LookUpTable, map_each
+from pipeline.storage.files import write_atomically
 from pipeline.storage.volumes import open_volume, read_roi, split_path
 from workers.loop import ProcessBlock, WorkerRun, run_worker
 
@@ -57,11 +58,7 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
         result = block_result(segmentations, truth, per_section=layout.is_2d)
         buffer = io.BytesIO()
         np.savez(buffer, **result)
-        # atomically: the master never reads half a file
-        path = run_dir.evaluation / f"{layout.block_index(roi)}.npz"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(buffer.getvalue())
-        tmp.replace(path)
+        write_atomically(run_dir.evaluation / f"{layout.block_index(roi)}.npz", buffer.getvalue())
 
     yield process_block
 

@@ -24,6 +24,7 @@ from funlib.geometry import Coordinate, Roi
 
 from pipeline.config import RunConfig, in_plane, offsets_error, threshold_key
 from pipeline.errors import UserError
+from pipeline.storage.files import write_atomically
 from pipeline.storage.graph_store import GraphStore, open_store
 from pipeline.storage.volumes import AFFINITY_DTYPES, VolumeReadError, open_volume, read_roi, split_path
 
@@ -439,7 +440,5 @@ def claim_run_dir(run_dir: RunDir, record: dict, run_id: str) -> bool:
     run_dir.path.mkdir(parents=True, exist_ok=True)
     if run_dir.layout.exists():
         return False
-    tmp = run_dir.layout.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**record, "run_id": run_id}, indent=2))
-    tmp.replace(run_dir.layout)
+    write_atomically(run_dir.layout, json.dumps({**record, "run_id": run_id}, indent=2))
     return True

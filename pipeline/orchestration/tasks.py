@@ -16,6 +16,7 @@ from funlib.geometry import Coordinate, Roi
 from pipeline.config import RunConfig, threshold_key
 from pipeline.orchestration.launchers import make_launcher
 from pipeline.orchestration.run_layout import RunDir, RunLayout
+from pipeline.storage.files import write_atomically
 
 MAX_RETRIES = 2
 
@@ -88,9 +89,7 @@ def relabel_task(config: RunConfig, layout: RunLayout, run_dir: RunDir) -> daisy
     recorded = json.loads(run_dir.relabel_target.read_text()) if run_dir.relabel_target.exists() else None
     if recorded != target:
         shutil.rmtree(run_dir.tracking("relabel"), ignore_errors=True)
-        tmp = run_dir.relabel_target.with_suffix(".tmp")
-        tmp.write_text(json.dumps(target))
-        tmp.replace(run_dir.relabel_target)
+        write_atomically(run_dir.relabel_target, json.dumps(target))
     geometry = blockwise_geometry(layout, layout.block_shape, Coordinate(0, 0, 0))
     return _task("relabel", "relabel", config, run_dir, *geometry, fit="shrink", workers=config.postprocess.workers)
 
