@@ -55,7 +55,8 @@ def epsilon_agglomerate(affs: np.ndarray, fragments: np.ndarray | None, epsilon:
         n = int(labels.max()) if labels.size else 0
     _, parent, _ = region_merging(affs, labels, n, scoring, epsilon)
     waterz.roots(parent, labels)
-    return labels.astype(np.uint64)
+    # ids are >= 0: the same bytes read as uint64, not a copy of the block
+    return labels.view(np.uint64)
 
 
 def distance_watershed(affs: np.ndarray, voxel_size, per_section: bool) -> np.ndarray:
