@@ -40,7 +40,7 @@ GALA := data/gala_fibsem
 runs/gala.zarr/raw/.zarray: $(INSTALLED)
 	$(BIN)/python pipeline/ingest.py $(GALA)/train-image.h5:/stack --out runs/gala.zarr/raw --voxel-size 10 10 10
 runs/gala.zarr/labels/.zarray: $(INSTALLED)
-	$(BIN)/python pipeline/ingest.py $(GALA)/train-gt.lzf.h5:/stack --out runs/gala.zarr/labels --voxel-size 10 10 10
+	$(BIN)/python pipeline/ingest.py $(GALA)/train-gt.lzf.h5:/stack --labels --out runs/gala.zarr/labels --voxel-size 10 10 10
 
 # ISBI 2012 sections (4 x 4 x 50 nm); labels = each section's interior components
 runs/isbi2012.zarr/raw/.zarray: $(INSTALLED)
@@ -57,7 +57,7 @@ NUCLEI := data/nuclei_u2os
 runs/nuclei.zarr/raw/.zarray: $(INSTALLED)
 	$(BIN)/python pipeline/ingest.py $(NUCLEI)/image.tif --out runs/nuclei.zarr/raw --voxel-size 1 1 1 --chunk-shape 1 520 696
 runs/nuclei.zarr/labels/.zarray: $(INSTALLED)
-	$(BIN)/python pipeline/ingest.py $(NUCLEI)/labels.tif --out runs/nuclei.zarr/labels --voxel-size 1 1 1 --chunk-shape 1 520 696
+	$(BIN)/python pipeline/ingest.py $(NUCLEI)/labels.tif --labels --out runs/nuclei.zarr/labels --voxel-size 1 1 1 --chunk-shape 1 520 696
 
 # the bundled PEA nuclei model on the test pages 50..59: 2D scores
 nuclei: $(INSTALLED) runs/nuclei.zarr/raw/.zarray runs/nuclei.zarr/labels/.zarray

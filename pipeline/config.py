@@ -198,6 +198,10 @@ class RunConfig(Strict):
 
     run_dir: AbsPath
     raw: ZarrPath
+    # what a chunk of raw without a file means: "error" (an incomplete copy;
+    # the run is refused, naming the chunk) or "empty" (a sparse volume
+    # whose missing chunks are black on purpose: read as 0)
+    raw_missing_chunks: Literal["error", "empty"] = "error"
     ground_truth: ZarrPath | None = None
     roi: RoiConfig | None = None
     # exactly one of the two: a model that predicts the affinities, or

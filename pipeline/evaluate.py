@@ -30,7 +30,7 @@ from pipeline.evaluation.metrics import Contingency, scores
 from pipeline.orchestration.daisy_run import RunFailed, run_daisy
 from pipeline.orchestration.master_lock import master_lock
 from pipeline.orchestration.progress import ProgressLog
-from pipeline.orchestration.run_layout import RunDir, RunLayout
+from pipeline.orchestration.run_layout import RunDir, RunLayout, check_ground_truth
 from pipeline.orchestration.tasks import evaluate_task
 
 # the master sums the blocks' tables in groups of this many, so that its
@@ -114,6 +114,8 @@ def main() -> int:
     if not run_dir.layout.exists():
         raise UserError(f"run_dir: {config.run_dir} holds no run; run pipeline/predict.py first")
     layout = run_dir.read_layout()
+    # the checks predict.py makes, before any worker starts
+    check_ground_truth(config.ground_truth, layout.voxel_size, layout.roi)
     with master_lock(run_dir.master_lock):
         daisy_logging.set_log_basedir(run_dir.logs)
         progress = ProgressLog(run_dir.progress, ["evaluate"], {"evaluate": layout.voxels_per_block}, bars=False)

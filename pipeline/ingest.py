@@ -26,12 +26,14 @@ bounded by a slab (plus the list of instance ids with --keep-instances).
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from funlib.geometry import Coordinate, Roi
+import zarr
 from tqdm import tqdm
 
 if __package__ in (None, ""):  # run as `python pipeline/ingest.py`
@@ -49,7 +51,8 @@ HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 class SectionStack:
     """A directory of 2D images, or one multi-page TIFF, read lazily by z."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, labels: bool):
+        self.labels = labels
         if path.is_dir():
             self.files = sorted(p for p in path.iterdir() if p.suffix.lower() in SECTION_SUFFIXES)
             if not self.files:
@@ -58,10 +61,8 @@ class SectionStack:
             self.pages = None
             self.shape = (len(self.files), *first.shape)
         else:
-            import tifffile
-
             self.files = []
-            self.pages = tifffile.imread(path)
+            self.pages = _read_image(path, labels)
             if self.pages.ndim != 3:
                 raise UserError(f"source: {path} is not a stack of 2D pages (shape {self.pages.shape})")
             first = self.pages[0]
@@ -70,15 +71,8 @@ class SectionStack:
             raise UserError(f"source: sections must be single-channel 2D images, got shape {first.shape}")
         self.dtype = first.dtype
 
-    @staticmethod
-    def _read_file(path: Path) -> np.ndarray:
-        if path.suffix.lower() == ".png":
-            import imageio.v3 as iio
-
-            return iio.imread(path)
-        import tifffile
-
-        return tifffile.imread(path)
+    def _read_file(self, path: Path) -> np.ndarray:
+        return _read_image(path, self.labels)
 
     def read(self, z0: int, z1: int) -> np.ndarray:
         if self.pages is not None:
@@ -90,14 +84,39 @@ class SectionStack:
         return np.stack(sections)
 
 
+def _read_image(path: Path, labels: bool = False) -> np.ndarray:
+    """A PNG or TIFF file's pixels; a file that is not one (corrupt,
+    truncated, text under an image's name) is one line naming it. A
+    palette (indexed) PNG of labels gives its indices, which are the ids,
+    not the colours its palette paints them in."""
+    try:
+        if path.suffix.lower() == ".png":
+            import imageio.v3 as iio
+
+            if labels and iio.immeta(path).get("mode") == "P":
+                return iio.imread(path, mode="P")
+            return iio.imread(path)
+        import tifffile
+
+        return tifffile.imread(path)
+    except Exception as e:  # noqa: BLE001 - the image libraries raise a zoo of types
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise UserError(f"source: cannot read {path} as an image: {reason}") from e
+
+
 class Hdf5Dataset:
     def __init__(self, spec: str):
         import h5py
 
         path, dataset = _split_hdf5(spec)
-        self._file = h5py.File(path, "r")
+        try:
+            self._file = h5py.File(path, "r")
+        except OSError as e:
+            raise UserError(f"source: cannot open {path} as HDF5: {' '.join(str(e).split())}") from e
         if dataset not in self._file:
             raise UserError(f"source: dataset {dataset!r} not found in {path}")
+        if not isinstance(self._file[dataset], h5py.Dataset):
+            raise UserError(f"source: {spec} is an HDF5 group, not a dataset; it holds {sorted(self._file[dataset])[:8]}")
         self._data = self._file[dataset]
         if self._data.ndim != 3:
             raise UserError(f"source: {spec} must be 3D (z, y, x), has shape {self._data.shape}")
@@ -117,14 +136,14 @@ def _split_hdf5(spec: str) -> tuple[Path, str]:
     return Path(path), dataset
 
 
-def open_source(spec: str) -> SectionStack | Hdf5Dataset:
+def open_source(spec: str, labels: bool = False) -> SectionStack | Hdf5Dataset:
     path = Path(spec.partition(":")[0])
     if path.suffix.lower() in HDF5_SUFFIXES:
         return Hdf5Dataset(spec)
     if not path.exists():
         raise UserError(f"source: {spec} does not exist")
     if path.is_dir() or path.suffix.lower() in (".tif", ".tiff"):
-        return SectionStack(path)
+        return SectionStack(path, labels)
     raise UserError(f"source: {spec} is neither a section directory, a TIFF stack nor FILE.h5:/dataset")
 
 
@@ -170,6 +189,34 @@ def choose_instances(ids: np.ndarray, keep: float, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(ids, size=count, replace=False))
 
 
+# intensities sampled per slab to find the percentiles: enough for a
+# percentile to within a grey level, a bounded pass over any volume
+SAMPLES_PER_SLAB = 1_000_000
+
+
+def intensity_range(src, z0: int, steps: list[tuple[int, int]], percentiles: tuple[float, float]) -> tuple[float, float]:
+    """The intensities at the two percentiles, from an evenly strided sample
+    of every slab (a first pass over the source)."""
+    samples = []
+    for a, b in steps:
+        data = np.asarray(src.read(z0 + a, z0 + b)).ravel()
+        samples.append(data[:: max(1, data.size // SAMPLES_PER_SLAB)].astype(np.float64))
+    values = np.concatenate(samples)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        raise UserError("source: holds no finite intensity")
+    low, high = (float(v) for v in np.percentile(values, percentiles))
+    if high <= low:
+        raise UserError(f"--percentiles: the source's intensities at {percentiles[0]:g} and {percentiles[1]:g} are both "
+                        f"{low:g}; widen the percentiles")
+    return low, high
+
+
+def to_uint8(data: np.ndarray, low: float, high: float) -> np.ndarray:
+    scaled = (np.nan_to_num(data.astype(np.float64), nan=low) - low) / (high - low)
+    return np.round(np.clip(scaled, 0, 1) * 255).astype(np.uint8)
+
+
 def slabs(depth: int, step: int) -> Iterator[tuple[int, int]]:
     for z0 in range(0, depth, step):
         yield z0, min(depth, z0 + step)
@@ -186,16 +233,38 @@ def ingest(
     components: bool = False,
     keep_instances: float | None = None,
     seed: int = 0,
+    overwrite: bool = False,
+    labels: bool = False,
+    percentiles: tuple[float, float] | None = None,
 ) -> None:
-    src = open_source(source)
+    for name, values in (("--voxel-size", voxel_size), ("--chunk-shape", chunk_shape)):
+        if any(v <= 0 for v in values):
+            raise UserError(f"{name}: every value must be positive, got {' '.join(map(str, values))}")
+    labels = labels or body_map is not None or components or keep_instances is not None
+    if labels and percentiles is not None:
+        raise UserError("--percentiles maps image intensities; labels keep their ids")
+    if percentiles is not None and not 0 <= percentiles[0] < percentiles[1] <= 100:
+        raise UserError(f"--percentiles: need 0 <= LOW < HIGH <= 100, got {percentiles[0]:g} {percentiles[1]:g}")
+    src = open_source(source, labels)
     z0, z1 = z_range if z_range is not None else (0, src.shape[0])
     if not 0 <= z0 < z1 <= src.shape[0]:
         raise UserError(f"--z-range: {z0}..{z1} is outside the source's {src.shape[0]} sections")
     if keep_instances is not None and keep_instances <= 0:
         raise UserError(f"--keep-instances: must be positive, got {keep_instances}")
     mapping = BodyMap(body_map) if body_map else None
-    labels = mapping is not None or components or keep_instances is not None
-    dtype = "uint64" if labels else src.dtype.name
+    if labels:
+        if not np.issubdtype(src.dtype, np.integer):
+            raise UserError(f"source: labels must be integer ids, {source} holds {src.dtype.name}")
+        dtype = "uint64" if mapping is not None or components or keep_instances is not None else src.dtype.name
+    else:
+        # raw is 8-bit: the networks see [0, 1] as 0..255
+        dtype = "uint8"
+        if src.dtype != np.uint8 and percentiles is None:
+            raise UserError(
+                f"source: {source} holds {src.dtype.name} intensities and affseg's raw is 8-bit: pass --percentiles "
+                f"0.1 99.9 to map that range of intensities to 0..255 (recorded in the dataset's attributes), "
+                f"or --labels if it holds instance ids"
+            )
     vs = Coordinate(voxel_size)
     shape = Coordinate((z1 - z0, *src.shape[1:]))
     roi = Roi(Coordinate(offset), shape * vs)
@@ -203,14 +272,24 @@ def ingest(
         container, dataset = split_path(out)
     except ValueError as e:
         raise UserError(f"--out: {e}") from e
+    if (container / dataset).exists():
+        if not overwrite:
+            raise UserError(f"--out: {out} exists already; pass --overwrite to replace it")
+        shutil.rmtree(container / dataset)
     container.mkdir(parents=True, exist_ok=True)
     chunks = Coordinate(min(c, s) for c, s in zip(chunk_shape, shape))
     steps = list(slabs(z1 - z0, chunks[0]))
+
+    intensity = None
+    if percentiles is not None:
+        intensity = intensity_range(src, z0, steps, percentiles)
 
     def converted() -> Iterator[tuple[int, int, np.ndarray]]:
         last_id = 0
         for a, b in steps:
             data = src.read(z0 + a, z0 + b)
+            if intensity is not None:
+                data = to_uint8(data, *intensity)
             if mapping is not None:
                 data = mapping(data)
             if components:
@@ -222,12 +301,23 @@ def ingest(
         ids = np.unique(np.concatenate([np.unique(data) for _, _, data in converted()]))
         kept = choose_instances(ids[ids != 0], keep_instances, seed)
     array = prepare_volume(container, dataset, roi, vs, dtype, chunks * vs)
-    for a, b, data in tqdm(converted(), total=len(steps), desc=f"ingest {dataset}", unit="slab"):
-        if kept is not None:
-            data = np.where(np.isin(data, kept), data, 0)
-        slab = Roi(roi.offset + Coordinate(a, 0, 0) * vs, Coordinate(b - a, *shape[1:]) * vs)
-        array[slab] = data.astype(dtype)
+    try:
+        # no bar where stderr is no terminal (a log, a test): one line per error
+        for a, b, data in tqdm(converted(), total=len(steps), desc=f"ingest {dataset}", unit="slab", disable=None):
+            if kept is not None:
+                data = np.where(np.isin(data, kept), data, 0)
+            slab = Roi(roi.offset + Coordinate(a, 0, 0) * vs, Coordinate(b - a, *shape[1:]) * vs)
+            array[slab] = data.astype(dtype)
+    except UserError:
+        # a section found unreadable halfway: no half-written dataset
+        shutil.rmtree(container / dataset, ignore_errors=True)
+        raise
     note = f"; kept {len(kept)} instances (seed {seed})" if kept is not None else ""
+    if intensity is not None:
+        record = {"source_dtype": src.dtype.name, "percentiles": list(percentiles), "range": list(intensity),
+                  "uint8": "round(clip((x - range[0]) / (range[1] - range[0]), 0, 1) * 255)"}
+        zarr.open_array(str(container / dataset), mode="r+").attrs["intensity_mapping"] = record
+        note += f"; {src.dtype.name} intensities {intensity[0]:g}..{intensity[1]:g} (percentiles {percentiles[0]:g}, {percentiles[1]:g}) mapped to 0..255"
     print(f"wrote {container}/{dataset}: shape {tuple(shape)}, {dtype}, voxel size {tuple(vs)}, offset {tuple(offset)}{note}")
 
 
@@ -247,6 +337,10 @@ def main() -> None:
     parser.add_argument("--components", action="store_true", help="label the connected components of each section's non-zero pixels (boundary masks -> instances)")
     parser.add_argument("--keep-instances", type=float, metavar="K", help="sparse copy: keep K random whole instances (K < 1: that fraction)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for --keep-instances (default 0)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists (refused otherwise)")
+    parser.add_argument("--labels", action="store_true", help="the source holds instance ids (kept as they are; palette PNGs give their indices)")
+    parser.add_argument("--percentiles", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                        help="map a 16-bit or float image to uint8: the intensities at these percentiles become 0 and 255")
     args = parser.parse_args()
     ingest(
         args.source,
@@ -259,6 +353,9 @@ def main() -> None:
         args.components,
         args.keep_instances,
         args.seed,
+        args.overwrite,
+        args.labels,
+        tuple(args.percentiles) if args.percentiles else None,
     )
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import socket
 import sys
 import time
@@ -37,8 +36,10 @@ from pipeline.errors import EXIT_FAILED
 from pipeline.evaluate import evaluate_run, format_table
 from pipeline.orchestration.daisy_run import RunFailed, master_step, run_daisy
 from pipeline.storage.graph_store import FIRST_CONTACT_S, RunOwner
+from pipeline.orchestration.devices import choose_device
 from pipeline.orchestration.master_lock import master_lock
 from pipeline.orchestration.progress import ProgressLog
+from pipeline.orchestration.resume import describe, keep_done_blocks
 from pipeline.orchestration.run_layout import RunDir, RunLayout, check_run_dir, claim_run_dir, run_record, run_store
 from pipeline.orchestration.segments import write_luts
 from pipeline.orchestration.supervisor import supervise
@@ -65,6 +66,11 @@ def open_run(config: RunConfig, held: ExitStack | None = None) -> tuple[RunLayou
     A master passes `held`, which keeps the run directory's master lock
     until the master is done."""
     layout = RunLayout.from_config(config)
+    if layout.predicted and config.launcher.kind == "local":
+        # local workers see this machine's GPUs: refuse "cuda" here, before
+        # workers retry their blocks on a device that is not there (a
+        # cluster's master may run where its workers' GPUs are not)
+        choose_device(config.predict.device, field="predict.device")
     run_dir = RunDir(Path(config.run_dir))
     run_dir.check_writable()
     if held is not None:
@@ -81,12 +87,13 @@ def open_run(config: RunConfig, held: ExitStack | None = None) -> tuple[RunLayou
         known = store.claim(owner)
         if fresh or not known:
             store.reset()
-        if not fresh and not known:
-            # the graph of finished blocks is gone: redo every step that
-            # wrote to it or read from it
-            for step in ("fragments", "agglomerate", "relabel"):
-                shutil.rmtree(run_dir.tracking(step), ignore_errors=True)
-            run_dir.relabel_target.unlink(missing_ok=True)
+    # done markers vouch only for data that is there: a block whose output
+    # is gone (or whose graph was lost with the store), and every block
+    # built on it, is redone (pipeline/orchestration/resume.py)
+    redone = keep_done_blocks(layout, run_dir, layout.block_steps, graph_lost=not fresh and not known)
+    if redone:
+        print(f"affseg: resuming: redoing blocks whose output is gone or was built on such a block: "
+              f"{describe(redone)}", file=sys.stderr)
     run_dir.config.write_text(config.model_dump_json(indent=2))
     _prepare_volumes(layout, run_dir)
     daisy_logging.set_log_basedir(run_dir.logs)

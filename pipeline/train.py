@@ -88,6 +88,43 @@ def check_shapes(model, input_shape: Coordinate, output_shape: Coordinate) -> No
         )
 
 
+def latest_checkpoint(experiment: Path) -> tuple[int, Path] | None:
+    """(iteration, path) of gunpowder's latest `model_checkpoint_N`, the
+    one its Train node resumes from."""
+    found = []
+    for path in experiment.glob("model_checkpoint_*"):
+        suffix = path.name.rsplit("_", 1)[1]
+        if suffix.isdigit():
+            found.append((int(suffix), path))
+    return max(found) if found else None
+
+
+def check_resumable(experiment: Path, model: torch.nn.Module, iterations: int) -> None:
+    """Refuse, in one line, a resume that gunpowder would turn into a torch
+    size-mismatch traceback (the network or offsets changed since the
+    checkpoint) or into "iterations 2..1" (fewer iterations than done)."""
+    latest = latest_checkpoint(experiment)
+    if latest is None:
+        return
+    done, path = latest
+    if done > iterations:
+        raise UserError(f"iterations: {experiment} holds a checkpoint at iteration {done}, beyond iterations {iterations}; "
+                        f"raise iterations to train on, or use another experiment_dir")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)["model_state_dict"]
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
+        raise UserError(f"experiment_dir: {path} cannot be read ({type(e).__name__}); delete it to resume from an earlier one") from e
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in saved.items()}
+    if found != expected:
+        differs = next((k for k in expected if found.get(k) != expected[k]), None) or next(k for k in found if k not in expected)
+        raise UserError(
+            f"experiment_dir: {path.name} was trained with another network or offsets than this config "
+            f"({differs.removeprefix(_CHECKPOINT_PREFIX)}: {found.get(differs)} there, {expected.get(differs)} here); "
+            f"use a new experiment_dir, or --init-from its model.pt where the network is the same"
+        )
+
+
 class Training:
     """The network, the full pipeline and the gunpowder torch node of one
     experiment. `run(iterations)` trains to that iteration, resuming from the
@@ -130,6 +167,7 @@ class Training:
         if config.precache_workers:
             pipeline += gp.PreCache(cache_size=2 * config.precache_workers, num_workers=config.precache_workers)
         model = Autocast(training_step(self.network, config.method), config.mixed_precision)
+        check_resumable(self.experiment, model, config.iterations)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
         k = self.keys
         self.trainer = gp.torch.Train(
@@ -216,8 +254,9 @@ def train(config: TrainConfig, device: str, init_from: Path | None = None) -> Pa
     started = time.time()
     first = training.run(config.iterations)
     exported = training.export()
+    done = f"trained iterations {first}..{config.iterations}" if first < config.iterations else f"already trained to iteration {first}"
     print(
-        f"trained iterations {first}..{config.iterations} in {time.time() - started:.0f} s on {device}; "
+        f"{done} in {time.time() - started:.0f} s on {device}; "
         f"input {tuple(training.input_shape)} -> output {tuple(training.output_shape)} voxels; exported {exported}"
     )
     return exported

@@ -92,7 +92,8 @@ def nuclei(tmp_path_factory) -> tuple[str, str]:
     container = tmp_path_factory.mktemp("nuclei") / "nuclei.zarr"
     for name in ("raw", "labels"):
         source = NUCLEI / ("image.tif" if name == "raw" else "labels.tif")
-        result = run_cli("pipeline/ingest.py", str(source), "--out", str(container / name),
+        kind = ("--labels",) if name == "labels" else ()
+        result = run_cli("pipeline/ingest.py", str(source), *kind, "--out", str(container / name),
                          "--voxel-size", "1", "1", "1", "--chunk-shape", "1", "520", "696")
         assert result.returncode == 0, result.stderr
     return str(container / "raw"), str(container / "labels")

@@ -293,3 +293,74 @@ def test_evaluating_a_threshold_without_a_table_is_one_line(tmp_path, labels):
     config = broken(tmp_path, labels)
     open_run(RunConfig(**load_json(config)))
     assert_one_line_error(run_cli("pipeline/evaluate.py", str(config)), "the run has no look-up table for threshold 0.1")
+
+
+def _train_config(tmp_path, labels, **changes) -> Path:
+    config = {
+        "experiment_dir": str(tmp_path / "experiment"),
+        "volumes": [{"raw": str(RAW), "labels": labels}],
+        "offsets": [[-1, 0, 0], [0, -1, 0], [0, 0, -1]],
+        "network": {"name": "mala_unet", "num_fmaps": 2, "fmap_inc_factor": 2, "downsample_factors": [[2, 2, 2]]},
+        "output_shape": [8, 8, 8],
+        "augment": {"elastic": None, "defects": None},
+        "precache_workers": 0,
+        "iterations": 1,
+        **changes,
+    }
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def _labels_like_raw(tmp_path, name: str, fill: int, shape=None) -> str:
+    from funlib.persistence import open_ds, prepare_ds
+
+    raw = open_ds(RAW)
+    out = prepare_ds(tmp_path / "l.zarr" / name, shape=shape or raw.shape, voxel_size=raw.voxel_size, dtype=np.uint64)
+    out[out.roi] = fill
+    return str(tmp_path / "l.zarr" / name)
+
+
+@pytest.mark.parametrize("make, message", [
+    # RandomLocation rejected every location: 0 it/s forever
+    (lambda t: {"volumes": [{"raw": str(RAW), "labels": _labels_like_raw(t, "none", 0), "sparse": True}]},
+     "volumes.0.labels: no voxel of the training ROI"),
+    # trained and exported a model that had learnt "nothing is an object"
+    (lambda t: {"volumes": [{"raw": str(RAW), "labels": _labels_like_raw(t, "zero", 0)}]},
+     "volumes.0.labels: no voxel of the training ROI"),
+    # a gunpowder assertion
+    (lambda t: {"volumes": [{"raw": str(RAW), "labels": _labels_like_raw(t, "big", 1, (160, 300, 300))}]},
+     "volumes.0: the training ROI [0:1600, 0:3000, 0:3000] (1600, 3000, 3000) (the labels', unless roi is given) is not inside raw's ROI"),
+])
+def test_training_data_that_cannot_train_is_one_line(make, message, tmp_path, labels):
+    result = run_cli("pipeline/train.py", str(_train_config(tmp_path, labels, **make(tmp_path))), "--device", "cpu", timeout=300)
+    assert_one_line_error(result, message)
+
+
+def test_resuming_training_with_another_network_or_fewer_iterations_is_one_line(tmp_path, labels):
+    assert run_cli("pipeline/train.py", str(_train_config(tmp_path, labels, iterations=2, save_every=2)), "--device", "cpu").returncode == 0
+    # was a torch size-mismatch traceback
+    other = _train_config(tmp_path, labels, iterations=4, offsets=[[-1, 0, 0], [0, -1, 0], [0, 0, -1], [0, 0, -3]])
+    assert_one_line_error(run_cli("pipeline/train.py", str(other), "--device", "cpu"),
+                          "experiment_dir: model_checkpoint_2 was trained with another network or offsets than this config")
+    # was "trained iterations 2..1" and an export
+    fewer = _train_config(tmp_path, labels, iterations=1, save_every=2)
+    assert_one_line_error(run_cli("pipeline/train.py", str(fewer), "--device", "cpu"),
+                          "holds a checkpoint at iteration 2, beyond iterations 1")
+    again = run_cli("pipeline/train.py", str(_train_config(tmp_path, labels, iterations=2, save_every=2)), "--device", "cpu")
+    assert again.returncode == 0 and "already trained to iteration 2" in again.stdout, again.stderr
+
+
+def test_status_of_a_run_directory_without_a_run_is_one_line(tmp_path, labels):
+    config = broken(tmp_path, labels)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "progress.jsonl").write_text("")
+    assert_one_line_error(run_cli("pipeline/status.py", str(config)), "holds no run (no layout.json)")
+
+
+def test_cuda_on_a_machine_without_one_is_refused_before_any_worker(tmp_path, labels):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    config = broken(tmp_path, labels, predict={"device": "cuda"})
+    assert_one_line_error(run_cli("pipeline/predict.py", str(config)), "predict.device: 'cuda' was asked for, but torch sees no CUDA device")
+    assert not (tmp_path / "run" / "logs" / "predict").exists()

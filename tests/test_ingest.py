@@ -5,7 +5,9 @@ from __future__ import annotations
 import h5py
 import imageio.v3 as iio
 import numpy as np
+import pytest
 import tifffile
+import zarr
 from funlib.persistence import open_ds
 
 from tests.conftest import GROUNDTRUTH_H5, RAW, run_cli
@@ -69,6 +71,82 @@ def test_bad_sources_give_one_line_and_exit_2(tmp_path):
         assert result.returncode == 2
         assert message in result.stderr and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_damaged_sources_and_bad_arguments_give_one_line_and_exit_2(tmp_path):
+    """Each was a traceback."""
+    with h5py.File(tmp_path / "grouped.h5", "w") as f:
+        f.create_group("volumes").create_dataset("raw", data=np.zeros((2, 4, 4), np.uint8))
+    (tmp_path / "corrupt").mkdir()
+    iio.imwrite(tmp_path / "corrupt" / "0.png", raw_sections(0, 1)[0])
+    (tmp_path / "corrupt" / "1.png").write_bytes((tmp_path / "corrupt" / "0.png").read_bytes()[:60])
+    (tmp_path / "notes.tif").write_text("not a TIFF, a text file\n")
+    tifffile.imwrite(tmp_path / "deep.tif", np.full((2, 8, 8), 4000, np.uint16))
+    good = str(tmp_path / "corrupt" / "0.png")
+    cases = [
+        ([f"{tmp_path / 'grouped.h5'}:/volumes"], "is an HDF5 group, not a dataset; it holds ['raw']"),
+        ([str(tmp_path / "corrupt")], f"cannot read {tmp_path / 'corrupt' / '1.png'} as an image"),
+        ([str(tmp_path / "notes.tif")], f"cannot read {tmp_path / 'notes.tif'} as an image"),
+        ([good, "--voxel-size", "0", "1", "1"], "--voxel-size: every value must be positive, got 0 1 1"),
+        ([good, "--voxel-size", "-4", "1", "1"], "--voxel-size: every value must be positive, got -4 1 1"),
+        ([good, "--chunk-shape", "0", "64", "64"], "--chunk-shape: every value must be positive"),
+        ([str(tmp_path / "deep.tif")], "holds uint16 intensities and affseg's raw is 8-bit: pass --percentiles"),
+        ([str(tmp_path / "deep.tif"), "--labels", "--percentiles", "1", "99"], "labels keep their ids"),
+    ]
+    for args, message in cases:
+        if "--voxel-size" not in args:
+            args = [*args, "--voxel-size", "1", "1", "1"]
+        result = run_cli("pipeline/ingest.py", *args, "--out", str(tmp_path / "o.zarr/x"))
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert not (tmp_path / "o.zarr" / "x").exists()
+
+
+def test_ingesting_over_an_existing_dataset_needs_overwrite(tmp_path):
+    sections = raw_sections(0, 4)
+    tifffile.imwrite(tmp_path / "a.tif", sections)
+    tifffile.imwrite(tmp_path / "b.tif", sections[:, :50, :60])
+    out = tmp_path / "out.zarr" / "raw"
+    assert run_cli("pipeline/ingest.py", str(tmp_path / "a.tif"), "--out", str(out), "--voxel-size", "1", "1", "1").returncode == 0
+    result = run_cli("pipeline/ingest.py", str(tmp_path / "b.tif"), "--out", str(out), "--voxel-size", "1", "1", "1")
+    assert result.returncode == 2 and f"--out: {out} exists already; pass --overwrite" in result.stderr, result.stderr
+    check_volume(out, sections, (1, 1, 1))
+    result = run_cli("pipeline/ingest.py", str(tmp_path / "b.tif"), "--out", str(out), "--voxel-size", "1", "1", "1", "--overwrite")
+    assert result.returncode == 0, result.stderr
+    check_volume(out, sections[:, :50, :60], (1, 1, 1))
+
+
+def test_16_bit_intensities_are_mapped_to_uint8_by_percentiles_and_recorded(tmp_path):
+    rng = np.random.default_rng(0)
+    deep = rng.integers(1000, 3000, (4, 60, 70)).astype(np.uint16)
+    deep[0, 0, 0], deep[0, 0, 1] = 0, 65535  # outliers the percentiles clip
+    tifffile.imwrite(tmp_path / "deep.tif", deep)
+    out = tmp_path / "out.zarr" / "raw"
+    result = run_cli("pipeline/ingest.py", str(tmp_path / "deep.tif"), "--out", str(out), "--voxel-size", "1", "1", "1",
+                     "--percentiles", "1", "99")
+    assert result.returncode == 0, result.stderr
+    low, high = np.percentile(deep.astype(np.float64), [1, 99])
+    expected = np.round(np.clip((deep - low) / (high - low), 0, 1) * 255).astype(np.uint8)
+    check_volume(out, expected, (1, 1, 1))
+    record = zarr.open_array(str(out), mode="r").attrs["intensity_mapping"]
+    assert record["source_dtype"] == "uint16" and record["percentiles"] == [1, 99]
+    assert record["range"] == pytest.approx([low, high])
+
+
+def test_palette_png_labels_give_their_indices_not_colours(tmp_path):
+    from PIL import Image
+
+    ids = np.zeros((2, 30, 40), np.uint8)
+    ids[0, 2:10, 3:20], ids[0, 15:25, 5:9], ids[1, 4:28, 10:30] = 1, 2, 3
+    for z, section in enumerate(ids):
+        image = Image.fromarray(section, mode="P")
+        image.putpalette([0, 0, 0, 200, 30, 30, 30, 200, 30, 30, 30, 200] + [0] * 756)
+        image.save(tmp_path / f"{z}.png")
+    out = tmp_path / "out.zarr" / "labels"
+    result = run_cli("pipeline/ingest.py", str(tmp_path), "--labels", "--out", str(out), "--voxel-size", "1", "1", "1")
+    assert result.returncode == 0, result.stderr
+    check_volume(out, ids, (1, 1, 1))
 
 
 def test_isbi_boundary_masks_become_section_components(isbi):

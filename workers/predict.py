@@ -15,7 +15,7 @@ from funlib.persistence import Array, open_ds
 from pipeline.methods.base import MethodModel
 from pipeline.orchestration.devices import choose_device
 from pipeline.orchestration.run_layout import RunLayout, load_network
-from pipeline.storage.volumes import open_volume, read_roi, split_path
+from pipeline.storage.volumes import MissingChunks, open_volume, read_roi, split_path
 from workers.loop import ProcessBlock, WorkerRun, run_worker
 
 
@@ -28,12 +28,13 @@ def _stored(values: torch.Tensor, dtype: str) -> np.ndarray:
     return values.float().cpu().numpy().astype(dtype)
 
 
-def read_raw(raw: Array, roi: Roi, name: str, outside: str) -> np.ndarray:
+def read_raw(raw: Array, roi: Roi, name: str, outside: str, missing: MissingChunks = "error") -> np.ndarray:
     """Raw over `roi`; beyond the volume zeros, or the volume mirrored at its
     border (PredictConfig.outside). Both depend only on the whole volume,
-    never on the block, so block-wise still equals one pass."""
+    never on the block, so block-wise still equals one pass. A chunk
+    without a file: see RunConfig.raw_missing_chunks."""
     if outside == "zero":
-        return read_roi(raw, roi, name, fill_value=0)
+        return read_roi(raw, roi, name, fill_value=0, missing=missing)
     vs = raw.voxel_size
     # per axis, the volume index each requested voxel mirrors to (numpy's
     # "reflect": the border voxel is not repeated), then one read of their
@@ -45,7 +46,7 @@ def read_raw(raw: Array, roi: Roi, name: str, outside: str) -> np.ndarray:
         sources.append(np.where(folded >= n, 2 * (n - 1) - folded, folded))
     low = Coordinate(int(s.min()) for s in sources)
     high = Coordinate(int(s.max()) + 1 for s in sources)
-    box = read_roi(raw, Roi(raw.roi.begin + low * vs, (high - low) * vs), name)
+    box = read_roi(raw, Roi(raw.roi.begin + low * vs, (high - low) * vs), name, missing=missing)
     return box[np.ix_(*(s - lo for s, lo in zip(sources, low)))]
 
 
@@ -104,6 +105,7 @@ class BlockPredictor:
         self.raw = open_volume(*split_path(run.config.raw), field="raw")
         self.raw_name = run.config.raw
         self.outside = run.config.predict.outside
+        self.missing = run.config.raw_missing_chunks
         self.layout = run.layout
         names = ("affs", *(e[0] for e in self.layout.extras))
         self.datasets = {name: open_ds(run.run_dir.volumes / name, mode="r+") for name in names}
@@ -111,7 +113,7 @@ class BlockPredictor:
 
     def read(self, roi: Roi) -> np.ndarray:
         context = self.layout.predict_read_context
-        return read_raw(self.raw, roi.grow(context, context), self.raw_name, self.outside)
+        return read_raw(self.raw, roi.grow(context, context), self.raw_name, self.outside, self.missing)
 
     def infer(self, data: np.ndarray, roi: Roi) -> dict[str, np.ndarray]:
         with self.model_lock:

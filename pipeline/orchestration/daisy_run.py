@@ -3,13 +3,18 @@ entries, their progress log records, and the one-line cause of a failure."""
 
 from __future__ import annotations
 
+import os
 import re
 import resource
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import daisy
 
+from pipeline.orchestration.launchers import failed_workers
 from pipeline.orchestration.progress import ProgressLog
 
 
@@ -31,9 +36,38 @@ def _worker_error(logs: Path, step: str) -> str | None:
     return found
 
 
+@contextmanager
+def native_stderr_to(path: Path) -> Iterator[None]:
+    """Native writes to file descriptor 2 go to `path`, Python's stay on the
+    terminal. daisy's scheduler (Rust) logs a warning for every worker that
+    died or failed, with the Python traceback of the exception that told it
+    so: on a run that recovers and exits 0 that is noise, and when it does
+    not recover, the run's failure line names the cause. The log keeps
+    them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    python_stderr = sys.stderr
+    sys.stderr = open(terminal, "w", buffering=1, closefd=False, errors=python_stderr.errors)
+    os.dup2(log, 2)
+    os.close(log)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(terminal, 2)
+        sys.stderr.close()
+        os.close(terminal)
+        sys.stderr = python_stderr
+
+
 def run_daisy(pipeline, progress: ProgressLog, report: dict, logs: Path) -> None:
+    steps = [task.task_id for task in (pipeline.tasks if isinstance(pipeline, daisy.Pipeline) else [pipeline])]
+    failed_before = {step: failed_workers(logs, step) for step in steps}
     server = daisy.Server()
-    states = server.run_blockwise(pipeline, progress=progress, summary=False)
+    with native_stderr_to(logs / "daisy.log"):
+        states = server.run_blockwise(pipeline, progress=progress, summary=False)
     per_task = (server.last_tracking_summary or {}).get("per_task", {})
     failed = []
     for step, state in states.items():
@@ -46,7 +80,10 @@ def run_daisy(pipeline, progress: ProgressLog, report: dict, logs: Path) -> None
             "skipped": int(state.skipped_count),
             "failed": int(state.failed_count),
             "orphaned": int(state.orphaned_count),
-            "worker_restarts": int(state.worker_restart_count),
+            # worker processes of this start that died or failed, each
+            # replaced by daisy while blocks remained (the launchers' record:
+            # daisy's own count missed workers killed by a signal)
+            "worker_restarts": failed_workers(logs, step) - failed_before.get(step, 0),
             "wall_s": round(wall, 2),
             "voxels_per_s": round(fresh * progress.voxels_per_block[step] / wall, 1) if wall > 0 else None,
             # in-block CPU seconds summed over workers: throughput per core

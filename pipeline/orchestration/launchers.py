@@ -10,9 +10,12 @@ far end connects back to the scheduler.
 
 from __future__ import annotations
 
+import json
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,9 +67,29 @@ class Launcher:
         return [*command, *worker]
 
     def __call__(self) -> None:
-        # a failing worker makes this raise, which daisy counts as a worker
-        # failure and answers with a restart, up to the task's limit
-        subprocess.run(self.command(), check=True)
+        returncode = subprocess.run(self.command()).returncode
+        if returncode == 0:
+            return
+        # a worker killed (a signal, out of memory) or failed: recorded for
+        # the run's report, where daisy's own restart count can miss it,
+        # and said in one line (the worker's own traceback, if any, is in
+        # its log). Exiting non-zero is what makes daisy count the failure
+        # and start another worker, up to the task's limit.
+        cause = f"died of {signal.Signals(-returncode).name}" if returncode < 0 else f"exited with code {returncode}"
+        with open(failed_workers_log(Path(self.config_path).parent / "logs", self.step), "a") as log:
+            log.write(json.dumps({"t": time.time(), "cause": cause}) + "\n")
+        print(f"affseg: a {self.step} worker {cause}; its block is retried", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def failed_workers_log(logs: Path, step: str) -> Path:
+    """One JSON line per worker of `step` that died or failed."""
+    return logs / step / "failed_workers.jsonl"
+
+
+def failed_workers(logs: Path, step: str) -> int:
+    path = failed_workers_log(logs, step)
+    return len(path.read_text().splitlines()) if path.exists() else 0
 
 
 def make_launcher(step: str, config_path: str, launcher: LauncherConfig) -> Launcher:

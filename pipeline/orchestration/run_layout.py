@@ -26,7 +26,17 @@ from pipeline.config import RunConfig, in_plane, offsets_error, threshold_key
 from pipeline.errors import UserError
 from pipeline.storage.files import write_atomically
 from pipeline.storage.graph_store import GraphStore, open_store
-from pipeline.storage.volumes import AFFINITY_DTYPES, VolumeReadError, open_volume, read_roi, split_path
+from pipeline.storage.volumes import (
+    AFFINITY_DTYPES,
+    ChunkFiles,
+    MissingChunks,
+    VolumeReadError,
+    holds_nonzero,
+    open_volume,
+    read_affinities,
+    read_roi,
+    split_path,
+)
 
 RAW_DTYPES = ("uint8",)
 LABEL_DTYPES = ("uint8", "uint16", "uint32", "uint64", "int32", "int64")
@@ -87,6 +97,12 @@ class RunLayout:
         if self.is_2d:
             return (*first, "mutex", *last)
         return (*first, "fragments", "agglomerate", "segments", "relabel", *last)
+
+    @property
+    def block_steps(self) -> tuple[str, ...]:
+        """The steps daisy runs block by block and resumes by done markers
+        (evaluate, redone whole each time, is not among them)."""
+        return tuple(step for step in self.steps(evaluated=False) if step != "segments")
 
     @property
     def voxels_per_block(self) -> int:
@@ -166,11 +182,10 @@ class RunLayout:
                 raise UserError(f"roi: {roi} is not a multiple of the voxel size {tuple(vs)}")
             if not raw.roi.contains(roi):
                 raise UserError(f"roi: {roi} is not inside the raw volume {raw.roi}")
+        if config.raw_missing_chunks == "error":
+            check_complete(raw, roi, "raw", "; if the volume is sparse on purpose, set raw_missing_chunks: \"empty\"")
         if config.ground_truth:
-            gt = open_volume(*split_path(config.ground_truth), field="ground_truth", dtypes=LABEL_DTYPES)
-            if len(gt.shape) != 3:
-                raise UserError(f"ground_truth: expected a 3D (z, y, x) label volume, got shape {gt.shape}")
-            _check_covers(gt, "ground_truth", vs, roi)
+            check_ground_truth(config.ground_truth, vs, roi)
 
         pp = config.postprocess
         for name, value in (("block_shape", pp.block_shape), ("context", pp.context)):
@@ -248,13 +263,50 @@ class RunLayout:
 
 
 def _check_given_affinities(config: RunConfig, channels: int, vs: Coordinate, roi: Roi) -> None:
-    affs = open_volume(*split_path(config.affinities.dataset), field="affinities", dtypes=AFFINITY_DTYPES)
+    path = config.affinities.dataset
+    affs = open_volume(*split_path(path), field="affinities", dtypes=AFFINITY_DTYPES)
     if len(affs.shape) != 4 or affs.shape[0] != channels:
         raise UserError(
             f"affinities: expected a 4D (offset, z, y, x) dataset with one channel per offset ({channels}), "
             f"got shape {affs.shape}"
         )
     _check_covers(affs, "affinities", vs, roi)
+    check_complete(affs, roi, "affinities")
+    # the values where the identity samples them; every block checks its own
+    for sample in sample_rois(affs):
+        try:
+            read_affinities(affs, sample, path)
+        except VolumeReadError as e:
+            raise UserError(f"affinities: {e}") from e
+
+
+def check_complete(volume, roi: Roi, field: str, hint: str = "") -> None:
+    """Refuse an input volume with a chunk file missing inside `roi`: zarr
+    would read it as zeros without a word (one listing, ChunkFiles)."""
+    files = ChunkFiles.of(volume)
+    absent = files.first_unlisted(roi)
+    if absent is not None:
+        raise UserError(
+            f"{field}: chunk {files.directory / absent} is missing (an incomplete copy?), and zarr would read it "
+            f"as zeros{hint}"
+        )
+
+
+def check_ground_truth(path: str, vs: Coordinate, roi: Roi) -> None:
+    """What predict.py and evaluate.py both check before any work: a 3D
+    label volume on raw's grid, covering the ROI, complete, and labelling
+    something there (scores of an all-zero ground truth do not exist)."""
+    gt = open_volume(*split_path(path), field="ground_truth", dtypes=LABEL_DTYPES)
+    if len(gt.shape) != 3:
+        raise UserError(f"ground_truth: expected a 3D (z, y, x) label volume, got shape {gt.shape}")
+    _check_covers(gt, "ground_truth", vs, roi)
+    check_complete(gt, roi, "ground_truth")
+    try:
+        labelled = holds_nonzero(gt, roi, path)
+    except VolumeReadError as e:
+        raise UserError(f"ground_truth: {e}") from e
+    if not labelled:
+        raise UserError(f"ground_truth: {path} labels no voxel inside the run's ROI {roi}; there is nothing to score against")
 
 
 def _check_covers(volume, field: str, vs: Coordinate, roi: Roi) -> None:
@@ -319,7 +371,10 @@ class RunDir:
         return record
 
     def read_layout(self) -> RunLayout:
-        return RunLayout.from_json(self.recorded())
+        record = self.recorded()
+        if record is None:
+            raise UserError(f"run_dir: {self.path} holds no run (no layout.json); run pipeline/predict.py first")
+        return RunLayout.from_json(record)
 
     def run_id(self) -> str | None:
         """The id made when the directory was claimed (None before): it
@@ -377,30 +432,39 @@ def model_identity(config: RunConfig) -> str | dict:
 DIGEST_CUBE = 16
 
 
-def volume_identity(path: str, field: str) -> dict:
-    """What identifies a volume (raw, given affinities): its path, geometry
-    and a digest of nine small cubes (the ROI's corners and centre, all
-    channels). Cheap at any volume size, and it tells apart another volume
-    with the same geometry."""
+def volume_identity(path: str, field: str, missing: MissingChunks = "error") -> dict:
+    """What identifies a volume (raw, given affinities): its path, geometry,
+    a digest of nine small cubes (the ROI's corners and centre, all
+    channels), which tells apart another volume with the same geometry, and
+    a digest of its chunk files' names, sizes and modification times, which
+    finds a chunk rewritten in place anywhere (README, "Crashes, resume":
+    its cost on a Kasthuri15-sized volume)."""
     volume = open_volume(*split_path(path), field=field)
-    vs = volume.voxel_size
-    cube = Coordinate(min(DIGEST_CUBE * v, s) for v, s in zip(vs, volume.roi.shape))
-    room = volume.roi.shape - cube
     digest = hashlib.sha256()
-    for corner in [*itertools.product(*((0, r) for r in room)), room / vs / 2 * vs]:
-        sample = Roi(volume.roi.begin + Coordinate(corner), cube)
+    for sample in sample_rois(volume):
         try:
-            digest.update(np.ascontiguousarray(read_roi(volume, sample, path)).tobytes())
+            digest.update(np.ascontiguousarray(read_roi(volume, sample, path, missing=missing)).tobytes())
         except VolumeReadError as e:
             raise UserError(f"{field}: {e}") from e
     return {
         "path": path,
         "shape": list(volume.shape),
         "dtype": volume.dtype.name,
-        "voxel_size": list(vs),
+        "voxel_size": list(volume.voxel_size),
         "offset": list(volume.roi.offset),
         "sample_sha256": digest.hexdigest(),
+        "chunks_sha256": ChunkFiles.of(volume).listing_digest(),
     }
+
+
+def sample_rois(volume) -> list[Roi]:
+    """Nine small cubes (DIGEST_CUBE voxels a side) of a volume: its
+    ROI's corners and centre."""
+    vs = volume.voxel_size
+    cube = Coordinate(min(DIGEST_CUBE * v, s) for v, s in zip(vs, volume.roi.shape))
+    room = volume.roi.shape - cube
+    corners = [*itertools.product(*((0, r) for r in room)), room / vs / 2 * vs]
+    return [Roi(volume.roi.begin + Coordinate(corner), cube) for corner in corners]
 
 
 def run_record(layout: RunLayout, config: RunConfig) -> dict:
@@ -410,7 +474,8 @@ def run_record(layout: RunLayout, config: RunConfig) -> dict:
     threshold."""
     return {
         **layout.to_json(),
-        "raw": volume_identity(config.raw, "raw"),
+        "raw": volume_identity(config.raw, "raw", config.raw_missing_chunks),
+        "raw_missing_chunks": config.raw_missing_chunks,
         "store": config.store,
         "model": model_identity(config),
         "predict_outside": config.predict.outside,
@@ -424,6 +489,11 @@ def check_run_dir(run_dir: RunDir, record: dict) -> None:
     """Refuse a directory whose `run_record` differs: finished blocks made
     with other inputs would silently mix with new ones. Writes nothing."""
     key = run_dir.changed_key(record)
+    if key == "raw" and "chunks_sha256" not in run_dir.recorded()["raw"]:
+        raise UserError(
+            f"run_dir {run_dir.path} was made by an earlier affseg, which did not record raw's chunk files and "
+            f"cannot prove its blocks are of this raw volume: delete it (or use a new run_dir) to start again"
+        )
     if key is not None:
         existing = run_dir.recorded().get(key)
         raise UserError(

@@ -21,21 +21,18 @@ from pipeline.storage.files import write_atomically
 MAX_RETRIES = 2
 
 
-def _task(step: str, tracking: str, config: RunConfig, run_dir: RunDir, total: Roi, read: Roi, write: Roi, fit: str, workers: int) -> daisy.Task:
-    return daisy.Task(
-        step,
-        total_roi=total,
-        read_roi=read,
-        write_roi=write,
-        process_function=make_launcher(step, str(run_dir.config), config.launcher),
-        read_write_conflict=False,
-        fit=fit,
-        max_workers=workers,
-        max_retries=MAX_RETRIES,
-        timeout=config.block_timeout_s,
-        tracking_path=str(run_dir.tracking(tracking)),
-        resource_tracking=True,
-    )
+def step_geometry(layout: RunLayout, step: str) -> tuple[Roi, Roi, Roi, str]:
+    """(total, read, write ROI, fit) of a block-wise step's daisy task: the
+    one place that says how a step tiles the volume (the resume check in
+    pipeline/orchestration/resume.py reads the same)."""
+    if step == "predict":
+        # predict blocks overhang the far edges: the network needs its full
+        # (valid) shape, and the worker keeps the part inside the volume
+        return (*blockwise_geometry(layout, layout.predict_output, layout.predict_read_context), "overhang")
+    # mutex: a section depends only on its own affinities; relabel and
+    # evaluate map each voxel on its own: no context
+    context = layout.context if step in ("fragments", "agglomerate") else Coordinate(0, 0, 0)
+    return (*blockwise_geometry(layout, layout.block_shape, context), "shrink")
 
 
 def blockwise_geometry(layout: RunLayout, block: Coordinate, context: Coordinate) -> tuple[Roi, Roi, Roi]:
@@ -45,18 +42,29 @@ def blockwise_geometry(layout: RunLayout, block: Coordinate, context: Coordinate
     return total, read, write
 
 
-def _after_predict(config: RunConfig, layout: RunLayout, run_dir: RunDir, *tasks: daisy.Task) -> daisy.Pipeline:
-    """`tasks` chained block by block, after the predict step when the run
-    has one (given affinities have none)."""
-    if layout.predicted:
-        # predict blocks overhang the far edges: the network needs its full
-        # (valid) shape, and the worker keeps the part inside the volume
-        predict = _task(
-            "predict", "predict", config, run_dir,
-            *blockwise_geometry(layout, layout.predict_output, layout.predict_read_context),
-            fit="overhang", workers=config.predict.workers,
-        )
-        tasks = (predict, *tasks)
+def _task(step: str, config: RunConfig, layout: RunLayout, run_dir: RunDir) -> daisy.Task:
+    total, read, write, fit = step_geometry(layout, step)
+    return daisy.Task(
+        step,
+        total_roi=total,
+        read_roi=read,
+        write_roi=write,
+        process_function=make_launcher(step, str(run_dir.config), config.launcher),
+        read_write_conflict=False,
+        fit=fit,
+        max_workers=config.predict.workers if step == "predict" else config.postprocess.workers,
+        max_retries=MAX_RETRIES,
+        timeout=config.block_timeout_s,
+        tracking_path=str(run_dir.tracking(step)),
+        resource_tracking=True,
+    )
+
+
+def _after_predict(config: RunConfig, layout: RunLayout, run_dir: RunDir, *steps: str) -> daisy.Pipeline:
+    """The tasks of `steps` chained block by block, after the predict step
+    when the run has one (given affinities have none)."""
+    steps = ("predict", *steps) if layout.predicted else steps
+    tasks = [_task(step, config, layout, run_dir) for step in steps]
     pipeline = tasks[0]
     for task in tasks[1:]:
         pipeline = pipeline + task
@@ -65,18 +73,13 @@ def _after_predict(config: RunConfig, layout: RunLayout, run_dir: RunDir, *tasks
 
 def graph_pipeline(config: RunConfig, layout: RunLayout, run_dir: RunDir) -> daisy.Pipeline:
     """predict -> fragments -> agglomerate, pipelined block by block."""
-    postprocess = blockwise_geometry(layout, layout.block_shape, layout.context)
-    fragments = _task("fragments", "fragments", config, run_dir, *postprocess, fit="shrink", workers=config.postprocess.workers)
-    agglomerate = _task("agglomerate", "agglomerate", config, run_dir, *postprocess, fit="shrink", workers=config.postprocess.workers)
-    return _after_predict(config, layout, run_dir, fragments, agglomerate)
+    return _after_predict(config, layout, run_dir, "fragments", "agglomerate")
 
 
 def mutex_pipeline(config: RunConfig, layout: RunLayout, run_dir: RunDir) -> daisy.Pipeline:
     """2D: predict -> mutex watershed per section, straight into the
-    segmentation. A section depends only on its own affinities: no context."""
-    geometry = blockwise_geometry(layout, layout.block_shape, Coordinate(0, 0, 0))
-    mutex = _task("mutex", "mutex", config, run_dir, *geometry, fit="shrink", workers=config.postprocess.workers)
-    return _after_predict(config, layout, run_dir, mutex)
+    segmentation."""
+    return _after_predict(config, layout, run_dir, "mutex")
 
 
 def relabel_task(config: RunConfig, layout: RunLayout, run_dir: RunDir) -> daisy.Task:
@@ -90,8 +93,7 @@ def relabel_task(config: RunConfig, layout: RunLayout, run_dir: RunDir) -> daisy
     if recorded != target:
         shutil.rmtree(run_dir.tracking("relabel"), ignore_errors=True)
         write_atomically(run_dir.relabel_target, json.dumps(target))
-    geometry = blockwise_geometry(layout, layout.block_shape, Coordinate(0, 0, 0))
-    return _task("relabel", "relabel", config, run_dir, *geometry, fit="shrink", workers=config.postprocess.workers)
+    return _task("relabel", config, layout, run_dir)
 
 
 def evaluate_task(config: RunConfig, layout: RunLayout, run_dir: RunDir) -> daisy.Task:
@@ -99,5 +101,4 @@ def evaluate_task(config: RunConfig, layout: RunLayout, run_dir: RunDir) -> dais
     is redone whole each time (its inputs, thresholds and ground truth may
     have changed), so its done markers are cleared first."""
     shutil.rmtree(run_dir.tracking("evaluate"), ignore_errors=True)
-    geometry = blockwise_geometry(layout, layout.block_shape, Coordinate(0, 0, 0))
-    return _task("evaluate", "evaluate", config, run_dir, *geometry, fit="shrink", workers=config.postprocess.workers)
+    return _task("evaluate", config, layout, run_dir)

@@ -6,7 +6,13 @@ or a wrong dtype becomes one clear `UserError` instead of a zarr traceback.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from funlib.geometry import Coordinate, Roi
@@ -51,17 +57,153 @@ def open_volume(container: Path, dataset: str, *, field: str, dtypes: tuple[str,
 
 
 class VolumeReadError(Exception):
-    """A read that failed inside zarr or its codecs, named by dataset and ROI."""
+    """A read that failed inside zarr or its codecs, or met a missing chunk,
+    named by dataset and ROI."""
 
 
-def read_roi(volume: Array, roi: Roi, name: str | Path, fill_value=None) -> np.ndarray:
+@dataclass(frozen=True)
+class ChunkFiles:
+    """The chunk files behind a zarr (v2) dataset on disk.
+
+    zarr reads a chunk that has no file as the fill value, without a word:
+    an incomplete copy of raw would be predicted as black, and a run volume
+    whose chunk was deleted would be built on as empty. So every read
+    checks that the chunks it meets exist (`first_missing`), and a resumed
+    run lists them all (`stored`) to find the blocks whose output is gone.
+    Listing names costs no stat per file (README, "Crashes, resume")."""
+
+    directory: Path
+    chunks: tuple[int, ...]  # voxels per chunk, every axis (channels first)
+    grid: tuple[int, ...]  # chunks per axis
+    separator: str  # zarr's dimension_separator: "/" nested, "." flat
+    begin: Coordinate  # world units, the volume's first voxel
+    voxel_size: Coordinate
+    channel_dims: int
+
+    @classmethod
+    def of(cls, volume: Array) -> ChunkFiles:
+        # the zarr.Array behind funlib's Array: its DirectoryStore's folder
+        source = volume._source_data
+        directory = Path(source.store.path) / source.path
+        meta = json.loads((directory / ".zarray").read_text())
+        return cls(
+            directory=directory,
+            chunks=tuple(meta["chunks"]),
+            grid=tuple(-(-s // c) for s, c in zip(meta["shape"], meta["chunks"])),
+            separator=meta.get("dimension_separator") or ".",
+            begin=volume.roi.begin,
+            voxel_size=volume.voxel_size,
+            channel_dims=len(meta["shape"]) - volume.voxel_size.dims,
+        )
+
+    @property
+    def spatial_chunk(self) -> Coordinate:
+        """A chunk's extent in world units."""
+        return Coordinate(self.chunks[self.channel_dims:]) * self.voxel_size
+
+    def ranges(self, roi: Roi) -> list[range]:
+        """Per axis (channels first: all of them), the chunk indices that
+        `roi` meets; empty where `roi` misses the volume."""
+        extent = self.spatial_chunk
+        spatial = []
+        for b, e, origin, size, n in zip(roi.begin, roi.end, self.begin, extent, self.grid[self.channel_dims:]):
+            spatial.append(range(max(0, (b - origin) // size), min(n, -(-(e - origin) // size))))
+        return [range(n) for n in self.grid[: self.channel_dims]] + spatial
+
+    def key(self, index: tuple[int, ...]) -> str:
+        return self.separator.join(str(i) for i in index)
+
+    def first_missing(self, roi: Roi) -> str | None:
+        """The key of the first chunk `roi` meets that has no file, or None."""
+        for index in itertools.product(*self.ranges(roi)):
+            if not os.path.exists(self.directory / self.key(index)):
+                return self.key(index)
+        return None
+
+    def first_unlisted(self, roi: Roi) -> str | None:
+        """`first_missing` from one listing of the dataset (`stored`): for
+        a whole volume, where a check per chunk would stat every file."""
+        ranges = self.ranges(roi)[self.channel_dims:]
+        if not all(ranges):
+            return None
+        box = self.stored()[np.ix_(*ranges)]
+        if box.all():
+            return None
+        first = np.argwhere(~box)[0]
+        return self.key((0,) * self.channel_dims + tuple(r[i] for r, i in zip(ranges, first)))
+
+    def listing_digest(self) -> str:
+        """SHA-256 of every chunk file's key, size and modification time
+        (ns): a chunk rewritten, added or removed changes it, unless a
+        rewrite keeps both size and mtime. One stat per chunk file."""
+        digest = hashlib.sha256()
+        pending = [self.directory]
+        while pending:
+            directory = pending.pop()
+            with os.scandir(directory) as entries:
+                for entry in sorted(entries, key=lambda e: e.name):
+                    if entry.name.startswith("."):
+                        continue  # .zarray, .zattrs: the geometry is checked on its own
+                    if entry.is_dir():
+                        pending.append(Path(entry.path))
+                    else:
+                        stat = entry.stat()
+                        key = os.path.relpath(entry.path, self.directory)
+                        digest.update(f"{key}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        return digest.hexdigest()
+
+    def stored(self) -> np.ndarray:
+        """A bool per spatial chunk: whether its files (all channels) exist."""
+        present = np.zeros(self.grid, dtype=bool)
+        if self.separator == "/":
+            self._walk(self.directory, (), present)
+        else:
+            for name in os.listdir(self.directory):
+                index = self._index(name.split("."))
+                if index is not None:
+                    present[index] = True
+        return present.all(axis=tuple(range(self.channel_dims))) if self.channel_dims else present
+
+    def _walk(self, directory: Path, prefix: tuple[int, ...], present: np.ndarray) -> None:
+        names = os.listdir(directory)
+        if len(prefix) == len(self.grid) - 1:
+            last = np.array([int(n) for n in names if n.isdigit()], dtype=np.int64)
+            present[prefix + (last[last < self.grid[-1]],)] = True
+            return
+        for name in names:
+            if name.isdigit() and int(name) < self.grid[len(prefix)]:
+                self._walk(directory / name, prefix + (int(name),), present)
+
+    def _index(self, parts: list[str]) -> tuple[int, ...] | None:
+        if len(parts) != len(self.grid) or not all(p.isdigit() for p in parts):
+            return None
+        index = tuple(int(p) for p in parts)
+        return index if all(i < n for i, n in zip(index, self.grid)) else None
+
+
+# what a chunk without a file means when a volume is read: an error (the
+# default everywhere), or the fill value, for inputs that are sparse on
+# purpose (RunConfig.raw_missing_chunks)
+MissingChunks = Literal["error", "empty"]
+
+
+def read_roi(volume: Array, roi: Roi, name: str | Path, fill_value=None, missing: MissingChunks = "error") -> np.ndarray:
     """The data in `roi`, `fill_value` (or 0) where it leaves the volume:
     `volume.to_ndarray(roi, fill_value)`, without its cost. That wraps its
     output in a dask array, and dask tokenizes a numpy array by hashing all
     of its bytes (sha1: 0.05 CPU s per agglomerate block). A corrupt chunk
     otherwise fails with only "error during blosc decompression"; this
     names the dataset and the ROI, which is what a user needs to find the
-    bad chunk."""
+    bad chunk. A chunk inside the volume without a file is an error unless
+    `missing` is "empty" (ChunkFiles)."""
+    if missing == "error":
+        files = ChunkFiles.of(volume)
+        absent = files.first_missing(roi)
+        if absent is not None:
+            raise VolumeReadError(
+                f"cannot read {name} at {roi}: its chunk {files.directory / absent} is missing "
+                f"(an incomplete copy, or a deleted file), which zarr would read as zeros"
+            )
     try:
         shared = volume.roi.intersect(roi)
         if shared == roi:
@@ -73,6 +215,19 @@ def read_roi(volume: Array, roi: Roi, name: str | Path, fill_value=None) -> np.n
         return data
     except Exception as e:
         raise VolumeReadError(f"cannot read {name} at {roi}: {type(e).__name__}: {e}") from e
+
+
+def holds_nonzero(volume: Array, roi: Roi, name: str | Path) -> bool:
+    """Whether any voxel in `roi` is non-zero, read chunk by chunk and
+    stopping at the first: at once for real labels, one read of `roi` for
+    empty ones."""
+    files = ChunkFiles.of(volume)
+    extent = files.spatial_chunk
+    for index in itertools.product(*files.ranges(roi)[files.channel_dims:]):
+        chunk = Roi(files.begin + Coordinate(index) * extent, extent).intersect(roi)
+        if read_roi(volume, chunk, name).any():
+            return True
+    return False
 
 
 # what an affinity dataset may hold: see as_uint8
@@ -87,9 +242,20 @@ def as_uint8(values: np.ndarray) -> np.ndarray:
 
 
 def read_affinities(volume: Array, roi: Roi, name: str | Path, fill_value=None) -> np.ndarray:
-    """`read_roi` of an affinity dataset, as uint8 (`as_uint8`)."""
+    """`read_roi` of an affinity dataset, as uint8 (`as_uint8`). Float
+    values outside [0, 1], and NaN, are refused: clipped, affinities on a
+    0..255 scale would be one segment and values in [-1, 1] none."""
     data = read_roi(volume, roi, name, fill_value)
-    return data if data.dtype == np.uint8 else as_uint8(data)
+    if data.dtype == np.uint8:
+        return data
+    outside = ~((data >= 0) & (data <= 1))
+    if outside.any():
+        raise VolumeReadError(
+            f"{name} at {roi} holds {float(data[outside][0]):g} ({np.count_nonzero(outside)} values outside [0, 1]): "
+            f"float affinities must be probabilities in [0, 1], without NaN; rescale them (a 0..255 scale: "
+            f"divide by 255) or store them as uint8"
+        )
+    return as_uint8(data)
 
 
 # voxels per chunk axis at most: 64^3 chunks (2 MiB of uint64) let viewers

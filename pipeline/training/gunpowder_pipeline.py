@@ -23,7 +23,7 @@ from funlib.geometry import Coordinate, Roi
 
 from pipeline.training.config import ArtifactConfig, AugmentConfig, TrainConfig, TrainVolume
 from pipeline.errors import UserError
-from pipeline.storage.volumes import open_volume, split_path
+from pipeline.storage.volumes import VolumeReadError, holds_nonzero, open_volume, split_path
 
 LABEL_DTYPES = ("uint8", "uint16", "uint32", "uint64", "int32", "int64")
 
@@ -104,14 +104,28 @@ def _source(index: int, volume: TrainVolume, keys: TrainingKeys, min_annotated: 
         roi = Roi(volume.roi.offset, volume.roi.shape)
         if not labels.roi.contains(roi):
             raise UserError(f"{field}.roi: {roi} is not inside the labels' ROI {labels.roi}")
+    if not raw.roi.contains(roi):
+        raise UserError(f"{field}: the training ROI {roi} (the labels', unless roi is given) is not inside raw's ROI {raw.roi}")
     arrays = [gp.ArraySource(keys.raw, raw, interpolatable=True), gp.ArraySource(keys.labels, labels, interpolatable=False)]
     given = None
+    # what says which voxels are annotated: with none, RandomLocation would
+    # reject every location forever, and dense all-zero labels would teach
+    # that nothing is an object
+    annotation, annotation_field = labels, f"{field}.labels"
     if volume.labels_mask is not None:
         mask = open_volume(*split_path(volume.labels_mask), field=f"{field}.labels_mask", dtypes=LABEL_DTYPES)
         if mask.voxel_size != labels.voxel_size or not mask.roi.contains(roi):
             raise UserError(f"{field}.labels_mask: must have the labels' voxel size and cover the training ROI {roi}")
         given = keys.labels_mask
         arrays.append(gp.ArraySource(keys.labels_mask, mask, interpolatable=False))
+        annotation, annotation_field = mask, f"{field}.labels_mask"
+    try:
+        annotated = holds_nonzero(annotation, roi, annotation_field)
+    except VolumeReadError as e:
+        raise UserError(f"{annotation_field}: {e}") from e
+    if not annotated:
+        raise UserError(f"{annotation_field}: no voxel of the training ROI {roi} is non-zero, so nothing is annotated "
+                        f"there; check the dataset, or leave this volume out")
     sparse = volume.sparse or given is not None
     source = tuple(arrays) + gp.MergeProvider() + gp.Crop(keys.raw, roi) + gp.Crop(keys.labels, roi)
     if given is not None:

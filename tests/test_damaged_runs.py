@@ -1,0 +1,146 @@
+"""A finished run whose outputs were deleted or damaged, run again: the
+done markers of blocks whose output is gone, and of every block built on
+them, are cleared, so the result equals the undamaged run's. Each case once
+gave an empty or holed segmentation with exit 0."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import daisy
+import numpy as np
+import pytest
+from funlib.geometry import Roi
+from funlib.persistence import open_ds
+
+from pipeline.kernels.lut import LookUpTable
+from pipeline.orchestration.resume import DoneMarkers, _box_sums
+from tests.conftest import run_cli
+
+
+BASELINE = {"model": {"baseline": "intensity"}}
+
+
+def run_predict(config: Path) -> tuple[dict, str]:
+    result = run_cli("pipeline/predict.py", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = Path(json.loads(config.read_text())["run_dir"])
+    return json.loads((run_dir / "report.json").read_text()), result.stderr
+
+
+def volume(run_dir: Path, name: str) -> np.ndarray:
+    array = open_ds(run_dir / "volumes.zarr" / name)
+    return array[array.roi]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, run_config) -> Path:
+    """A finished run of the test crop (8 post-processing blocks, SQLite),
+    with the network-free baseline model: what matters here is that a
+    repaired run equals it, and the baseline predicts in a fraction of a
+    second."""
+    config = run_config(tmp_path_factory.mktemp("finished") / "config.json", **BASELINE)
+    run_predict(config)
+    return Path(json.loads(config.read_text())["run_dir"])
+
+
+def copy_of(finished: Path, run_config, tmp_path: Path, **overrides) -> tuple[Path, Path]:
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    # no ground truth: the repaired volumes are compared with the finished ones
+    return run_config(tmp_path / "config.json", **{**BASELINE, "ground_truth": None, **overrides}), run_dir
+
+
+def skipped(report: dict, step: str) -> int:
+    return report["steps"][step]["skipped"]
+
+
+def test_deleted_affinities_and_graph_are_redone_not_built_on(finished, run_config, tmp_path):
+    """Deleted to free space: predict's markers remained, fragments were
+    redone on a recreated empty `affs`, and the segmentation became all 0."""
+    config, run_dir = copy_of(finished, run_config, tmp_path)
+    shutil.rmtree(run_dir / "volumes.zarr" / "affs")
+    (run_dir / "graph.sqlite").unlink()
+    report, stderr = run_predict(config)
+    assert skipped(report, "predict") == 0 and skipped(report, "fragments") == 0 and skipped(report, "relabel") == 0
+    assert "affseg: resuming: redoing blocks whose output is gone or was built on such a block: predict 4," in stderr
+    for name in ("affs", "fragments", "segmentation"):
+        np.testing.assert_array_equal(volume(run_dir, name), volume(finished, name))
+
+
+def test_deleted_fragments_with_another_threshold_are_redone(finished, run_config, tmp_path):
+    config, run_dir = copy_of(finished, run_config, tmp_path, agglomerate={"thresholds": [0.3, 0.5, 0.7], "threshold": 0.3})
+    shutil.rmtree(run_dir / "volumes.zarr" / "fragments")
+    report, _ = run_predict(config)
+    assert skipped(report, "predict") == report["steps"]["predict"]["blocks"]
+    assert skipped(report, "fragments") == 0 and skipped(report, "agglomerate") == 0
+    np.testing.assert_array_equal(volume(run_dir, "fragments"), volume(finished, "fragments"))
+    # the finished run's own table for 0.3, through its fragments
+    expected = LookUpTable.open(finished / "luts/hist_quant_50/0.3.npy").map(volume(finished, "fragments"))
+    np.testing.assert_array_equal(volume(run_dir, "segmentation"), expected)
+    assert len(np.unique(expected)) > 10
+
+
+def test_one_deleted_fragments_chunk_redoes_its_block_and_what_was_built_on_it(finished, run_config, tmp_path):
+    config, run_dir = copy_of(finished, run_config, tmp_path)
+    # sections 0..19 of the crop, y and x 0..39: inside fragments block 0
+    (run_dir / "volumes.zarr" / "fragments" / "0" / "0" / "0").unlink()
+    report, stderr = run_predict(config)
+    assert skipped(report, "predict") == report["steps"]["predict"]["blocks"]
+    assert skipped(report, "fragments") == 7
+    # the context of every agglomerate block of this small crop meets block 0,
+    # and the look-up tables read the whole graph
+    assert skipped(report, "agglomerate") == 0 and skipped(report, "relabel") == 0
+    assert "fragments 1, agglomerate 8, relabel 8" in stderr
+    for name in ("fragments", "segmentation"):
+        np.testing.assert_array_equal(volume(run_dir, name), volume(finished, name))
+
+
+def test_one_deleted_segmentation_chunk_is_relabelled(finished, run_config, tmp_path):
+    config, run_dir = copy_of(finished, run_config, tmp_path)
+    (run_dir / "volumes.zarr" / "segmentation" / "1" / "1" / "1").unlink()
+    report, stderr = run_predict(config)
+    assert skipped(report, "fragments") == 8 and skipped(report, "agglomerate") == 8
+    assert skipped(report, "relabel") == 7
+    assert "relabel 1" in stderr
+    np.testing.assert_array_equal(volume(run_dir, "segmentation"), volume(finished, "segmentation"))
+
+
+def test_done_markers_are_read_and_cleared_as_daisy_keeps_them(tmp_path):
+    """The marker layout is daisy's: a block whose marker is cleared here is
+    the only one daisy runs again, and a cleared marker reads back 0."""
+    processed = []
+
+    def run(name: str) -> None:
+        task = daisy.Task(name, total_roi=Roi((0, 0, 0), (40, 50, 70)), read_roi=Roi((0, 0, 0), (20, 30, 30)),
+                          write_roi=Roi((5, 5, 5), (10, 20, 20)), process_function=lambda b: processed.append(tuple(b.write_roi.offset)),
+                          read_write_conflict=False, fit="shrink", max_workers=1, tracking_path=str(tmp_path / "t"))
+        daisy.run_blockwise([task], multiprocessing=False)
+
+    run("t")
+    assert len(processed) == 18
+    markers = DoneMarkers(tmp_path / "t")
+    done = markers.read()
+    # row-major z, y, x cells; write offset = 5 + cell * (10, 20, 20)
+    assert done.shape == (4, 3, 4) and done.sum() == 18 and done[:3, :2, :3].all()
+    cells = np.zeros_like(done)
+    cells[1, 0, 2] = True
+    markers.clear(cells)
+    assert DoneMarkers(tmp_path / "t").read().sum() == 17
+    processed.clear()
+    run("t")
+    assert processed == [(15, 5, 45)]
+
+
+def test_box_sums_equal_sums_of_slices():
+    rng = np.random.default_rng(1)
+    counts = rng.integers(0, 3, (5, 6, 7))
+    lo = [rng.integers(-1, n, 4) for n in counts.shape]
+    hi = [low + rng.integers(0, 4, 4) for low in lo]
+    got = _box_sums(counts, lo, hi)
+    for i, j, k in itertools.product(range(4), repeat=3):
+        box = tuple(slice(max(0, l[x]), max(0, h[x])) for l, h, x in zip(lo, hi, (i, j, k)))
+        assert got[i, j, k] == counts[box].sum()
