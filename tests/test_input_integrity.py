@@ -132,3 +132,46 @@ def test_predict_and_evaluate_check_the_ground_truth_alike_before_any_work(make,
     for command in ("pipeline/evaluate.py", "pipeline/predict.py"):
         assert_one_line_error(run_cli(command, str(config)), message)
     assert not (tmp_path / "run" / "evaluation").exists() and not (tmp_path / "run" / "logs" / "evaluate").exists()
+
+
+def ome_zarr(tmp_path, axes: list[dict], scale: list[float], data: np.ndarray) -> str:
+    """An OME-Zarr (NGFF 0.4) image as other tools write it: no funlib
+    attributes, the geometry in the group's multiscales."""
+    import zarr
+
+    group = zarr.open_group(str(tmp_path / "image.ome.zarr"), mode="w")
+    group.create_dataset("0", data=data, chunks=(64,) * data.ndim)
+    group.attrs["multiscales"] = [{"version": "0.4", "axes": axes, "datasets": [
+        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}]}]
+    return str(tmp_path / "image.ome.zarr" / "0")
+
+
+SPACE_UM = [{"name": a, "type": "space", "unit": "micrometer"} for a in "zyx"]
+
+
+def test_ome_zarr_raw_is_read_with_its_scale(tmp_path, labels):
+    raw = open_ds(RAW)
+    path = ome_zarr(tmp_path, SPACE_UM, [0.01, 0.01, 0.01], raw[raw.roi])
+    layout, _ = open_run(RunConfig(**load_json(broken(tmp_path, labels, raw=path))))
+    assert tuple(layout.voxel_size) == (10, 10, 10) and tuple(layout.roi.offset) == ROI_OFFSET
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda t: ome_zarr(t, [{"name": "t", "type": "time"}, *SPACE_UM], [1, 0.01, 0.01, 0.01], np.zeros((2, 8, 8, 8), np.uint8)),
+     "is an OME-Zarr image with axes ['t', 'z', 'y', 'x']; affseg reads 3 space axes"),
+    (lambda t: ome_zarr(t, SPACE_UM, [0.0105, 0.01, 0.01], np.zeros((8, 8, 8), np.uint8)),
+     "its OME-Zarr voxel size [10.5, 10.0, 10.0] nm is not a whole number of nm"),
+    (lambda t: str(prepare_ds(t / "deep.zarr" / "raw", shape=(160, 250, 250), voxel_size=(10, 10, 10), dtype=np.uint16) and t / "deep.zarr" / "raw"),
+     "has dtype uint16, expected uint8; affseg predicts and trains on 8-bit raw: convert it with pipeline/ingest.py SOURCE --percentiles"),
+])
+def test_raw_that_affseg_cannot_read_as_it_is_is_one_line(make, message, tmp_path, labels):
+    assert_one_line_error(run_cli("pipeline/predict.py", str(broken(tmp_path, labels, raw=make(tmp_path)))), message)
+
+
+def test_a_zarr_array_without_a_voxel_size_is_refused(tmp_path, labels):
+    """funlib reads it with voxel size 1, and the errors then blamed the ROI."""
+    import zarr
+
+    zarr.open_array(str(tmp_path / "plain.zarr" / "raw"), mode="w", shape=(160, 250, 250), dtype=np.uint8)
+    assert_one_line_error(run_cli("pipeline/predict.py", str(broken(tmp_path, labels, raw=str(tmp_path / "plain.zarr" / "raw")))),
+                          "records no voxel size (neither funlib's voxel_size and offset attributes nor OME-Zarr multiscales)")

@@ -21,7 +21,7 @@ from pipeline.kernels.rag import edge_means, first_join_scores
 from pipeline.orchestration.run_layout import RunLayout, affinities_path, run_store
 from pipeline.storage.graph_store import Edges
 from pipeline.kernels.watershed import merge_history, relabel_consecutive
-from pipeline.storage.volumes import read_affinities, read_roi
+from pipeline.storage.volumes import open_volume, read_affinities, read_roi, split_path
 from workers.loop import ProcessBlock, WorkerRun, run_worker
 
 
@@ -65,7 +65,7 @@ def block_edges(affs: np.ndarray, labels: np.ndarray, ids: np.ndarray, offsets, 
 def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     layout = run.layout
     affs_path = affinities_path(run.config, run.run_dir)
-    affs = open_ds(affs_path)
+    affs = open_volume(*split_path(affs_path), field="affinities")
     fragments = open_ds(run.run_dir.volumes / "fragments")
     with run_store(run.config, run.run_dir) as store:
 

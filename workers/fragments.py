@@ -22,7 +22,7 @@ from pipeline.kernels.watershed import (
     node_statistics,
     relabel_consecutive,
 )
-from pipeline.storage.volumes import read_affinities
+from pipeline.storage.volumes import open_volume, read_affinities, split_path
 from workers.loop import ProcessBlock, WorkerRun, run_worker
 
 
@@ -40,7 +40,7 @@ def block_fragments(affs: np.ndarray, options: FragmentsConfig, scoring: str, vo
 def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     layout, options = run.layout, run.config.fragments
     affs_path = affinities_path(run.config, run.run_dir)
-    affs = open_ds(affs_path)
+    affs = open_volume(*split_path(affs_path), field="affinities")
     # the watershed reads the 3 nearest-neighbour channels only
     affs.lazy_op(np.s_[0:3])
     fragments = open_ds(run.run_dir.volumes / "fragments", mode="r+")

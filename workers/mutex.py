@@ -15,7 +15,7 @@ from funlib.persistence import open_ds
 
 from pipeline.kernels.mutex import clean_foreground, merge_small_segments, mutex_section
 from pipeline.orchestration.run_layout import affinities_path
-from pipeline.storage.volumes import read_affinities, read_roi
+from pipeline.storage.volumes import open_volume, read_affinities, read_roi, split_path
 from workers.loop import ProcessBlock, WorkerRun, run_worker
 
 
@@ -23,7 +23,7 @@ from workers.loop import ProcessBlock, WorkerRun, run_worker
 def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     layout, options = run.layout, run.config.mutex
     affs_path = affinities_path(run.config, run.run_dir)
-    affs = open_ds(affs_path)
+    affs = open_volume(*split_path(affs_path), field="affinities")
     segmentation = open_ds(run.run_dir.volumes / "segmentation", mode="r+")
     offsets = [o[1:] for o in layout.offsets]
     # a model with a foreground output: segment inside it only

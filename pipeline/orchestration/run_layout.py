@@ -28,6 +28,7 @@ from pipeline.storage.files import write_atomically
 from pipeline.storage.graph_store import GraphStore, open_store
 from pipeline.storage.volumes import (
     AFFINITY_DTYPES,
+    RAW_DTYPE_HINT,
     ChunkFiles,
     MissingChunks,
     VolumeReadError,
@@ -169,7 +170,7 @@ class RunLayout:
 
     @classmethod
     def from_config(cls, config: RunConfig, network=None) -> RunLayout:
-        raw = open_volume(*split_path(config.raw), field="raw", dtypes=RAW_DTYPES)
+        raw = open_volume(*split_path(config.raw), field="raw", dtypes=RAW_DTYPES, dtype_hint=RAW_DTYPE_HINT)
         if len(raw.shape) != 3:
             raise UserError(f"raw: expected a 3D (z, y, x) volume, got shape {raw.shape}")
         vs = raw.voxel_size

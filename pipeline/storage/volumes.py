@@ -40,18 +40,83 @@ def split_path(path: str | Path) -> tuple[Path, str]:
     return Path(text[: at + len(marker)]), text[at + len(marker) + 1 :]
 
 
-def open_volume(container: Path, dataset: str, *, field: str, dtypes: tuple[str, ...] = (), mode: str = "r") -> Array:
+# nanometres per unit of the OME-Zarr (NGFF) axis units affseg reads
+NGFF_UNITS_NM = {"angstrom": 0.1, "nanometer": 1.0, "micrometer": 1e3, "millimeter": 1e6}
+
+
+def ngff_geometry(path: Path, field: str) -> dict | None:
+    """funlib open_ds arguments (voxel size and offset in nm, axis names)
+    from OME-Zarr (NGFF 0.4) multiscales metadata of the group holding the
+    array at `path`, or None where there is none. funlib reads such an
+    array with voxel size 1, which made the errors blame the ROI."""
+    attrs = path.parent / ".zattrs"
+    if not attrs.exists():
+        return None
+    for scales in json.loads(attrs.read_text()).get("multiscales", []):
+        entry = next((d for d in scales.get("datasets", []) if d.get("path") == path.name), None)
+        if entry is None:
+            continue
+        axes = scales["axes"]
+        kinds = [a.get("type", "space" if a["name"] in "zyx" else "channel") for a in axes]
+        if "time" in kinds or kinds.count("space") != 3:
+            raise UserError(f"{field}: {path} is an OME-Zarr image with axes {[a['name'] for a in axes]}; "
+                            f"affseg reads 3 space axes (z, y, x) and at most a channel axis")
+        scale, translation = np.ones(len(axes)), np.zeros(len(axes))
+        for transforms in (entry.get("coordinateTransformations", []), scales.get("coordinateTransformations", [])):
+            for t in transforms:
+                # applied in order, the dataset's first: x -> s * x + t
+                if t["type"] == "scale":
+                    scale = scale * np.array(t["scale"], dtype=float)
+                    translation = translation * np.array(t["scale"], dtype=float)
+                elif t["type"] == "translation":
+                    translation = translation + np.array(t["translation"], dtype=float)
+        space = [i for i, k in enumerate(kinds) if k == "space"]
+        units = [axes[i].get("unit") for i in space]
+        if any(u not in NGFF_UNITS_NM for u in units):
+            raise UserError(f"{field}: {path}: OME-Zarr axis units {units}; affseg reads {sorted(NGFF_UNITS_NM)}")
+        nm = np.array([NGFF_UNITS_NM[u] for u in units])
+        voxel = scale[space] * nm
+        rounded = np.maximum(np.round(voxel), 1)
+        if np.any(np.abs(rounded - voxel) > 0.01 * voxel):
+            raise UserError(f"{field}: {path}: its OME-Zarr voxel size {voxel.tolist()} nm is not a whole number of nm; "
+                            f"affseg's voxel sizes are integer nm")
+        offset = np.round(translation[space] * nm / rounded) * rounded
+        names = [f"{axes[i]['name']}^" if k == "channel" else axes[i]["name"] for i, k in enumerate(kinds)]
+        return {"voxel_size": [int(v) for v in rounded], "offset": [int(o) for o in offset], "axis_names": names,
+                "units": ["nm"] * 3}
+    return None
+
+
+# what to do with raw of another dtype than uint8 (16-bit and float light microscopy)
+RAW_DTYPE_HINT = ("; affseg predicts and trains on 8-bit raw: convert it with pipeline/ingest.py SOURCE --percentiles "
+                  "0.1 99.9 (intensities at those percentiles become 0 and 255; the mapping is recorded in the dataset)")
+
+
+def open_volume(container: Path, dataset: str, *, field: str, dtypes: tuple[str, ...] = (), mode: str = "r",
+                dtype_hint: str = "") -> Array:
     if not container.exists():
         raise UserError(f"{field}: container {container} does not exist")
     if not (container / dataset).exists():
         raise UserError(f"{field}: dataset {dataset!r} not found in {container}")
+    geometry = ngff_geometry(container / dataset, field)
+    attrs = container / dataset / ".zattrs"
     try:
-        array = open_ds(container / dataset, mode=mode)
+        recorded = json.loads(attrs.read_text()) if attrs.exists() else {}
+    except ValueError as e:
+        raise UserError(f"{field}: cannot open {container}/{dataset}: its .zattrs is not JSON ({e})") from e
+    if geometry is None and (container / dataset / ".zarray").exists() and not {"voxel_size", "resolution"} & set(recorded):
+        # funlib would read it with voxel size 1 and offset 0
+        raise UserError(
+            f"{field}: {container}/{dataset} records no voxel size (neither funlib's voxel_size and offset attributes "
+            f"nor OME-Zarr multiscales); write it with pipeline/ingest.py --voxel-size, or add those attributes"
+        )
+    try:
+        array = open_ds(container / dataset, mode=mode, **(geometry or {}))
     except Exception as e:  # zarr raises a zoo of types for corrupt metadata
         raise UserError(f"{field}: cannot open {container}/{dataset}: {e}") from e
     if dtypes and array.dtype.name not in dtypes:
         raise UserError(
-            f"{field}: {container}/{dataset} has dtype {array.dtype.name}, expected {' or '.join(dtypes)}"
+            f"{field}: {container}/{dataset} has dtype {array.dtype.name}, expected {' or '.join(dtypes)}{dtype_hint}"
         )
     return array
 

@@ -23,7 +23,7 @@ from funlib.geometry import Coordinate, Roi
 
 from pipeline.training.config import ArtifactConfig, AugmentConfig, TrainConfig, TrainVolume
 from pipeline.errors import UserError
-from pipeline.storage.volumes import VolumeReadError, holds_nonzero, open_volume, split_path
+from pipeline.storage.volumes import RAW_DTYPE_HINT, VolumeReadError, holds_nonzero, open_volume, split_path
 
 LABEL_DTYPES = ("uint8", "uint16", "uint32", "uint64", "int32", "int64")
 
@@ -95,7 +95,7 @@ class AnnotationMask(gp.BatchFilter):
 
 def _source(index: int, volume: TrainVolume, keys: TrainingKeys, min_annotated: float):
     field = f"volumes.{index}"
-    raw = open_volume(*split_path(volume.raw), field=f"{field}.raw", dtypes=("uint8",))
+    raw = open_volume(*split_path(volume.raw), field=f"{field}.raw", dtypes=("uint8",), dtype_hint=RAW_DTYPE_HINT)
     labels = open_volume(*split_path(volume.labels), field=f"{field}.labels", dtypes=LABEL_DTYPES)
     if raw.voxel_size != labels.voxel_size:
         raise UserError(f"{field}: raw voxel size {tuple(raw.voxel_size)} differs from the labels' {tuple(labels.voxel_size)}")
