@@ -48,8 +48,14 @@ SECTION_SUFFIXES = (".png", ".tif", ".tiff")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 
 
+# colour images: (y, x, c) sections with up to this many channels (RGB, RGBA)
+MAX_SECTION_CHANNELS = 4
+
+
 class SectionStack:
-    """A directory of 2D images, or one multi-page TIFF, read lazily by z."""
+    """A directory of 2D images, or one multi-page TIFF, read lazily by z.
+    Sections are single-channel (y, x) or colour (y, x, c); `read` gives
+    (z, y, x), or (c, z, y, x) for colour, and `shape` is (z, y, x)."""
 
     def __init__(self, path: Path, labels: bool):
         self.labels = labels
@@ -59,16 +65,23 @@ class SectionStack:
                 raise UserError(f"source: {path} holds no PNG or TIFF sections")
             first = self._read_file(self.files[0])
             self.pages = None
-            self.shape = (len(self.files), *first.shape)
+            depth = len(self.files)
         else:
             self.files = []
             self.pages = _read_image(path, labels)
-            if self.pages.ndim != 3:
+            if self.pages.ndim not in (3, 4):
                 raise UserError(f"source: {path} is not a stack of 2D pages (shape {self.pages.shape})")
             first = self.pages[0]
-            self.shape = self.pages.shape
-        if first.ndim != 2:
-            raise UserError(f"source: sections must be single-channel 2D images, got shape {first.shape}")
+            depth = len(self.pages)
+        if first.ndim not in (2, 3) or (first.ndim == 3 and first.shape[-1] > MAX_SECTION_CHANNELS):
+            raise UserError(f"source: sections must be 2D images, single-channel or colour (y, x, c <= "
+                            f"{MAX_SECTION_CHANNELS}), got shape {first.shape}")
+        if labels and first.ndim == 3:
+            raise UserError(f"source: label images must hold one id per pixel, got colour sections {first.shape}; "
+                            f"save them as palette (indexed) or greyscale images of ids")
+        self.section_shape = first.shape
+        self.channels = first.shape[2] if first.ndim == 3 else None
+        self.shape = (depth, *first.shape[:2])
         self.dtype = first.dtype
 
     def _read_file(self, path: Path) -> np.ndarray:
@@ -76,12 +89,15 @@ class SectionStack:
 
     def read(self, z0: int, z1: int) -> np.ndarray:
         if self.pages is not None:
-            return self.pages[z0:z1]
-        sections = [self._read_file(f) for f in self.files[z0:z1]]
-        for f, s in zip(self.files[z0:z1], sections):
-            if s.shape != self.shape[1:]:
-                raise UserError(f"source: section {f.name} has shape {s.shape}, expected {self.shape[1:]}")
-        return np.stack(sections)
+            data = self.pages[z0:z1]
+        else:
+            sections = [self._read_file(f) for f in self.files[z0:z1]]
+            for f, s in zip(self.files[z0:z1], sections):
+                if s.shape != self.section_shape:
+                    raise UserError(f"source: section {f.name} has shape {s.shape}, expected {self.section_shape}")
+            data = np.stack(sections)
+        # colour: channels first, as zarr datasets of affseg hold them
+        return np.moveaxis(data, -1, 0) if self.channels else data
 
 
 def _read_image(path: Path, labels: bool = False) -> np.ndarray:
@@ -105,7 +121,9 @@ def _read_image(path: Path, labels: bool = False) -> np.ndarray:
 
 
 class Hdf5Dataset:
-    def __init__(self, spec: str):
+    """An HDF5 dataset (z, y, x), or (c, z, y, x) for multi-channel raw."""
+
+    def __init__(self, spec: str, labels: bool):
         import h5py
 
         path, dataset = _split_hdf5(spec)
@@ -118,13 +136,16 @@ class Hdf5Dataset:
         if not isinstance(self._file[dataset], h5py.Dataset):
             raise UserError(f"source: {spec} is an HDF5 group, not a dataset; it holds {sorted(self._file[dataset])[:8]}")
         self._data = self._file[dataset]
-        if self._data.ndim != 3:
-            raise UserError(f"source: {spec} must be 3D (z, y, x), has shape {self._data.shape}")
-        self.shape = self._data.shape
+        if self._data.ndim not in (3, 4):
+            raise UserError(f"source: {spec} must be 3D (z, y, x) or 4D (c, z, y, x), has shape {self._data.shape}")
+        if labels and self._data.ndim == 4:
+            raise UserError(f"source: labels must be 3D (z, y, x), {spec} has shape {self._data.shape}")
+        self.channels = self._data.shape[0] if self._data.ndim == 4 else None
+        self.shape = self._data.shape[-3:]
         self.dtype = self._data.dtype
 
     def read(self, z0: int, z1: int) -> np.ndarray:
-        return self._data[z0:z1]
+        return self._data[:, z0:z1] if self.channels else self._data[z0:z1]
 
 
 def _split_hdf5(spec: str) -> tuple[Path, str]:
@@ -139,7 +160,7 @@ def _split_hdf5(spec: str) -> tuple[Path, str]:
 def open_source(spec: str, labels: bool = False) -> SectionStack | Hdf5Dataset:
     path = Path(spec.partition(":")[0])
     if path.suffix.lower() in HDF5_SUFFIXES:
-        return Hdf5Dataset(spec)
+        return Hdf5Dataset(spec, labels)
     if not path.exists():
         raise UserError(f"source: {spec} does not exist")
     if path.is_dir() or path.suffix.lower() in (".tif", ".tiff"):
@@ -194,26 +215,37 @@ def choose_instances(ids: np.ndarray, keep: float, seed: int) -> np.ndarray:
 SAMPLES_PER_SLAB = 1_000_000
 
 
-def intensity_range(src, z0: int, steps: list[tuple[int, int]], percentiles: tuple[float, float]) -> tuple[float, float]:
-    """The intensities at the two percentiles, from an evenly strided sample
-    of every slab (a first pass over the source)."""
-    samples = []
+def intensity_range(src, z0: int, steps: list[tuple[int, int]], percentiles: tuple[float, float]) -> np.ndarray:
+    """Per channel, the intensities at the two percentiles, from an evenly
+    strided sample of every slab (a first pass over the source): (low,
+    high), or (channels, 2) rows for a multi-channel source, whose stains
+    differ in brightness."""
+    channels = src.channels or 1
+    samples = [[] for _ in range(channels)]
     for a, b in steps:
-        data = np.asarray(src.read(z0 + a, z0 + b)).ravel()
-        samples.append(data[:: max(1, data.size // SAMPLES_PER_SLAB)].astype(np.float64))
-    values = np.concatenate(samples)
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        raise UserError("source: holds no finite intensity")
-    low, high = (float(v) for v in np.percentile(values, percentiles))
-    if high <= low:
-        raise UserError(f"--percentiles: the source's intensities at {percentiles[0]:g} and {percentiles[1]:g} are both "
-                        f"{low:g}; widen the percentiles")
-    return low, high
+        data = np.asarray(src.read(z0 + a, z0 + b)).reshape(channels, -1)
+        for c in range(channels):
+            samples[c].append(data[c, :: max(1, data.shape[1] // SAMPLES_PER_SLAB)].astype(np.float64))
+    ranges = []
+    for c in range(channels):
+        values = np.concatenate(samples[c])
+        values = values[np.isfinite(values)]
+        if values.size == 0:
+            raise UserError("source: holds no finite intensity")
+        low, high = np.percentile(values, percentiles)
+        if high <= low:
+            raise UserError(f"--percentiles: the source's intensities at {percentiles[0]:g} and {percentiles[1]:g} are "
+                            f"both {low:g}{f' in channel {c}' if src.channels else ''}; widen the percentiles")
+        ranges.append((float(low), float(high)))
+    return np.array(ranges) if src.channels else np.array(ranges[0])
 
 
-def to_uint8(data: np.ndarray, low: float, high: float) -> np.ndarray:
-    scaled = (np.nan_to_num(data.astype(np.float64), nan=low) - low) / (high - low)
+def to_uint8(data: np.ndarray, ranges: np.ndarray) -> np.ndarray:
+    """`intensity_range`'s ranges applied: channel by channel (axis 0) for
+    rows of them."""
+    shape = (-1,) + (1,) * (data.ndim - 1) if ranges.ndim == 2 else ()
+    low, high = ranges[..., 0].reshape(shape), ranges[..., 1].reshape(shape)
+    scaled = (np.nan_to_num(data.astype(np.float64), nan=0.0) - low) / (high - low)
     return np.round(np.clip(scaled, 0, 1) * 255).astype(np.uint8)
 
 
@@ -289,7 +321,7 @@ def ingest(
         for a, b in steps:
             data = src.read(z0 + a, z0 + b)
             if intensity is not None:
-                data = to_uint8(data, *intensity)
+                data = to_uint8(data, intensity)
             if mapping is not None:
                 data = mapping(data)
             if components:
@@ -300,7 +332,7 @@ def ingest(
     if keep_instances is not None:
         ids = np.unique(np.concatenate([np.unique(data) for _, _, data in converted()]))
         kept = choose_instances(ids[ids != 0], keep_instances, seed)
-    array = prepare_volume(container, dataset, roi, vs, dtype, chunks * vs)
+    array = prepare_volume(container, dataset, roi, vs, dtype, chunks * vs, channels=src.channels)
     try:
         # no bar where stderr is no terminal (a log, a test): one line per error
         for a, b, data in tqdm(converted(), total=len(steps), desc=f"ingest {dataset}", unit="slab", disable=None):
@@ -314,11 +346,14 @@ def ingest(
         raise
     note = f"; kept {len(kept)} instances (seed {seed})" if kept is not None else ""
     if intensity is not None:
-        record = {"source_dtype": src.dtype.name, "percentiles": list(percentiles), "range": list(intensity),
-                  "uint8": "round(clip((x - range[0]) / (range[1] - range[0]), 0, 1) * 255)"}
+        # one (low, high) range, or one per channel
+        record = {"source_dtype": src.dtype.name, "percentiles": list(percentiles), "range": intensity.tolist(),
+                  "uint8": "round(clip((x - low) / (high - low), 0, 1) * 255)"}
         zarr.open_array(str(container / dataset), mode="r+").attrs["intensity_mapping"] = record
-        note += f"; {src.dtype.name} intensities {intensity[0]:g}..{intensity[1]:g} (percentiles {percentiles[0]:g}, {percentiles[1]:g}) mapped to 0..255"
-    print(f"wrote {container}/{dataset}: shape {tuple(shape)}, {dtype}, voxel size {tuple(vs)}, offset {tuple(offset)}{note}")
+        note += (f"; {src.dtype.name} intensities {intensity.tolist()} (percentiles {percentiles[0]:g}, "
+                 f"{percentiles[1]:g}) mapped to 0..255")
+    channels = f"{src.channels} channels x " if src.channels else ""
+    print(f"wrote {container}/{dataset}: shape {channels}{tuple(shape)}, {dtype}, voxel size {tuple(vs)}, offset {tuple(offset)}{note}")
 
 
 def main() -> None:

@@ -182,3 +182,21 @@ def test_sparse_copy_keeps_whole_random_instances(tmp_path, labels):
     np.testing.assert_array_equal(copies["a"][copies["a"] > 0], dense[copies["a"] > 0])
     np.testing.assert_array_equal(copies["a"], copies["b"])
     assert not np.array_equal(copies["a"], copies["c"])
+
+
+def test_multi_channel_16_bit_intensities_are_mapped_channel_by_channel(tmp_path):
+    """Two stains of different brightness: one range each."""
+    rng = np.random.default_rng(1)
+    stains = np.stack([rng.integers(100, 400, (3, 40, 50)), rng.integers(2000, 60000, (3, 40, 50))]).astype(np.uint16)
+    with h5py.File(tmp_path / "two.h5", "w") as f:
+        f["raw"] = stains
+    out = tmp_path / "out.zarr" / "raw"
+    result = run_cli("pipeline/ingest.py", f"{tmp_path / 'two.h5'}:/raw", "--out", str(out), "--voxel-size", "1", "1", "1",
+                     "--percentiles", "0", "100")
+    assert result.returncode == 0, result.stderr
+    array = open_ds(out)
+    assert array.shape == (2, 3, 40, 50) and array.channel_dims == 1
+    ranges = [(float(s.min()), float(s.max())) for s in stains]
+    expected = np.stack([np.round((s - lo) / (hi - lo) * 255) for s, (lo, hi) in zip(stains.astype(np.float64), ranges)])
+    np.testing.assert_array_equal(array[array.roi], expected.astype(np.uint8))
+    assert zarr.open_array(str(out), mode="r").attrs["intensity_mapping"]["range"] == [list(r) for r in ranges]

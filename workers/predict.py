@@ -47,7 +47,7 @@ def read_raw(raw: Array, roi: Roi, name: str, outside: str, missing: MissingChun
     low = Coordinate(int(s.min()) for s in sources)
     high = Coordinate(int(s.max()) + 1 for s in sources)
     box = read_roi(raw, Roi(raw.roi.begin + low * vs, (high - low) * vs), name, missing=missing)
-    return box[np.ix_(*(s - lo for s, lo in zip(sources, low)))]
+    return box[(slice(None),) * raw.channel_dims + np.ix_(*(s - lo for s, lo in zip(sources, low)))]
 
 
 def predict_roi(model: MethodModel, raw: Array, roi: Roi, layout: RunLayout, device: str, raw_name: str = "raw",
@@ -65,8 +65,10 @@ def infer(model: MethodModel, data: np.ndarray, roi: Roi, layout: RunLayout, dev
     """The network's part of `predict_roi`: raw (uint8, `roi` grown by the
     read context) in, the stored datasets' values over `roi` out."""
     margin = layout.predict_margin
-    # uint8 crosses to the device: a quarter of float32's bytes
-    tensor = torch.from_numpy(data).to(device)[None, None].float() / 255.0
+    # uint8 crosses to the device: a quarter of float32's bytes; raw is
+    # (z, y, x), or (c, z, y, x) for multi-channel (RGB) raw
+    tensor = torch.from_numpy(data).to(device)
+    tensor = (tensor[None] if data.ndim == 4 else tensor[None, None]).float() / 255.0
     # bf16 autocast only on GPUs: it changes results slightly and buys nothing on CPU
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=True) if device.startswith("cuda") else nullcontext()
     with torch.inference_mode(), autocast:

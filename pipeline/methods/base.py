@@ -60,6 +60,11 @@ class MethodModel(nn.Module, ABC):
         self.foreground = nn.Conv3d(backbone.out_channels, 2, 1) if foreground is not None else None
         self.foreground_settings = foreground
 
+    @property
+    def in_channels(self) -> int:
+        """Raw channels the backbone reads (the no-network baseline: one)."""
+        return getattr(getattr(self.backbone, "spec", None), "in_channels", 1)
+
     def foreground_outputs(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         """{"foreground": probability (B, 1, ...)} for a model with the head.
 

@@ -171,8 +171,8 @@ class RunLayout:
     @classmethod
     def from_config(cls, config: RunConfig, network=None) -> RunLayout:
         raw = open_volume(*split_path(config.raw), field="raw", dtypes=RAW_DTYPES, dtype_hint=RAW_DTYPE_HINT)
-        if len(raw.shape) != 3:
-            raise UserError(f"raw: expected a 3D (z, y, x) volume, got shape {raw.shape}")
+        if raw.voxel_size.dims != 3 or raw.channel_dims > 1:
+            raise UserError(f"raw: expected a 3D (z, y, x) volume, or (c, z, y, x) with a channel axis, got shape {raw.shape}")
         vs = raw.voxel_size
         if any(o % v for o, v in zip(raw.roi.offset, vs)):
             raise UserError(f"raw: its offset {tuple(raw.roi.offset)} is not a multiple of its voxel size {tuple(vs)}")
@@ -207,6 +207,10 @@ class RunLayout:
             _check_given_affinities(config, len(offsets), vs, roi)
         else:
             network = network if network is not None else load_network(config)
+            channels = raw.shape[0] if raw.channel_dims else 1
+            if network.in_channels != channels:
+                raise UserError(f"model: it reads {network.in_channels}-channel raw, and raw has {channels} "
+                                f"channel(s) (shape {raw.shape})")
             offsets = tuple(tuple(int(x) for x in o) for o in (config.model.offsets or network.offsets))
             for error in (network.offsets_error(offsets), offsets_error(offsets)):
                 if error:

@@ -34,6 +34,8 @@ class MalaUNetConfig(Strict):
     """Valid-convolution U-Net (networks/mala_unet.py)."""
 
     name: Literal["mala_unet"] = "mala_unet"
+    # raw's channels: 1 for EM and single-stain images, 3 for RGB
+    in_channels: Annotated[int, Field(gt=0)] = 1
     num_fmaps: Annotated[int, Field(gt=0)] = 12
     fmap_inc_factor: Annotated[int, Field(gt=0)] = 3
     downsample_factors: list[PositiveTriple] = [(2, 2, 2), (2, 2, 2)]
@@ -44,6 +46,8 @@ class ResidualUNetConfig(Strict):
     style in 3D; `dims: 2` runs section by section."""
 
     name: Literal["residual_unet"]
+    # raw's channels: 1 for EM and single-stain images, 3 for RGB
+    in_channels: Annotated[int, Field(gt=0)] = 1
     dims: Literal[2, 3] = 3
     widths: list[Annotated[int, Field(gt=0)]] = [28, 36, 48, 64, 80]
     # (1, 2, 2) for anisotropic serial sections, (2, 2, 2) for FIB-SEM

@@ -93,10 +93,14 @@ class AnnotationMask(gp.BatchFilter):
         return outputs
 
 
-def _source(index: int, volume: TrainVolume, keys: TrainingKeys, min_annotated: float):
+def _source(index: int, volume: TrainVolume, keys: TrainingKeys, min_annotated: float, in_channels: int):
     field = f"volumes.{index}"
     raw = open_volume(*split_path(volume.raw), field=f"{field}.raw", dtypes=("uint8",), dtype_hint=RAW_DTYPE_HINT)
     labels = open_volume(*split_path(volume.labels), field=f"{field}.labels", dtypes=LABEL_DTYPES)
+    channels = raw.shape[0] if raw.channel_dims else 1
+    if raw.channel_dims > 1 or channels != in_channels:
+        raise UserError(f"{field}.raw: {volume.raw} has {channels} channel(s) (shape {raw.shape}), the network reads "
+                        f"{in_channels} (network.in_channels)")
     if raw.voxel_size != labels.voxel_size:
         raise UserError(f"{field}: raw voxel size {tuple(raw.voxel_size)} differs from the labels' {tuple(labels.voxel_size)}")
     roi = labels.roi
@@ -212,7 +216,11 @@ def _augmentations(augment: AugmentConfig, keys: TrainingKeys, voxel_size: Coord
 def training_pipeline(config: TrainConfig, keys: TrainingKeys, voxel_size: Coordinate):
     """Batches of raw, labels, labels_mask, affs and affs_mask with a batch
     dimension (raw also with a channel dimension), as torch wants them."""
-    sources = tuple(_source(i, v, keys, config.min_annotated) for i, v in enumerate(config.volumes))
+    in_channels = config.network.in_channels
+    if in_channels > 1 and config.augment.defects is not None:
+        raise UserError("augment.defects: missing and low-contrast sections are EM defects of single-channel raw; "
+                        "set defects: null for multi-channel raw")
+    sources = tuple(_source(i, v, keys, config.min_annotated, in_channels) for i, v in enumerate(config.volumes))
     pipeline = sources + gp.RandomProvider()
     planar = getattr(config.network, "dims", 3) == 2
     for node in _augmentations(config.augment, keys, voxel_size, planar):
@@ -221,7 +229,10 @@ def training_pipeline(config: TrainConfig, keys: TrainingKeys, voxel_size: Coord
         [tuple(o) for o in config.offsets], keys.labels, keys.affs,
         unlabelled=keys.labels_mask, affinities_mask=keys.affs_mask, dtype=np.float32,
     )
-    return pipeline + gp.Unsqueeze([keys.raw]) + gp.Stack(1)
+    if in_channels == 1:
+        # single-channel raw is (z, y, x): the network wants a channel axis
+        pipeline += gp.Unsqueeze([keys.raw])
+    return pipeline + gp.Stack(1)
 
 
 def training_request(keys: TrainingKeys, input_shape: Coordinate, output_shape: Coordinate, voxel_size: Coordinate):
