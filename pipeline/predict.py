@@ -34,16 +34,16 @@ from pipeline.cli import cli_main
 from pipeline.config import RunConfig, load_json
 from pipeline.errors import EXIT_FAILED
 from pipeline.evaluate import evaluate_run, format_table
-from pipeline.orchestration.daisy_run import RunFailed, master_step, run_daisy
+from pipeline.orchestration.daisy_run import RunFailed, master_step, report_finished, run_daisy
 from pipeline.storage.graph_store import FIRST_CONTACT_S, RunOwner
 from pipeline.orchestration.devices import choose_device
 from pipeline.orchestration.master_lock import master_lock
 from pipeline.orchestration.progress import ProgressLog
-from pipeline.orchestration.resume import describe, keep_done_blocks
+from pipeline.orchestration.resume import describe, finished_blocks, keep_done_blocks
 from pipeline.orchestration.run_layout import RunDir, RunLayout, check_run_dir, claim_run_dir, run_record, run_store
 from pipeline.orchestration.segments import write_luts
 from pipeline.orchestration.supervisor import supervise
-from pipeline.orchestration.tasks import graph_pipeline, mutex_pipeline, relabel_task
+from pipeline.orchestration.tasks import choose_relabel_target, graph_pipeline, mutex_pipeline, relabel_task
 from pipeline.storage.credentials import move_inline_password
 from pipeline.storage.files import write_atomically
 from pipeline.storage.volumes import PREDICTION_COMPRESSOR, prepare_volume
@@ -122,13 +122,22 @@ def _run(config: RunConfig, config_source: str, held: ExitStack) -> dict:
         "steps": {},
     }
     started = time.time()
-    if layout.is_2d:
-        run_daisy(mutex_pipeline(config, layout, run_dir), progress, report, run_dir.logs)
-    else:
-        run_daisy(graph_pipeline(config, layout, run_dir), progress, report, run_dir.logs)
+    choose_relabel_target(config, run_dir)
+    # steps whose every block is done (after open_run's check) skip daisy
+    done = {}
+    for step in layout.block_steps:
+        blocks = finished_blocks(layout, run_dir, step)
+        if blocks is not None:
+            done[step] = blocks
+            report_finished(step, blocks, progress, report)
+    pipeline = (mutex_pipeline if layout.is_2d else graph_pipeline)(config, layout, run_dir, done)
+    if pipeline is not None:
+        run_daisy(pipeline, progress, report, run_dir.logs)
+    if not layout.is_2d:
         with run_store(config, run_dir) as store:
             report["graph"] = master_step("segments", progress, report, lambda: write_luts(config, layout, run_dir, store))
-        run_daisy(relabel_task(config, layout, run_dir), progress, report, run_dir.logs)
+        if "relabel" not in done:
+            run_daisy(relabel_task(config, layout, run_dir), progress, report, run_dir.logs)
     if config.ground_truth:
         report["scores"] = evaluate_run(config, layout, run_dir, progress, report)
     report["wall_s"] = round(time.time() - started, 2)

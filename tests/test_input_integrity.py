@@ -50,11 +50,13 @@ def test_a_nan_affinity_away_from_the_masters_samples_fails_its_block_naming_it(
     values = probabilities()
     # outside the nine 16-voxel cubes the master samples (corners, centre)
     values[0, 20, 8, 40] = np.nan
-    config = broken(tmp_path, labels, **given_affinities(tmp_path, values))
+    # one block, two workers: its three attempts are what takes the time
+    config = broken(tmp_path, labels, **given_affinities(tmp_path, values),
+                    postprocess={"block_shape": [400, 800, 800], "context": [30, 50, 50], "workers": 2})
     result = run_cli("pipeline/predict.py", str(config))
     assert result.returncode == 1, result.stderr[-2000:]
     failure = next(line for line in result.stderr.splitlines() if line.startswith("affseg: run failed"))
-    assert "fragments: " in failure and "holds nan (1 values outside [0, 1])" in failure, failure
+    assert "fragments: 1 of 1 blocks did not finish" in failure and "holds nan (1 values outside [0, 1])" in failure, failure
     assert not (tmp_path / "run" / "report.json").exists()
 
 

@@ -106,6 +106,19 @@ def run_daisy(pipeline, progress: ProgressLog, report: dict, logs: Path) -> None
         raise RunFailed("; ".join(failed))
 
 
+def report_finished(step: str, blocks: int, progress: ProgressLog, report: dict) -> None:
+    """A block-wise step whose blocks were all done before this start, not
+    given to daisy: its report entry and progress records, as daisy's run
+    of it would have made them (every block skipped)."""
+    counts = {"total": blocks, "completed": blocks, "skipped": blocks, "failed": 0, "processing": 0, "orphaned": 0,
+              "voxels_per_block": progress.voxels_per_block.get(step, 0)}
+    for event in ("start", "finish"):
+        progress.log_step(step, event, **counts)
+    report["steps"][step] = {"blocks": blocks, "completed": blocks, "skipped": blocks, "failed": 0, "orphaned": 0,
+                             "worker_restarts": 0, "wall_s": 0.0, "voxels_per_s": None, "cpu_s": 0.0,
+                             "peak_worker_rss_bytes": 0}
+
+
 def master_step(step: str, progress: ProgressLog, report: dict, function):
     progress.log_step(step, "start")
     started = time.time()

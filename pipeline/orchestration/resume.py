@@ -217,5 +217,15 @@ def keep_done_blocks(layout: RunLayout, run_dir: RunDir, steps: tuple[str, ...],
     return redone
 
 
+def finished_blocks(layout: RunLayout, run_dir: RunDir, step: str) -> int | None:
+    """The number of blocks of `step` when every one is marked done (after
+    `keep_done_blocks`), else None."""
+    markers = DoneMarkers(run_dir.tracking(step))
+    if markers.shape is None:
+        return None
+    real = Cells.of(layout, step, markers.shape).real
+    return int(np.count_nonzero(real)) if (markers.read() | ~real).all() else None
+
+
 def describe(redone: dict[str, int]) -> str:
     return ", ".join(f"{step} {n}" for step, n in redone.items())

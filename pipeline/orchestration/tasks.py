@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Collection
 
 import daisy
 from funlib.geometry import Coordinate, Roi
@@ -60,39 +61,48 @@ def _task(step: str, config: RunConfig, layout: RunLayout, run_dir: RunDir) -> d
     )
 
 
-def _after_predict(config: RunConfig, layout: RunLayout, run_dir: RunDir, *steps: str) -> daisy.Pipeline:
+def _after_predict(config: RunConfig, layout: RunLayout, run_dir: RunDir, done: Collection[str], *steps: str) -> daisy.Pipeline | None:
     """The tasks of `steps` chained block by block, after the predict step
-    when the run has one (given affinities have none)."""
+    when the run has one (given affinities have none), less the steps in
+    `done` (every block finished: daisy would spend seconds skipping them);
+    None when none is left."""
     steps = ("predict", *steps) if layout.predicted else steps
-    tasks = [_task(step, config, layout, run_dir) for step in steps]
+    tasks = [_task(step, config, layout, run_dir) for step in steps if step not in done]
+    if not tasks:
+        return None
     pipeline = tasks[0]
     for task in tasks[1:]:
         pipeline = pipeline + task
     return pipeline
 
 
-def graph_pipeline(config: RunConfig, layout: RunLayout, run_dir: RunDir) -> daisy.Pipeline:
+def graph_pipeline(config: RunConfig, layout: RunLayout, run_dir: RunDir, done: Collection[str] = ()) -> daisy.Pipeline | None:
     """predict -> fragments -> agglomerate, pipelined block by block."""
-    return _after_predict(config, layout, run_dir, "fragments", "agglomerate")
+    return _after_predict(config, layout, run_dir, done, "fragments", "agglomerate")
 
 
-def mutex_pipeline(config: RunConfig, layout: RunLayout, run_dir: RunDir) -> daisy.Pipeline:
+def mutex_pipeline(config: RunConfig, layout: RunLayout, run_dir: RunDir, done: Collection[str] = ()) -> daisy.Pipeline | None:
     """2D: predict -> mutex watershed per section, straight into the
     segmentation."""
-    return _after_predict(config, layout, run_dir, "mutex")
+    return _after_predict(config, layout, run_dir, done, "mutex")
 
 
-def relabel_task(config: RunConfig, layout: RunLayout, run_dir: RunDir) -> daisy.Task:
-    """Relabel the fragments with the chosen threshold's look-up table. The
-    done markers belong to the table the segmentation volume holds: when the
-    chosen one differs (0.5, then 0.3, then 0.5 again), they are cleared
-    before the target is recorded, so every block is redone and a crash
-    between the two steps still leaves no marker of the old table."""
+def choose_relabel_target(config: RunConfig, run_dir: RunDir) -> None:
+    """The done markers of relabel belong to the look-up table the
+    segmentation volume holds: when the chosen one differs (0.5, then 0.3,
+    then 0.5 again), they are cleared before the target is recorded, so
+    every block is redone and a crash between the two steps still leaves no
+    marker of the old table. Called before relabel's markers are read."""
     target = {"scoring": config.agglomerate.scoring, "threshold": threshold_key(config.agglomerate.threshold)}
     recorded = json.loads(run_dir.relabel_target.read_text()) if run_dir.relabel_target.exists() else None
     if recorded != target:
         shutil.rmtree(run_dir.tracking("relabel"), ignore_errors=True)
         write_atomically(run_dir.relabel_target, json.dumps(target))
+
+
+def relabel_task(config: RunConfig, layout: RunLayout, run_dir: RunDir) -> daisy.Task:
+    """Relabel the fragments with the chosen threshold's look-up table
+    (after `choose_relabel_target`)."""
     return _task("relabel", config, layout, run_dir)
 
 
