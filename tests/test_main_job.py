@@ -261,8 +261,8 @@ def test_a_killed_worker_is_replaced_and_nothing_is_lost(reference, run_config, 
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     steps = json.loads((run_dir / "report.json").read_text())["steps"]
-    # daisy's own count said 0 for a worker killed by a signal
-    assert steps["predict"]["worker_restarts"] >= 1 and steps["agglomerate"]["worker_restarts"] >= 1
+    # one worker of each killed; daisy's own count said 0 for some such runs
+    assert steps["predict"]["worker_restarts"] == 1 and steps["agglomerate"]["worker_restarts"] == 1
     # a run that recovered exits 0 without daisy's tracebacks on the terminal (they are in logs/daisy.log)
     assert "Traceback" not in stderr.read_text() and "SIGKILL" in (run_dir / "logs" / "daisy.log").read_text()
     np.testing.assert_array_equal(volume(run_dir, "segmentation"), volume(reference, "segmentation"))
