@@ -359,8 +359,9 @@ def test_status_of_a_run_directory_without_a_run_is_one_line(tmp_path, labels):
 
 
 def test_cuda_on_a_machine_without_one_is_refused_before_any_worker(tmp_path, labels):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
     config = broken(tmp_path, labels, predict={"device": "cuda"})
-    assert_one_line_error(run_cli("pipeline/predict.py", str(config)), "predict.device: 'cuda' was asked for, but torch sees no CUDA device")
+    # no GPU visible, on any machine the tests run on
+    hidden = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    assert_one_line_error(run_cli("pipeline/predict.py", str(config), env=hidden),
+                          "predict.device: 'cuda' was asked for, but torch sees no CUDA device")
     assert not (tmp_path / "run" / "logs" / "predict").exists()
