@@ -158,11 +158,18 @@ def test_ome_zarr_raw_is_read_with_its_scale(tmp_path, labels):
     assert tuple(layout.voxel_size) == (10, 10, 10) and tuple(layout.roi.offset) == ROI_OFFSET
 
 
+def _in_a_group_with_damaged_attributes(tmp_path) -> str:
+    shutil.copytree(RAW, tmp_path / "group.zarr" / "raw")
+    (tmp_path / "group.zarr" / ".zattrs").write_text("{not json")
+    return str(tmp_path / "group.zarr" / "raw")
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda t: ome_zarr(t, [{"name": "t", "type": "time"}, *SPACE_UM], [1, 0.01, 0.01, 0.01], np.zeros((2, 8, 8, 8), np.uint8)),
      "is an OME-Zarr image with axes ['t', 'z', 'y', 'x']; affseg reads 3 space axes"),
     (lambda t: ome_zarr(t, SPACE_UM, [0.0105, 0.01, 0.01], np.zeros((8, 8, 8), np.uint8)),
      "its OME-Zarr voxel size [10.5, 10.0, 10.0] nm is not a whole number of nm"),
+    (lambda t: _in_a_group_with_damaged_attributes(t), "its group's .zattrs is not JSON"),
     (lambda t: str(prepare_ds(t / "deep.zarr" / "raw", shape=(160, 250, 250), voxel_size=(10, 10, 10), dtype=np.uint16) and t / "deep.zarr" / "raw"),
      "has dtype uint16, expected uint8; affseg predicts and trains on 8-bit raw: convert it with pipeline/ingest.py SOURCE --percentiles"),
 ])

@@ -52,7 +52,11 @@ def ngff_geometry(path: Path, field: str) -> dict | None:
     attrs = path.parent / ".zattrs"
     if not attrs.exists():
         return None
-    for scales in json.loads(attrs.read_text()).get("multiscales", []):
+    try:
+        group = json.loads(attrs.read_text())
+    except ValueError as e:
+        raise UserError(f"{field}: cannot open {path}: its group's .zattrs is not JSON ({e})") from e
+    for scales in group.get("multiscales", []) if isinstance(group, dict) else []:
         entry = next((d for d in scales.get("datasets", []) if d.get("path") == path.name), None)
         if entry is None:
             continue
