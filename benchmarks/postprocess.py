@@ -9,6 +9,10 @@ throughput of fragments, agglomerate and relabel in Mvoxel/s per core
 memory of any worker, and the scores of the result against the sample's
 ground truth (`make bench` ingests it first), so that speed and accuracy
 are read together. Design target: >= 1 Mvoxel/s per core.
+
+It also prints the agglomerate step's graph-store time per block: each
+block's edges, read back from the run's store, written again as its worker
+wrote them (a replace, so the graph stays as it was).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,6 +45,25 @@ def warm_kernels() -> None:
     for scoring in ("hist_quant_50", "mean"):
         uv, _ = merge_history(affs, labels, scoring)
     edge_means(labels, affs, [(-1, 0, 0)], uv[:, 0].astype(np.int64), uv[:, 1].astype(np.int64))
+
+
+def store_time_per_block(run: Path) -> tuple[float, float]:
+    """Seconds and edges per agglomerate block of `store.write_edges`."""
+    import numpy as np
+
+    from pipeline.orchestration.run_layout import RunDir
+    from pipeline.storage.graph_records import EDGE_ATTRIBUTES
+    from pipeline.storage.graph_store import open_store
+
+    directory = RunDir(run)
+    blocks = range(int(np.prod(directory.read_layout().block_grid)))
+    with open_store("sqlite", run, directory.run_id()) as store:
+        graph = [store.read_edges([b], list(EDGE_ATTRIBUTES)) for b in blocks]
+        started = time.perf_counter()
+        for block, edges in zip(blocks, graph):
+            store.write_edges(block, edges)
+        seconds = time.perf_counter() - started
+    return seconds / len(blocks), sum(map(len, graph)) / len(blocks)
 
 
 def main() -> None:
@@ -87,6 +111,9 @@ def main() -> None:
     print(f"fragments + agglomerate + relabel: {voxels / cpu / 1e6:.2f} Mvoxel/s per core "
           f"({cpu:.2f} CPU s); peak worker memory {peak / 2**20:.0f} MB")
     print(f"segments (LUTs, master): {steps['segments']['wall_s']:.2f} s for {report['graph']['edges']} edges")
+    seconds, edges = store_time_per_block(run_dir / "run")
+    print(f"agglomerate, graph store: {seconds * 1e3:.1f} ms per block ({edges:.0f} edges, "
+          f"{edges / seconds / 1e6:.2f} M edges/s)")
     for row in report.get("scores", []):
         print(f"threshold {row['threshold']:.2f}: VOI {row['voi']:.4f} (split {row['voi_split']:.4f}, "
               f"merge {row['voi_merge']:.4f}), ARAND {row['arand']:.4f}")

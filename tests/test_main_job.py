@@ -109,7 +109,8 @@ def test_look_up_tables_equal_connected_components_of_the_runs_graph(reference):
     """The streamed union-find against its slow reference on the real graph."""
     with open_store("sqlite", reference, RunDir(reference).run_id()) as store:
         ids = store.node_ids()
-        u, v, scores = (np.concatenate(column) for column in zip(*store.stream_edges()))
+        graph = [(c.u, c.v, c["merge_score"]) for c in store.stream_edges(["merge_score"])]
+        u, v, scores = (np.concatenate(column) for column in zip(*graph))
     assert len(u) > 100
     for threshold in (0.3, 0.5, 0.7):
         table = LookUpTable.open(RunDir(reference).lut("hist_quant_50", threshold))

@@ -19,7 +19,7 @@ from funlib.persistence import open_ds
 
 from pipeline.kernels.rag import edge_means, first_join_scores
 from pipeline.orchestration.run_layout import RunLayout, affinities_path, run_store
-from pipeline.storage.graph_store import Edges
+from pipeline.storage.graph_records import Edges
 from pipeline.kernels.watershed import merge_history, relabel_consecutive
 from pipeline.storage.volumes import open_volume, read_affinities, read_roi, split_path
 from workers.loop import ProcessBlock, WorkerRun, run_worker
@@ -57,8 +57,12 @@ def block_edges(affs: np.ndarray, labels: np.ndarray, ids: np.ndarray, offsets, 
     u, v = uv[:, 0].astype(np.int64), uv[:, 1].astype(np.int64)
     means = edge_means(labels, affs, offsets, u, v)
     scores = first_join_scores(len(ids), history, u, v)
+    linked = ~np.isnan(means)
+    # the store keeps affinities as the volume does, in uint8
+    affinities = np.where(linked, np.rint(means), 0).astype(np.uint8)
     # labels are ranks of the sorted ids, so u < v holds for ids too
-    return Edges(ids[u - 1], ids[v - 1], scores, (means / 255.0).astype(np.float32))
+    return Edges(ids[u - 1], ids[v - 1], {"merge_score": scores, "linked": linked,
+                                          "affinities": affinities})
 
 
 @contextmanager
@@ -74,8 +78,7 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
             labels, ids = compact_fragments(read_roi(fragments, block.read_roi, "fragments", fill_value=0), block.read_roi, layout)
             edges = block_edges(data, labels, ids, layout.offsets, run.config.agglomerate.scoring)
             index = layout.block_index(block.write_roi)
-            own = layout.block_of_fragment(edges.u) == index
-            store.write_edges(index, Edges(edges.u[own], edges.v[own], edges.scores[own], edges.affinities[own]))
+            store.write_edges(index, edges.select(layout.block_of_fragment(edges.u) == index))
 
         yield process_block
 

@@ -15,7 +15,7 @@ from funlib.persistence import open_ds
 
 from pipeline.config import FragmentsConfig
 from pipeline.orchestration.run_layout import affinities_path, run_store
-from pipeline.storage.graph_store import Nodes
+from pipeline.storage.graph_records import Nodes
 from pipeline.kernels.watershed import (
     distance_watershed,
     epsilon_agglomerate,

@@ -17,9 +17,9 @@ def write_luts(config: RunConfig, layout: RunLayout, run_dir: RunDir, store: Gra
     counts = {"fragments": len(fragments), "edges": 0}
 
     def counted_edges():
-        for chunk in store.stream_edges():
-            counts["edges"] += len(chunk[0])
-            yield chunk
+        for chunk in store.stream_edges(["merge_score"]):
+            counts["edges"] += len(chunk)
+            yield chunk.u, chunk.v, chunk["merge_score"]
 
     for threshold, table in build_luts(fragments, counted_edges(), config.agglomerate.thresholds):
         table.save(run_dir.lut(config.agglomerate.scoring, threshold))

@@ -1,18 +1,21 @@
 """The region-adjacency graph store: one interface, SQLite and MongoDB behind it.
 
 Contract (design.md, Storage):
-- nodes: id (unique), center (world units, z y x), size, block;
-- edges: u < v (unique pair), merge_score (NaN/missing = never merge),
-  per-offset mean affinities, block;
-- every write replaces a whole block atomically enough that a worker dying
-  halfway leaves nothing that a re-run of the block does not overwrite:
-  SQLite deletes and inserts in one transaction; MongoDB (no multi-document
-  transactions on a standalone server) deletes by block and then inserts,
-  and the block is only marked done by daisy after both returned;
-- reads go by the indexed `block` field, never by bounding-box scans.
+- a block's nodes (id, centre in world units z y x, size) are one record,
+  and the edges it owns (u < v, the named attributes of
+  pipeline/storage/graph_records.py: merge score, per-offset affinities,
+  ...) another: compressed columns, split into parts below MongoDB's
+  document limit. SQLite keeps a row per record, MongoDB a document;
+- every write replaces a whole block, so a retried or re-run block never
+  duplicates a node or an edge: SQLite deletes and inserts in one
+  transaction; MongoDB (no multi-document transactions on a standalone
+  server) deletes by block and then inserts, and the block is only marked
+  done by daisy after both returned;
+- reads go by the indexed `block` field; the master streams every record
+  straight into numpy, decoding only the columns it asks for.
 
-Ids are below 2^53 (asserted where they are made), so they fit the signed
-64-bit integers of both backends and survive JSON.
+Ids are below 2^53 (asserted where they are encoded), so they fit the
+signed 64-bit integers of both backends and survive JSON.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import sqlite3
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +35,15 @@ from urllib.parse import urlparse
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.storage.graph_records import Edges, Nodes, Record, columns_needed, decode, edges_of, encode_edges, encode_nodes, nodes_of
 from pipeline.storage.credentials import hide_in, masked, password, split_password, with_password
 
-EDGE_CHUNK = 100_000
+# edges per chunk a whole-graph stream yields (records are joined up to it)
+EDGE_CHUNK = 1_000_000
+# the layout of the records, kept in the store: a store of another layout
+# is refused instead of misread (2: a record per block; 1, unrecorded: a
+# row or document per node and edge)
+LAYOUT = 2
 # portable MongoDB database names: no slash, backslash, dot, quote, dollar or
 # space, and under the 64-byte limit
 VALID_DATABASE = re.compile(r"[A-Za-z0-9_-]{1,63}")
@@ -62,36 +71,21 @@ def _client_options(timeout_s: float) -> dict:
 
 
 # blocks per request when the master reads the whole graph (MongoDB): the
-# unit a failed read is retried in, and about 1e6 edges (some 300 MB as
-# Python dicts) at Kasthuri15's density of about 3e4 edges per block
+# unit a failed read is retried in; at Kasthuri15's density of about 3e4
+# edges per block some 1e6 edges, 7 MB of records
 BLOCK_RANGE = 32
-# ranges requested at once by a whole-graph read (4 x some 300 MB of
-# documents held at Kasthuri15's density)
+# ranges requested at once by a whole-graph read
 READERS = 4
 # block indices per `$in` query: 8-byte ints keep a query far below MongoDB's
 # 16 MB document limit
 IN_CHUNK = 50_000
-
-
-@dataclass
-class Nodes:
-    ids: np.ndarray  # uint64 (N,)
-    centers: np.ndarray  # float64 (N, 3), world units
-    sizes: np.ndarray  # int64 (N,)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-@dataclass
-class Edges:
-    u: np.ndarray  # uint64 (E,), u < v
-    v: np.ndarray  # uint64 (E,)
-    scores: np.ndarray  # float32 (E,), NaN = never merge
-    affinities: np.ndarray  # float32 (E, C), NaN where an offset never links u and v
-
-    def __len__(self) -> int:
-        return len(self.u)
+# SQLite rows fetched at a time by a whole-graph read
+ROWS = 256
+# threads that decode a whole-graph stream's records (Blosc and numpy's
+# large operations run without the GIL): 1.3 to 2x the edges/s of one on
+# this 2-core VM
+DECODERS = 2
+NODE_COLUMNS = ["id", "center", "size"]
 
 
 @dataclass(frozen=True)
@@ -155,26 +149,59 @@ class GraphStore(ABC):
         return False
 
     @abstractmethod
+    def _replace(self, kind: str, block: int, records: list[Record]) -> None:
+        """Replace every record of `block` of `kind` ('nodes' or 'edges')."""
+
+    @abstractmethod
+    def _read(self, kind: str, blocks: list[int], columns: list[str]) -> list[Record]:
+        """The records of `blocks`, with `columns` only, in (block, part) order."""
+
+    @abstractmethod
+    def _stream(self, kind: str, columns: list[str]) -> Iterator[list[Record]]:
+        """Every record of `kind`, with `columns` only, in (block, part)
+        order, a bounded batch at a time."""
+
     def write_nodes(self, block: int, nodes: Nodes) -> None:
         """Replace the nodes of `block`."""
+        self._replace("nodes", block, encode_nodes(block, nodes))
 
-    @abstractmethod
     def write_edges(self, block: int, edges: Edges) -> None:
-        """Replace the edges owned by `block`."""
+        """Replace the edges owned by `block`, with their attributes."""
+        self._replace("edges", block, encode_edges(block, edges))
 
-    @abstractmethod
-    def read_nodes(self, blocks: list[int]) -> Nodes: ...
+    def read_nodes(self, blocks: list[int]) -> Nodes:
+        return nodes_of(self._read("nodes", blocks, NODE_COLUMNS))
 
-    @abstractmethod
-    def read_edges(self, blocks: list[int]) -> Edges: ...
+    def read_edges(self, blocks: list[int], attributes: list[str]) -> Edges:
+        """The edges of `blocks`, sorted by (u, v), with `attributes`."""
+        return edges_of(self._read("edges", blocks, ["u", "v", *columns_needed(attributes)]), attributes)
 
-    @abstractmethod
     def node_ids(self) -> np.ndarray:
         """All node ids, sorted."""
+        chunks = [np.concatenate([decode(r, ["id"])["id"] for r in batch]) for batch in self._stream("nodes", ["id"]) if batch]
+        ids = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint64)
+        # records come in block order and a block's ids are sorted; the ids
+        # of a lower block are lower in every run (workers/fragments.py),
+        # but the store does not rely on it
+        return ids if np.all(ids[1:] > ids[:-1]) else np.sort(ids)
 
-    @abstractmethod
-    def stream_edges(self, chunk: int = EDGE_CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """(u, v, merge_score) in numpy chunks, for building look-up tables."""
+    def stream_edges(self, attributes: Iterable[str] = ("merge_score",), chunk: int = EDGE_CHUNK) -> Iterator[Edges]:
+        """Every edge with `attributes`, in chunks of about `chunk` edges
+        (whole records), in no particular order: for the look-up tables."""
+        attributes = list(attributes)
+        columns = ["u", "v", *columns_needed(attributes)]
+        pending: list[Record] = []
+        rows = 0
+        with ThreadPoolExecutor(DECODERS) as pool:
+            for batch in self._stream("edges", columns):
+                for record in batch:
+                    pending.append(record)
+                    rows += record.meta["rows"]
+                    if rows >= chunk:
+                        yield edges_of(pending, attributes, sort=False, map=pool.map)
+                        pending, rows = [], 0
+            if pending:
+                yield edges_of(pending, attributes, sort=False, map=pool.map)
 
     @abstractmethod
     def close(self) -> None: ...
@@ -186,14 +213,17 @@ class GraphStore(ABC):
         self.close()
 
 
-def _check_ids(ids: np.ndarray) -> None:
-    if len(ids) and int(ids.max()) >= 2**53:
-        raise ValueError("graph ids must stay below 2^53")
+def _old_layout(store: str, remedy: str) -> UserError:
+    return UserError(f"store: {store} holds a region graph of an older affseg (a row per node and edge); {remedy}")
 
 
 class SqliteGraphStore(GraphStore):
     """The embedded default: one file, safe for several local worker processes
-    (WAL journal, writers wait for the lock instead of failing)."""
+    (WAL journal, writers wait for the lock instead of failing). A record is
+    a row: its block, part, `meta` (JSON) and one BLOB of its columns'
+    bytes in `meta`'s order."""
+
+    TABLES = {"nodes": "node_records", "edges": "edge_records"}
 
     def __init__(self, path: Path):
         self.path = path
@@ -202,25 +232,31 @@ class SqliteGraphStore(GraphStore):
         try:
             self.db = sqlite3.connect(path, timeout=600, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
+            tables = {row[0] for row in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            layout = self.db.execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.DatabaseError as e:
             raise UserError(f"store: {path} is not a usable SQLite database ({e}); delete the run directory to start again") from e
+        remedy = f"delete {path.name} and run again: the run then redoes its fragments and agglomerate steps"
+        if {"nodes", "edges"} & tables:
+            self.db.close()
+            raise _old_layout(str(path), remedy)
+        if layout not in (0, LAYOUT):
+            self.db.close()
+            raise UserError(f"store: {path} holds a region graph of layout {layout}, this affseg reads {LAYOUT}; {remedy}")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(
-            """
-            CREATE TABLE IF NOT EXISTS nodes (
-                id INTEGER PRIMARY KEY, z REAL, y REAL, x REAL, size INTEGER, block INTEGER);
-            CREATE INDEX IF NOT EXISTS nodes_block ON nodes(block);
-            CREATE TABLE IF NOT EXISTS edges (
-                u INTEGER, v INTEGER, merge_score REAL, affinities BLOB, block INTEGER,
-                PRIMARY KEY (u, v)) WITHOUT ROWID;
-            CREATE INDEX IF NOT EXISTS edges_block ON edges(block);
-            CREATE TABLE IF NOT EXISTS owner (one INTEGER PRIMARY KEY CHECK (one = 1), record TEXT);
-            """
+            "".join(
+                f"CREATE TABLE IF NOT EXISTS {table} (block INTEGER, part INTEGER, meta TEXT, data BLOB, "
+                f"PRIMARY KEY (block, part));"
+                for table in self.TABLES.values()
+            )
+            + "CREATE TABLE IF NOT EXISTS owner (one INTEGER PRIMARY KEY CHECK (one = 1), record TEXT);"
+            + f"PRAGMA user_version = {LAYOUT};"
         )
 
     def reset(self) -> None:
-        self.db.execute("DELETE FROM nodes")
-        self.db.execute("DELETE FROM edges")
+        for table in self.TABLES.values():
+            self.db.execute(f"DELETE FROM {table}")
 
     def _recorded_owner(self) -> dict | None:
         row = self.db.execute("SELECT record FROM owner").fetchone()
@@ -230,14 +266,18 @@ class SqliteGraphStore(GraphStore):
         self.db.execute("INSERT OR IGNORE INTO owner VALUES (1, ?)", (json.dumps(owner.to_json()),))
 
     def _holds_graph(self) -> bool:
-        return self.db.execute("SELECT EXISTS (SELECT 1 FROM nodes) OR EXISTS (SELECT 1 FROM edges)").fetchone()[0] == 1
+        return any(self.db.execute(f"SELECT EXISTS (SELECT 1 FROM {t})").fetchone()[0] for t in self.TABLES.values())
 
-    def _replace(self, table: str, block: int, columns: str, rows) -> None:
-        marks = ",".join("?" * (columns.count(",") + 1))
+    def _replace(self, kind: str, block: int, records: list[Record]) -> None:
+        table = self.TABLES[kind]
+        # encoded before the lock is taken: other writers wait only for the
+        # inserts of a few BLOBs
+        rows = [(r.block, r.part, r.meta_json(), b"".join(r.columns[c["name"]] for c in r.meta["columns"]))
+                for r in records]
         self.db.execute("BEGIN IMMEDIATE")
         try:
             self.db.execute(f"DELETE FROM {table} WHERE block = ?", (block,))
-            self.db.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows)
+            self.db.executemany(f"INSERT INTO {table} VALUES (?, ?, ?, ?)", rows)
             self.db.execute("COMMIT")
         except BaseException:
             # SQLite rolls back by itself on some errors ("database or disk
@@ -246,51 +286,29 @@ class SqliteGraphStore(GraphStore):
                 self.db.execute("ROLLBACK")
             raise
 
-    def write_nodes(self, block: int, nodes: Nodes) -> None:
-        _check_ids(nodes.ids)
-        # .tolist() converts whole columns at C speed; per-element int()
-        # and float() calls would dominate the write
-        centers = nodes.centers.T.tolist() if len(nodes) else [[], [], []]
-        rows = zip(nodes.ids.tolist(), *centers, nodes.sizes.tolist(), [block] * len(nodes))
-        self._replace("nodes", block, "id,z,y,x,size,block", rows)
+    @staticmethod
+    def _record(row: tuple, columns: list[str]) -> Record:
+        block, part, meta, data = row
+        meta = json.loads(meta)
+        parts, at = {}, 0
+        for spec in meta["columns"]:
+            if spec["name"] in columns:
+                parts[spec["name"]] = data[at : at + spec["bytes"]]
+            at += spec["bytes"]
+        return Record(block, part, meta, parts)
 
-    def write_edges(self, block: int, edges: Edges) -> None:
-        _check_ids(edges.v)
-        width = edges.affinities.shape[1] * 4 if len(edges) else 0
-        packed = np.ascontiguousarray(edges.affinities, dtype=np.float32).tobytes()
-        blobs = (packed[i : i + width] for i in range(0, len(packed), width)) if width else ()
-        # NaN scores are stored as NULL: "never merge"
-        scores = [None if s != s else s for s in edges.scores.tolist()]
-        rows = zip(edges.u.tolist(), edges.v.tolist(), scores, blobs, [block] * len(edges))
-        self._replace("edges", block, "u,v,merge_score,affinities,block", rows)
-
-    def _in_blocks(self, query: str, blocks: list[int]) -> list[tuple]:
-        rows: list[tuple] = []
+    def _read(self, kind: str, blocks: list[int], columns: list[str]) -> list[Record]:
+        records: list[Record] = []
         for start in range(0, len(blocks), 900):  # SQLite's host-parameter limit
             chunk = blocks[start : start + 900]
-            rows += self.db.execute(query.format(",".join("?" * len(chunk))), chunk).fetchall()
-        return rows
+            query = f"SELECT block, part, meta, data FROM {self.TABLES[kind]} WHERE block IN ({','.join('?' * len(chunk))})"
+            records += [self._record(row, columns) for row in self.db.execute(query, chunk)]
+        return sorted(records, key=lambda r: (r.block, r.part))
 
-    def read_nodes(self, blocks: list[int]) -> Nodes:
-        rows = self._in_blocks("SELECT id, z, y, x, size FROM nodes WHERE block IN ({}) ORDER BY id", blocks)
-        return _nodes_from_rows([(r[0], r[1:4], r[4]) for r in rows])
-
-    def read_edges(self, blocks: list[int]) -> Edges:
-        rows = self._in_blocks(
-            "SELECT u, v, merge_score, affinities FROM edges WHERE block IN ({}) ORDER BY u, v", blocks
-        )
-        return _edges_from_rows([(u, v, s, np.frombuffer(a, dtype=np.float32)) for u, v, s, a in rows])
-
-    def node_ids(self) -> np.ndarray:
-        # chunk by chunk into numpy: a list of 1e8 row tuples would take GBs
-        cursor = self.db.execute("SELECT id FROM nodes ORDER BY id")
-        chunks = [np.array(rows, dtype=np.uint64).ravel() for rows in iter(lambda: cursor.fetchmany(EDGE_CHUNK), [])]
-        return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint64)
-
-    def stream_edges(self, chunk: int = EDGE_CHUNK):
-        cursor = self.db.execute("SELECT u, v, merge_score FROM edges")
-        while rows := cursor.fetchmany(chunk):
-            yield _edge_arrays(rows)
+    def _stream(self, kind: str, columns: list[str]) -> Iterator[list[Record]]:
+        cursor = self.db.execute(f"SELECT block, part, meta, data FROM {self.TABLES[kind]} ORDER BY block, part")
+        while rows := cursor.fetchmany(ROWS):
+            yield [self._record(row, columns) for row in rows]
 
     def close(self) -> None:
         self.db.close()
@@ -298,10 +316,12 @@ class SqliteGraphStore(GraphStore):
 
 class MongoGraphStore(GraphStore):
     """For clusters where many workers write at once. One client per worker
-    process (the store is opened once in a worker's set-up), bulk writes,
-    retries with back-off on transient connection errors."""
+    process (the store is opened once in a worker's set-up), a document
+    per record (block, part, meta and a binary field per column), retries
+    with back-off on transient connection errors."""
 
     RETRIES = 5
+    COLLECTIONS = {"nodes": "node_records", "edges": "edge_records"}
 
     def __init__(self, uri: str, default_database: str, secret: str | None = None, timeout_s: float = STORE_TIMEOUT_S,
                  reach_s: float | None = None):
@@ -331,12 +351,21 @@ class MongoGraphStore(GraphStore):
             raise UserError(f"store: cannot reach MongoDB at {self.uri}: {reason}") from e
         self.db = self.client[name]
         self.name = f"MongoDB database {name!r}"
-        self.nodes = self.db["nodes"]
-        self.edges = self.db["edges"]
+        self.records = {kind: self.db[collection] for kind, collection in self.COLLECTIONS.items()}
         self.owner = self.db["owner"]
-        self._retry(lambda: self.nodes.create_index("block"))
-        self._retry(lambda: self.edges.create_index([("u", 1), ("v", 1)], unique=True))
-        self._retry(lambda: self.edges.create_index("block"))
+        remedy = "drop that database (or name another in the store URI) and run again: the run then redoes its graph steps"
+        if {"nodes", "edges"} & set(self._retry(self.db.list_collection_names)):
+            self.client.close()
+            raise _old_layout(self.name, remedy)
+        recorded = self._retry(lambda: self.owner.find_one({"_id": "layout"}))
+        if recorded is None:
+            self._retry(lambda: self.owner.update_one({"_id": "layout"}, {"$setOnInsert": {"version": LAYOUT}}, upsert=True))
+        elif recorded["version"] != LAYOUT:
+            self.client.close()
+            raise UserError(f"store: {self.name} holds a region graph of layout {recorded['version']}, "
+                            f"this affseg reads {LAYOUT}; {remedy}")
+        for collection in self.records.values():
+            self._retry(lambda: collection.create_index([("block", 1), ("part", 1)], unique=True))
 
     def _retry(self, operation):
         from pymongo.errors import AutoReconnect, NetworkTimeout
@@ -350,8 +379,8 @@ class MongoGraphStore(GraphStore):
                 time.sleep(0.5 * 2**attempt)
 
     def reset(self) -> None:
-        self._retry(lambda: self.nodes.delete_many({}))
-        self._retry(lambda: self.edges.delete_many({}))
+        for collection in self.records.values():
+            self._retry(lambda: collection.delete_many({}))
 
     def _recorded_owner(self) -> dict | None:
         return self._retry(lambda: self.owner.find_one({"_id": "owner"}, {"_id": 0}))
@@ -365,9 +394,15 @@ class MongoGraphStore(GraphStore):
             pass
 
     def _holds_graph(self) -> bool:
-        return any(self._retry(lambda: c.find_one({}, {"_id": 1})) is not None for c in (self.nodes, self.edges))
+        return any(self._retry(lambda: c.find_one({}, {"_id": 1})) is not None for c in self.records.values())
 
-    def _replace(self, collection, block: int, documents: list[dict]) -> None:
+    def _replace(self, kind: str, block: int, records: list[Record]) -> None:
+        from bson import Binary
+
+        collection = self.records[kind]
+        documents = [{"block": r.block, "part": r.part, "meta": r.meta_json(),
+                      "columns": {name: Binary(data) for name, data in r.columns.items()}} for r in records]
+
         # delete and insert retry as a pair: a retried insert may otherwise
         # meet half of its own earlier attempt
         def replace():
@@ -377,108 +412,55 @@ class MongoGraphStore(GraphStore):
 
         self._retry(replace)
 
-    def write_nodes(self, block: int, nodes: Nodes) -> None:
-        _check_ids(nodes.ids)
-        documents = [
-            {"_id": i, "center": c, "size": s, "block": block}
-            for i, c, s in zip(nodes.ids.tolist(), nodes.centers.tolist(), nodes.sizes.tolist())
-        ]
-        self._replace(self.nodes, block, documents)
+    @staticmethod
+    def _projection(columns: list[str]) -> dict:
+        return {"_id": 0, "block": 1, "part": 1, "meta": 1, **{f"columns.{c}": 1 for c in columns}}
 
-    def write_edges(self, block: int, edges: Edges) -> None:
-        _check_ids(edges.v)
-        documents = [
-            {"u": u, "v": v, "merge_score": None if s != s else s, "affinities": a, "block": block}
-            for u, v, s, a in zip(
-                edges.u.tolist(), edges.v.tolist(), edges.scores.tolist(), edges.affinities.tolist()
-            )
-        ]
-        self._replace(self.edges, block, documents)
+    @staticmethod
+    def _record(document: dict) -> Record:
+        return Record(document["block"], document["part"], json.loads(document["meta"]),
+                      {name: bytes(data) for name, data in document["columns"].items()})
 
-    def _find_in_blocks(self, collection, blocks: list[int], projection: dict) -> list[dict]:
-        documents: list[dict] = []
+    def _read(self, kind: str, blocks: list[int], columns: list[str]) -> list[Record]:
+        records: list[Record] = []
         for start in range(0, len(blocks), IN_CHUNK):
             chunk = blocks[start : start + IN_CHUNK]
-            documents += self._retry(lambda: list(collection.find({"block": {"$in": chunk}}, projection)))
-        return documents
-
-    def read_nodes(self, blocks: list[int]) -> Nodes:
-        documents = self._find_in_blocks(self.nodes, blocks, {"center": 1, "size": 1})
-        documents.sort(key=lambda d: d["_id"])
-        return _nodes_from_rows([(d["_id"], d["center"], d["size"]) for d in documents])
-
-    def read_edges(self, blocks: list[int]) -> Edges:
-        documents = self._find_in_blocks(self.edges, blocks, {"_id": 0, "u": 1, "v": 1, "merge_score": 1, "affinities": 1})
-        documents.sort(key=lambda d: (d["u"], d["v"]))
-        return _edges_from_rows([(d["u"], d["v"], d["merge_score"], d["affinities"]) for d in documents])
+            documents = self._retry(lambda: list(self.records[kind].find({"block": {"$in": chunk}}, self._projection(columns))))
+            records += map(self._record, documents)
+        return sorted(records, key=lambda r: (r.block, r.part))
 
     def _block_ranges(self, collection) -> Iterator[tuple[int, int]]:
         """[first, end) ranges of BLOCK_RANGE block indices up to the last
-        block that holds a document of `collection`."""
+        block that holds a record in `collection`."""
         last = self._retry(lambda: collection.find_one({}, {"block": 1}, sort=[("block", -1)]))
         if last is None:
             return
         for first in range(0, last["block"] + 1, BLOCK_RANGE):
             yield first, first + BLOCK_RANGE
 
-    def _read_range(self, collection, first: int, end: int, projection: dict, sort: list | None = None) -> list[dict]:
+    def _read_range(self, collection, first: int, end: int, projection: dict) -> list[Record]:
         # one range is one retried request: a failure mid-stream re-reads
         # that range only, never the whole graph
         query = {"block": {"$gte": first, "$lt": end}}
-        return self._retry(lambda: list(collection.find(query, projection, sort=sort)))
+        documents = self._retry(lambda: list(collection.find(query, projection, sort=[("block", 1), ("part", 1)])))
+        return [self._record(d) for d in documents]
 
-    def _read_ranges(self, collection, projection: dict, sort: list | None = None) -> Iterator[list[dict]]:
-        """Each range's documents (`_read_range`), in range order, with
+    def _stream(self, kind: str, columns: list[str]) -> Iterator[list[Record]]:
+        """Each range's records (`_read_range`), in range order, with
         READERS requests in flight: the server answers the next ranges
         while this process decodes one."""
+        collection, projection = self.records[kind], self._projection(columns)
         with ThreadPoolExecutor(READERS) as pool:
             pending: deque = deque()
             for first, end in self._block_ranges(collection):
-                pending.append(pool.submit(self._read_range, collection, first, end, projection, sort))
+                pending.append(pool.submit(self._read_range, collection, first, end, projection))
                 if len(pending) == READERS:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
 
-    def node_ids(self) -> np.ndarray:
-        # block by block: a block's ids are below the next block's, so
-        # ranges sorted by id concatenate sorted
-        chunks = [
-            np.array([d["_id"] for d in documents], dtype=np.uint64)
-            for documents in self._read_ranges(self.nodes, {"_id": 1}, sort=[("_id", 1)])
-        ]
-        return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint64)
-
-    def stream_edges(self, chunk: int = EDGE_CHUNK):
-        projection = {"_id": 0, "u": 1, "v": 1, "merge_score": 1}
-        for documents in self._read_ranges(self.edges, projection):
-            for start in range(0, len(documents), chunk):
-                yield _edge_arrays([(d["u"], d["v"], d["merge_score"]) for d in documents[start : start + chunk]])
-
     def close(self) -> None:
         self.client.close()
-
-
-def _nodes_from_rows(rows: list[tuple]) -> Nodes:
-    return Nodes(
-        ids=np.array([r[0] for r in rows], dtype=np.uint64),
-        centers=np.array([r[1] for r in rows], dtype=np.float64).reshape(-1, 3),
-        sizes=np.array([r[2] for r in rows], dtype=np.int64),
-    )
-
-
-def _edges_from_rows(rows: list[tuple]) -> Edges:
-    u, v, s = _edge_arrays([r[:3] for r in rows])
-    affinities = np.array([r[3] for r in rows], dtype=np.float32)
-    return Edges(u, v, s, affinities.reshape(len(rows), -1))
-
-
-def _edge_arrays(rows: list[tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    u = np.fromiter((r[0] for r in rows), dtype=np.uint64, count=len(rows))
-    v = np.fromiter((r[1] for r in rows), dtype=np.uint64, count=len(rows))
-    s = np.fromiter((np.nan if r[2] is None else r[2] for r in rows), dtype=np.float32, count=len(rows))
-    return u, v, s
-
 
 def default_database(run_dir: Path, run_id: str) -> str:
     """A database name that no other run can have (the run's id) and that
