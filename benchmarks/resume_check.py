@@ -5,8 +5,8 @@ layout starts (or resumes), measured on a synthetic run directory.
 
 Builds (once; `--keep` leaves it for the next call) a run directory with
 the Kasthuri15 block layout of configs/cluster_kasthuri15.json: 10747 x
-12895 x 1850 voxels of 3 x 3 x 30 nm, predict blocks of 24 x 192 x 192
-voxels, post-processing blocks of 48 x 768 x 768, the chunks those blocks
+12895 x 1850 voxels of 6 x 6 x 30 nm, predict blocks of 24 x 192 x 192
+voxels, post-processing blocks of 48 x 384 x 384, the chunks those blocks
 give (affinities 12 x 24 x 64 x 64, fragments and segmentation 48 x 64 x
 64, raw 64^3), every chunk an empty file, and the done markers of a
 finished run written by daisy itself. Then times, with the file system's
@@ -46,7 +46,7 @@ from pipeline.orchestration.run_layout import RunDir, RunLayout, check_complete 
 from pipeline.orchestration.tasks import step_geometry  # noqa: E402
 from pipeline.storage.volumes import ChunkFiles, prepare_volume  # noqa: E402
 
-VOXEL = Coordinate(30, 3, 3)
+VOXEL = Coordinate(30, 6, 6)
 SHAPE = Coordinate(1850, 12895, 10747)
 OFFSETS = tuple((d * (a == 0), d * (a == 1), d * (a == 2)) for d in (-1, -3, -9, -27) for a in range(3))
 STEPS = ("predict", "fragments", "agglomerate", "relabel")
@@ -59,8 +59,8 @@ def kasthuri15_layout() -> RunLayout:
         offsets=OFFSETS,
         predict_output=Coordinate(24, 192, 192) * VOXEL,
         predict_context=Coordinate(20, 20, 20) * VOXEL,
-        block_shape=Coordinate(48, 768, 768) * VOXEL,
-        context=Coordinate(8, 96, 96) * VOXEL,
+        block_shape=Coordinate(48, 384, 384) * VOXEL,
+        context=Coordinate(8, 48, 48) * VOXEL,
     )
 
 

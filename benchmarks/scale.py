@@ -52,6 +52,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.kernels.lut import FragmentIndex, build_luts  # noqa: E402
 
 KASTHURI15 = 10747 * 12895 * 1850  # voxels
+KASTHURI15_SHAPE = (1850, 12895, 10747)  # z, y, x at 30 x 6 x 6 nm
+# configs/cluster_kasthuri15.json's post-processing block in voxels
+KASTHURI15_BLOCK = (48, 384, 384)
 CHUNK = 10_000_000  # edges per streamed chunk, as a store would hand them over
 VOXELS_PER_BLOCK = 1_000_000
 THRESHOLDS = [round(0.1 * k, 1) for k in range(1, 10)]
@@ -293,12 +296,9 @@ def mongodb_load(report: dict, edges: float, edge_bytes: float, cores: int) -> N
     agglomerate worker writes its block's edges as it finishes it, so the
     server takes the records of `cores` workers at the agglomerate step's
     rate. Beside it, published `mongod` insert rates."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from resume_check import kasthuri15_layout
-
     from pipeline.storage.graph_records import PART_BYTES
 
-    blocks = int(np.prod(kasthuri15_layout().block_grid))
+    blocks = int(np.prod(np.ceil(np.array(KASTHURI15_SHAPE) / KASTHURI15_BLOCK)))
     block_bytes = edges * edge_bytes / blocks
     documents = blocks * int(np.ceil(block_bytes / PART_BYTES))  # a block's edges, in parts
     step_s = report["steps"]["agglomerate"]["cpu_s"] * KASTHURI15 / report["volume_voxels"] / cores
