@@ -95,7 +95,7 @@ class Record:
     block: int
     part: int
     meta: dict
-    columns: dict[str, bytes]
+    columns: dict[str, bytes]  # or memoryview slices of one SQLite BLOB
 
     def meta_json(self) -> str:
         return json.dumps(self.meta, separators=(",", ":"))
@@ -199,10 +199,11 @@ def encode_nodes(block: int, nodes: Nodes) -> list[Record]:
     ])
 
 
-def encode_edges(block: int, edges: Edges, channels: int | None = None) -> list[Record]:
+def encode_edges(block: int, edges: Edges) -> list[Record]:
     """The edges' records, sorted by (u, v). Every attribute must be
-    declared in EDGE_ATTRIBUTES with its dtype; per-offset ones have
-    `channels` columns (default: whatever the first one has)."""
+    declared in EDGE_ATTRIBUTES with its dtype; per-offset ones all have
+    the same number of columns (the run's offsets)."""
+    channels = None
     u, v = np.asarray(edges.u, dtype=np.uint64), np.asarray(edges.v, dtype=np.uint64)
     _check_ids(v)
     if len(u) and not np.all(u < v):

@@ -290,6 +290,7 @@ class SqliteGraphStore(GraphStore):
     def _record(row: tuple, columns: list[str]) -> Record:
         block, part, meta, data = row
         meta = json.loads(meta)
+        data = memoryview(data)  # columns are slices of the row's BLOB, not copies
         parts, at = {}, 0
         for spec in meta["columns"]:
             if spec["name"] in columns:
@@ -418,8 +419,8 @@ class MongoGraphStore(GraphStore):
 
     @staticmethod
     def _record(document: dict) -> Record:
-        return Record(document["block"], document["part"], json.loads(document["meta"]),
-                      {name: bytes(data) for name, data in document["columns"].items()})
+        # bson's Binary is bytes already: no copy of the columns
+        return Record(document["block"], document["part"], json.loads(document["meta"]), document["columns"])
 
     def _read(self, kind: str, blocks: list[int], columns: list[str]) -> list[Record]:
         records: list[Record] = []
