@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 from pipeline.cli import cli_main  # noqa: E402
 from pipeline.config import load_json  # noqa: E402
 from pipeline.training.config import TrainConfig  # noqa: E402
-from pipeline.train import export_checkpoint  # noqa: E402
+from pipeline.training.loop import export_checkpoint  # noqa: E402
 
 
 def main() -> None:

@@ -18,10 +18,15 @@ def class_balance_weights(target: torch.Tensor, mask: torch.Tensor) -> torch.Ten
 
 
 class WeightedMSELoss(torch.nn.Module):
-    """Sum of w * (p - t)^2 over the valid pairs, divided by their number."""
+    """Sum of w * (p - t)^2 over the valid pairs, divided by their number;
+    `channel_weights` (one per channel) multiply w (CRAC's x10 on the
+    nearest neighbours)."""
 
-    def forward(self, prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                channel_weights: torch.Tensor | None = None) -> torch.Tensor:
         mask = mask.to(prediction.dtype)
         target = target.to(prediction.dtype)
         weights = class_balance_weights(target, mask) * mask
+        if channel_weights is not None:
+            weights = weights * channel_weights.to(weights).view(1, -1, *(1,) * (weights.dim() - 2))
         return (weights * (prediction - target) ** 2).sum() / mask.sum().clamp(min=1)

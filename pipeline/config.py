@@ -69,6 +69,10 @@ class ModelConfig(Strict):
     # offsets. An embedding model gives any offset ("adaptive affinity"), an
     # affinity model a subset of its training offsets.
     offsets: list[Triple] | None = Field(default=None, min_length=2)
+    # for a model with several representations (CRAC: "embedding", the
+    # default, cosines of E's embedding at any offset; "explicit", F's
+    # affinities at its training offsets): which gives the affinities
+    representation: str | None = None
 
     @model_validator(mode="after")
     def _one_of(self) -> ModelConfig:

@@ -17,7 +17,12 @@ interior of each section, numbered across the stack.
 
 --keep-instances makes a sparse copy of dense labels: N (or, below 1, that
 fraction of) whole instances chosen at random with --seed; every other voxel
-becomes 0, which training reads as "unknown" (`sparse: true`).
+becomes 0, which training reads as "unknown" (`sparse: true`). For data
+whose background is known (nuclei: label 0 is background, not unknown),
+--annotation-mask also writes the mask training takes as `labels_mask`: 1 on
+the kept instances and on the background, 0 on the other instances. With
+--ids-per-section an instance is one section's id (independent 2D images
+whose ids restart on every page).
 
 The volume is read and written in slabs of one chunk depth, so memory stays
 bounded by a slab (plus the list of instance ids with --keep-instances).
@@ -202,6 +207,16 @@ def section_components(sections: np.ndarray, first_id: int) -> tuple[np.ndarray,
     return labels, first_id
 
 
+def instance_keys(data: np.ndarray, first_section: int, per_section: bool) -> np.ndarray:
+    """What names an instance: its id, or (section, id) as one uint64."""
+    if not per_section:
+        return data.astype(np.uint64)
+    if data.size and int(data.max()) >= 2**32:
+        raise UserError("--ids-per-section: ids must be below 2^32")
+    sections = np.arange(first_section, first_section + data.shape[0], dtype=np.uint64).reshape(-1, *(1,) * (data.ndim - 1))
+    return np.where(data != 0, (sections << np.uint64(32)) | data.astype(np.uint64), 0)
+
+
 def choose_instances(ids: np.ndarray, keep: float, seed: int) -> np.ndarray:
     """`keep` >= 1: that many ids; below 1: that fraction (at least one)."""
     count = int(keep) if keep >= 1 else max(1, round(keep * len(ids)))
@@ -265,6 +280,8 @@ def ingest(
     components: bool = False,
     keep_instances: float | None = None,
     seed: int = 0,
+    annotation_mask: str | None = None,
+    ids_per_section: bool = False,
     overwrite: bool = False,
     labels: bool = False,
     percentiles: tuple[float, float] | None = None,
@@ -283,6 +300,9 @@ def ingest(
         raise UserError(f"--z-range: {z0}..{z1} is outside the source's {src.shape[0]} sections")
     if keep_instances is not None and keep_instances <= 0:
         raise UserError(f"--keep-instances: must be positive, got {keep_instances}")
+    if keep_instances is None and (annotation_mask is not None or ids_per_section):
+        raise UserError(f"{'--annotation-mask' if annotation_mask is not None else '--ids-per-section'} "
+                        f"belongs to --keep-instances (a sparse copy)")
     mapping = BodyMap(body_map) if body_map else None
     if labels:
         if not np.issubdtype(src.dtype, np.integer):
@@ -304,11 +324,20 @@ def ingest(
         container, dataset = split_path(out)
     except ValueError as e:
         raise UserError(f"--out: {e}") from e
-    if (container / dataset).exists():
-        if not overwrite:
-            raise UserError(f"--out: {out} exists already; pass --overwrite to replace it")
-        shutil.rmtree(container / dataset)
-    container.mkdir(parents=True, exist_ok=True)
+    outputs = [(container, dataset)]
+    if annotation_mask is not None:
+        try:
+            outputs.append(split_path(annotation_mask))
+        except ValueError as e:
+            raise UserError(f"--annotation-mask: {e}") from e
+        if outputs[1] == outputs[0]:
+            raise UserError("--annotation-mask: must be another dataset than --out")
+    for (where, name), flag in zip(outputs, ("--out", "--annotation-mask")):
+        if (where / name).exists():
+            if not overwrite:
+                raise UserError(f"{flag}: {where / name} exists already; pass --overwrite to replace it")
+            shutil.rmtree(where / name)
+        where.mkdir(parents=True, exist_ok=True)
     chunks = Coordinate(min(c, s) for c, s in zip(chunk_shape, shape))
     steps = list(slabs(z1 - z0, chunks[0]))
 
@@ -330,21 +359,30 @@ def ingest(
 
     kept = None
     if keep_instances is not None:
-        ids = np.unique(np.concatenate([np.unique(data) for _, _, data in converted()]))
+        ids = np.unique(np.concatenate([np.unique(instance_keys(data, a, ids_per_section)) for a, _, data in converted()]))
         kept = choose_instances(ids[ids != 0], keep_instances, seed)
     array = prepare_volume(container, dataset, roi, vs, dtype, chunks * vs, channels=src.channels)
+    mask = None
+    if annotation_mask is not None:
+        mask = prepare_volume(*outputs[1], roi, vs, "uint8", chunks * vs)
     try:
         # no bar where stderr is no terminal (a log, a test): one line per error
         for a, b, data in tqdm(converted(), total=len(steps), desc=f"ingest {dataset}", unit="slab", disable=None):
-            if kept is not None:
-                data = np.where(np.isin(data, kept), data, 0)
             slab = Roi(roi.offset + Coordinate(a, 0, 0) * vs, Coordinate(b - a, *shape[1:]) * vs)
+            if kept is not None:
+                keep = np.isin(instance_keys(data, a, ids_per_section), kept)
+                if mask is not None:  # the kept instances and the known background
+                    mask[slab] = (keep | (data == 0)).astype(np.uint8)
+                data = np.where(keep, data, 0)
             array[slab] = data.astype(dtype)
     except UserError:
         # a section found unreadable halfway: no half-written dataset
-        shutil.rmtree(container / dataset, ignore_errors=True)
+        for where, name in outputs:
+            shutil.rmtree(where / name, ignore_errors=True)
         raise
-    note = f"; kept {len(kept)} instances (seed {seed})" if kept is not None else ""
+    note = f"; kept {len(kept)} of {len(ids) - (ids[0] == 0)} instances (seed {seed})" if kept is not None else ""
+    if mask is not None:
+        note += f"; annotation mask {outputs[1][0]}/{outputs[1][1]} (kept instances and background)"
     if intensity is not None:
         # one (low, high) range, or one per channel
         record = {"source_dtype": src.dtype.name, "percentiles": list(percentiles), "range": intensity.tolist(),
@@ -372,6 +410,12 @@ def main() -> None:
     parser.add_argument("--components", action="store_true", help="label the connected components of each section's non-zero pixels (boundary masks -> instances)")
     parser.add_argument("--keep-instances", type=float, metavar="K", help="sparse copy: keep K random whole instances (K < 1: that fraction)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for --keep-instances (default 0)")
+    parser.add_argument("--annotation-mask", metavar="CONTAINER.zarr/DATASET",
+                        help="with --keep-instances: also write the annotation mask (1 = kept instances and background, "
+                             "0 = the other instances), for data whose label 0 is known background")
+    parser.add_argument("--ids-per-section", action="store_true",
+                        help="with --keep-instances: ids restart in every section (independent 2D images); an instance "
+                             "is a section's id")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists (refused otherwise)")
     parser.add_argument("--labels", action="store_true", help="the source holds instance ids (kept as they are; palette PNGs give their indices)")
     parser.add_argument("--percentiles", type=float, nargs=2, metavar=("LOW", "HIGH"),
@@ -388,6 +432,8 @@ def main() -> None:
         args.components,
         args.keep_instances,
         args.seed,
+        args.annotation_mask,
+        args.ids_per_section,
         args.overwrite,
         args.labels,
         tuple(args.percentiles) if args.percentiles else None,

@@ -10,7 +10,7 @@ import tifffile
 import zarr
 from funlib.persistence import open_ds
 
-from tests.conftest import GROUNDTRUTH_H5, RAW, run_cli
+from tests.conftest import GROUNDTRUTH_H5, NUCLEI, RAW, run_cli
 
 
 def raw_sections(z0=0, z1=6):
@@ -182,6 +182,36 @@ def test_sparse_copy_keeps_whole_random_instances(tmp_path, labels):
     np.testing.assert_array_equal(copies["a"][copies["a"] > 0], dense[copies["a"] > 0])
     np.testing.assert_array_equal(copies["a"], copies["b"])
     assert not np.array_equal(copies["a"], copies["c"])
+
+
+def test_sparse_nuclei_keep_a_fraction_of_each_pages_instances_and_know_the_background(tmp_path):
+    """Page ids restart on every page: an instance is (page, id). The mask
+    annotates the kept nuclei and the background, nothing else."""
+    dense = tifffile.imread(NUCLEI / "labels.tif")[:6]
+    source = tmp_path / "pages.tif"
+    tifffile.imwrite(source, dense)
+    copies = {}
+    for seed in ("0", "0", "1"):
+        out = tmp_path / f"sparse_{seed}.zarr"
+        result = run_cli("pipeline/ingest.py", str(source), "--labels", "--keep-instances", "0.1", "--seed", seed,
+                         "--ids-per-section", "--annotation-mask", str(out / "mask"), "--out", str(out / "labels"),
+                         "--voxel-size", "1", "1", "1", "--overwrite")
+        assert result.returncode == 0, result.stderr
+        labels, mask = (zarr.open(str(out / name), "r")[:] for name in ("labels", "mask"))
+        copies.setdefault(seed, []).append(labels)
+        np.testing.assert_array_equal(mask == 1, (dense == 0) | (labels != 0))
+        np.testing.assert_array_equal(labels[labels != 0], dense[labels != 0])
+        instances = {(z, i) for z in range(len(dense)) for i in np.unique(dense[z][dense[z] > 0])}
+        kept = {(z, i) for z in range(len(dense)) for i in np.unique(labels[z][labels[z] > 0])}
+        assert len(kept) == round(0.1 * len(instances))
+        for z, i in kept:  # whole instances
+            np.testing.assert_array_equal(labels[z] == i, dense[z] == i)
+        # kept on many pages, not one id on every page
+        assert len({z for z, _ in kept}) == len(dense) and len({i for _, i in kept}) > len(kept) / 2
+    assert np.array_equal(*copies["0"]) and not np.array_equal(copies["0"][0], copies["1"][0])
+    lone = run_cli("pipeline/ingest.py", str(source), "--labels", "--annotation-mask", str(tmp_path / "m.zarr/mask"),
+                   "--out", str(tmp_path / "m.zarr/labels"), "--voxel-size", "1", "1", "1")
+    assert lone.returncode == 2 and "--annotation-mask belongs to --keep-instances" in lone.stderr
 
 
 def test_multi_channel_16_bit_intensities_are_mapped_channel_by_channel(tmp_path):

@@ -14,7 +14,7 @@ from funlib.geometry import Coordinate, Roi
 from funlib.persistence import open_ds
 
 from pipeline.config import RunConfig
-from pipeline.methods import affinity, build_model, embedding, load_model, save_model
+from pipeline.methods import affinity, build_model, crac, embedding, load_model, save_model
 from pipeline.predict import open_run
 from pipeline.orchestration.tasks import blockwise_geometry
 from tests.conftest import RAW
@@ -23,21 +23,25 @@ from workers.predict import predict_roi, setup
 
 MALA = {"name": "mala_unet", "num_fmaps": 4, "fmap_inc_factor": 2, "downsample_factors": [[2, 2, 2], [2, 2, 2]]}
 OFFSETS = [[-1, 0, 0], [0, -1, 0], [0, 0, -1], [0, 0, -3]]
+ADAPTIVE = [[-1, 0, 0], [0, -1, 0], [0, 0, -1], [0, -6, 0], [-2, 5, -9]]
+CRAC = crac.Settings(name="crac", dim=6, entropy=None)
+# (settings, the run's offsets, the run's model.representation)
 METHODS = {
-    "affinity": (affinity.Settings(), None),
+    "affinity": (affinity.Settings(), None, None),
     # adaptive offsets: the run asks for offsets the model was not trained on,
     # some longer than the network's alignment, one pointing forwards
-    "embedding": (embedding.Settings(name="embedding", dim=6, ccm=None, epm=None),
-                  [[-1, 0, 0], [0, -1, 0], [0, 0, -1], [0, -6, 0], [-2, 5, -9]]),
+    "embedding": (embedding.Settings(name="embedding", dim=6, ccm=None, epm=None), ADAPTIVE, None),
+    "crac-embedding": (CRAC, ADAPTIVE, None),
+    "crac-explicit": (CRAC, None, "explicit"),
 }
 
 
 def blockwise_run(tmp_path, method: str):
     torch.manual_seed(0)
-    settings, run_offsets = METHODS[method]
+    settings, run_offsets, representation = METHODS[method]
     checkpoint = tmp_path / "net.pt"
     model = build_model(settings, MALA, OFFSETS)
-    if method == "embedding":
+    if hasattr(model, "embed"):
         # an untrained network's features barely vary around their mean, so
         # all cosines are about 1; a head centred on that mean spreads them
         raw = open_ds(RAW)
@@ -51,8 +55,8 @@ def blockwise_run(tmp_path, method: str):
         run_dir=str(tmp_path / "run"),
         raw=str(RAW),
         roi={"offset": [500, 300, 200], "shape": [300, 540, 460]},
-        model={"checkpoint": str(checkpoint), "offsets": run_offsets},
-        predict={"device": "cpu", "output_shape": [8, 16, 16], "extra_outputs": ["embedding"] if method == "embedding" else []},
+        model={"checkpoint": str(checkpoint), "offsets": run_offsets, "representation": representation},
+        predict={"device": "cpu", "output_shape": [8, 16, 16], "extra_outputs": ["embedding"] if run_offsets else []},
         postprocess={"block_shape": [300, 540, 460], "context": [10, 10, 10]},
     )
     layout, run_dir = open_run(config)
@@ -64,7 +68,10 @@ def blockwise_run(tmp_path, method: str):
         assert daisy.run_blockwise([task], multiprocessing=False, progress=False, summary=False)
     n_blocks = int(np.prod([-(-s // b) for s, b in zip(layout.roi.shape, layout.predict_output)]))
     assert n_blocks >= 20
-    return load_model(checkpoint), layout, run_dir
+    model = load_model(checkpoint)
+    if representation is not None:
+        model.representation = representation
+    return model, layout, run_dir
 
 
 @pytest.mark.parametrize("method", list(METHODS))

@@ -17,13 +17,13 @@ from pydantic import Field
 from torch import nn
 
 from networks.models import baseline_model, build_backbone
-from pipeline.methods import affinity, embedding
-from pipeline.methods.base import MethodModel
+from pipeline.methods import affinity, crac, embedding
+from pipeline.methods.base import MethodModel, MethodStep
 
-METHODS = {"affinity": affinity, "embedding": embedding}
+METHODS = {"affinity": affinity, "embedding": embedding, "crac": crac}
 
 # the `method` section of a training config
-MethodConfig = Annotated[affinity.Settings | embedding.Settings, Field(discriminator="name")]
+MethodConfig = Annotated[affinity.Settings | embedding.Settings | crac.Settings, Field(discriminator="name")]
 
 CHECKPOINT_FORMAT = "affseg-model-2"
 # before methods: the affinity method, the head inside the backbone
@@ -37,8 +37,8 @@ def build_model(method, backbone: dict, offsets) -> MethodModel:
     return model
 
 
-def training_step(model: MethodModel, method) -> nn.Module:
-    """forward(raw, labels, labels_mask, affs, affs_mask) -> (affinities, loss)."""
+def training_step(model: MethodModel, method) -> MethodStep:
+    """The method's training step around `model` (see `base.MethodStep`)."""
     return METHODS[method.name].TrainingStep(model, method)
 
 

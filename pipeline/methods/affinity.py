@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from networks.losses import WeightedMSELoss
-from pipeline.methods.base import ForegroundSettings, MethodModel, foreground_loss
+from pipeline.methods.base import ForegroundSettings, MethodModel, MethodStep, Progress, StepOutput, TrainingBatch, foreground_loss
 from pipeline.schema import Strict
 
 
@@ -49,17 +49,17 @@ class Model(MethodModel):
         return None
 
 
-class TrainingStep(nn.Module):
+class TrainingStep(MethodStep):
     def __init__(self, model: Model, settings: Settings):
-        super().__init__()
-        self.model, self.settings = model, settings
+        super().__init__(model)
+        self.settings = settings
         self.loss = WeightedMSELoss()
 
-    def forward(self, raw, labels, labels_mask, affs, affs_mask) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.model.backbone(raw)
+    def forward(self, batch: TrainingBatch, progress: Progress) -> StepOutput:
+        features = self.model.backbone(batch.raw)
         prediction = torch.sigmoid(self.model.head(features))
-        loss = self.loss(prediction, affs, affs_mask)
+        losses = {"affinity": self.loss(prediction, batch.affs, batch.affs_mask)}
         if self.model.foreground is not None:
-            loss = loss + foreground_loss(self.model.foreground(features), labels.to(torch.int64), labels_mask,
-                                          self.settings.foreground)
-        return prediction, loss
+            losses["foreground"] = foreground_loss(self.model.foreground(features), batch.labels, batch.labels_mask,
+                                                   self.settings.foreground)
+        return StepOutput(losses, {"prediction": prediction})

@@ -8,13 +8,16 @@ A method is one module in this package. It owns:
 - `Model(MethodModel)`: the heads it puts on a method-free backbone, the
   outputs they give at predict time and how those become affinities for any
   list of offsets the run asks for;
-- `TrainingStep`: a torch module that takes a training batch (raw, labels,
-  annotation mask, affinity targets and their mask) and returns the
-  affinities to show in snapshots and the loss. It computes whatever other
-  targets the method needs from the labels.
+- `TrainingStep(MethodStep)`: a torch module that takes a `TrainingBatch`
+  (raw, labels, annotation mask, affinity targets and their mask) and the
+  `Progress` of training, and returns named loss terms and the predictions
+  to show in snapshots (`StepOutput`). It computes whatever other targets
+  the method needs from the labels, and may keep state of its own (an EMA
+  teacher): its `state_dict` is what a checkpoint holds.
 
-Nothing outside this package branches on the method: `train.py` builds the
-training step, the predict worker asks the model for affinities and extra
+Nothing outside this package branches on the method: the training loop
+(`pipeline/training/loop.py`) runs the step and optimises its trainable
+parameters, the predict worker asks the model for affinities and extra
 outputs, and checkpoints record the method with its settings.
 """
 
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-
+from dataclasses import dataclass, field
 from typing import Annotated
 
 import torch
@@ -50,7 +53,16 @@ class ForegroundSettings(Strict):
 class MethodModel(nn.Module, ABC):
     """A backbone with a method's heads, and the optional foreground head
     every method offers. `offsets` are the training offsets; `geometry` is
-    the backbone's."""
+    the backbone's.
+
+    A model with several representations that give affinities (CRAC's
+    embedding and explicit affinities) names them in `representations`,
+    the default first; the run config's `model.representation` sets
+    `representation` after loading, and forward, affinities, reach and the
+    outputs follow it. Most models have one and name none."""
+
+    representations: tuple[str, ...] = ()
+    representation: str | None = None
 
     def __init__(self, backbone: nn.Module, offsets, foreground: ForegroundSettings | None = None):
         super().__init__()
@@ -107,6 +119,61 @@ class MethodModel(nn.Module, ABC):
     def needed_outputs(self) -> tuple[str, ...]:
         """Outputs the segmentation reads, always written (the foreground)."""
         return ("foreground",) if self.foreground is not None else ()
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where training is: `iteration` updates are done before this step
+    (0 for the first), `total` is the config's planned `iterations`."""
+
+    iteration: int
+    total: int
+
+
+@dataclass(frozen=True)
+class TrainingBatch:
+    """One batch as the step sees it, on the training device: raw (B, C, z,
+    y, x) in [0, 1]; labels (B, z, y, x) int64, 0 = background, or unknown
+    where `labels_mask` is 0; the affinity targets of the training offsets
+    (B, offsets, z, y, x) and their mask (the pairs with an annotated voxel)."""
+
+    raw: torch.Tensor
+    labels: torch.Tensor
+    labels_mask: torch.Tensor
+    affs: torch.Tensor
+    affs_mask: torch.Tensor
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """`losses`: named scalar terms, each with its weight applied; the loss
+    optimised is their sum, and each is logged. `snapshot`: named (B, C, z,
+    y, x) predictions written into the zarr snapshots. `metrics`: numbers
+    to log beside the losses (a schedule's value, a fraction of pairs)."""
+
+    losses: dict[str, torch.Tensor]
+    snapshot: dict[str, torch.Tensor]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class MethodStep(nn.Module, ABC):
+    """The training step of a method. The loop optimises the parameters
+    that require gradients (a teacher copy holds its weights in parameters
+    that do not, so they are checkpointed but not optimised)."""
+
+    def __init__(self, model: MethodModel):
+        super().__init__()
+        self.model = model
+
+    @abstractmethod
+    def forward(self, batch: TrainingBatch, progress: Progress) -> StepOutput:
+        """The loss terms and snapshot predictions of one batch."""
+
+    def after_update(self, progress: Progress) -> None:
+        """Called after each optimiser step (an EMA teacher follows here)."""
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
 
 
 def foreground_loss(logits: torch.Tensor, labels: torch.Tensor, annotated: torch.Tensor,

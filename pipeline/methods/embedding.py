@@ -28,7 +28,8 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from networks.losses import WeightedMSELoss
-from pipeline.methods.base import ForegroundSettings, MethodModel, foreground_loss, label_affinities, object_pairs, pair_values
+from pipeline.methods.base import (ForegroundSettings, MethodModel, MethodStep, Progress, StepOutput, TrainingBatch,
+                                   foreground_loss, label_affinities, object_pairs, pair_values)
 from pipeline.schema import Strict
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -115,6 +116,18 @@ def level_offsets(offsets, limit: int) -> list[tuple[int, int, int]]:
     if short:
         return short
     return [o for o in ((-1, 0, 0), (0, -1, 0), (0, 0, -1)) if any(o[a] and any(t[a] for t in offsets) for a in range(3))]
+
+
+def embedding_reach(offsets) -> tuple[int, int, int]:
+    """Embedding voxels needed beyond a block: the longest offset per axis."""
+    return tuple(max(abs(o[axis]) for o in offsets) for axis in range(3))
+
+
+def embedding_offsets_error(planar: bool, offsets) -> str | None:
+    """Any offset is a cosine of two embeddings; a 2D network's stay in-plane."""
+    if planar and any(o[0] for o in offsets):
+        return "a 2D embedding model gives in-plane offsets only"
+    return None
 
 
 @dataclass(frozen=True)
@@ -213,54 +226,53 @@ class Model(MethodModel):
         return cosine_affinities(outputs["embedding"], offsets)[0].clamp(min=0)
 
     def reach(self, offsets) -> tuple[int, int, int]:
-        return tuple(max(abs(o[axis]) for o in offsets) for axis in range(3))
+        return embedding_reach(offsets)
 
     def offsets_error(self, offsets) -> str | None:
-        if self.planar and any(o[0] for o in offsets):
-            return "a 2D embedding model gives in-plane offsets only"
-        return None
+        return embedding_offsets_error(self.planar, offsets)
 
     def outputs(self) -> dict[str, tuple[int, str]]:
         return {"embedding": (self.settings.dim, "float16"), **super().outputs()}
 
 
-class TrainingStep(nn.Module):
-    """SCM + CCM + sum of EPM (+ foreground), all weights 1."""
+class TrainingStep(MethodStep):
+    """SCM + CCM + one EPM term per level (+ foreground), all weights 1."""
 
     def __init__(self, model: Model, settings: Settings):
-        super().__init__()
-        self.model, self.settings = model, settings
+        super().__init__(model)
+        self.settings = settings
         self.mse = WeightedMSELoss()
 
     def _fit(self, cosines: torch.Tensor) -> torch.Tensor:
         return cosines.clamp(min=0) if self.settings.clamp_negative else cosines
 
-    def forward(self, raw, labels, labels_mask, affs, affs_mask) -> tuple[torch.Tensor, torch.Tensor]:
-        s, offsets = self.settings, self.model.offsets
-        labels = labels.to(torch.int64)
+    def forward(self, batch: TrainingBatch, progress: Progress) -> StepOutput:
+        s, offsets, raw, labels = self.settings, self.model.offsets, batch.raw, batch.labels
         embedding, pyramid, logits = self.model.embeddings(raw, levels=s.epm is not None)
         cosines, inside = cosine_affinities(embedding, offsets)
         # targets of pairs that reach beyond the output exist (gunpowder reads
         # labels beyond it) but the embedding there does not
-        mask = affs_mask * inside
+        mask = batch.affs_mask * inside
         if not s.background_pairs:
             mask = mask * object_pairs(labels, offsets)
-        loss = self.mse(self._fit(cosines), affs, mask) if s.scm else cosines.new_zeros(())
+        losses = {}
+        if s.scm:
+            losses["scm"] = self.mse(self._fit(cosines), batch.affs, mask)
         if s.ccm is not None:
             view = SecondView.draw(raw.shape, s.ccm, self.model.planar)
             other = view.undo(self.model.embeddings(view.apply(raw))[0])
             if s.ccm.stop_gradient:
                 other = other.detach()
             cross, _ = cross_affinities(embedding, other, offsets)
-            loss = loss + self.mse(self._fit(cross), affs, mask)
+            losses["ccm"] = self.mse(self._fit(cross), batch.affs, mask)
         for level, (coarse, limit) in enumerate(zip(pyramid, self.model.level_ranges)):
             factor = self.model.backbone.level_factors[level]
             level_labels = nearest_downsample(labels, factor)
             chosen = level_offsets(offsets, limit)
-            target, valid = label_affinities(level_labels, nearest_downsample(labels_mask, factor), chosen)
+            target, valid = label_affinities(level_labels, nearest_downsample(batch.labels_mask, factor), chosen)
             if not s.background_pairs:
                 valid = valid & object_pairs(level_labels, chosen)
-            loss = loss + self.mse(self._fit(cosine_affinities(coarse, chosen)[0]), target, valid)
+            losses[f"epm_{level + 1}"] = self.mse(self._fit(cosine_affinities(coarse, chosen)[0]), target, valid)
         if logits is not None:
-            loss = loss + foreground_loss(logits, labels, labels_mask, s.foreground)
-        return cosines.clamp(min=0), loss
+            losses["foreground"] = foreground_loss(logits, labels, batch.labels_mask, s.foreground)
+        return StepOutput(losses, {"prediction": cosines.clamp(min=0)})

@@ -49,13 +49,22 @@ def load_network(config: RunConfig):
     from pipeline.methods import baseline, load_model
 
     if config.model.baseline is not None:
-        return baseline(config.model.baseline)
-    if not Path(config.model.checkpoint).exists():
+        network = baseline(config.model.baseline)
+    elif not Path(config.model.checkpoint).exists():
         raise UserError(f"model.checkpoint: {config.model.checkpoint} does not exist")
-    try:
-        return load_model(config.model.checkpoint)
-    except ValueError as e:
-        raise UserError(f"model.checkpoint: {e}") from e
+    else:
+        try:
+            network = load_model(config.model.checkpoint)
+        except ValueError as e:
+            raise UserError(f"model.checkpoint: {e}") from e
+    chosen = config.model.representation
+    if chosen is not None:
+        if chosen not in network.representations:
+            offered = (f"this model offers {list(network.representations)}" if network.representations else
+                       "this model gives its affinities one way and has none to choose")
+            raise UserError(f"model.representation: {chosen!r} is not a representation of the model; {offered}")
+        network.representation = chosen
+    return network
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,10 @@ class RunLayout:
     # False for given affinities (RunConfig.affinities): no predict step, and
     # the predict_* fields are unused
     predicted: bool = True
+    # which representation of a model with several gives the affinities
+    # (CRAC: embedding or explicit); None for the others. In the run
+    # record, so one run directory never mixes blocks of both
+    representation: str | None = None
 
     @property
     def predict_read_context(self) -> Coordinate:
@@ -144,6 +157,8 @@ class RunLayout:
             "voxel_size": list(self.voxel_size),
             "roi": {"offset": list(self.roi.offset), "shape": list(self.roi.shape)},
             "offsets": [list(o) for o in self.offsets],
+            # before the keys it changes (margin, extras), so a refusal names it
+            "representation": self.representation,
             "predict_output": list(self.predict_output),
             "predict_context": list(self.predict_context),
             "block_shape": list(self.block_shape),
@@ -166,6 +181,8 @@ class RunLayout:
             predict_margin=Coordinate(data["predict_margin"]),
             extras=tuple(tuple(e) for e in data["extras"]),
             predicted=data["predicted"],
+            # run directories from before representations have none
+            representation=data.get("representation"),
         )
 
     @classmethod
@@ -264,6 +281,7 @@ class RunLayout:
             context=Coordinate(config.postprocess.context),
             predict_margin=margin * vs,
             extras=tuple((name, *available[name]) for name in sorted(wanted)),
+            representation=network.representation,
         )
 
 

@@ -142,6 +142,41 @@ class AugmentConfig(Strict):
     grow_boundary: Annotated[int, Field(ge=0)] = 1
 
 
+class OptimizerConfig(Strict):
+    """torch's Adam or AdamW. The PEA paper's: adam, learning_rate 1e-4,
+    eps 0.01, weight_decay 1e-6, amsgrad true."""
+
+    name: Literal["adam", "adamw"] = "adam"
+    learning_rate: Annotated[float, Field(gt=0)] = 1e-4
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
+    eps: Annotated[float, Field(gt=0)] = 1e-8
+    # Adam adds it to the gradient (L2), AdamW decays the weights directly
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    amsgrad: bool = False
+
+
+class ScheduleConfig(Strict):
+    """The learning rate as a function of the iteration alone (so a resumed
+    run continues it exactly): a linear warm-up from 0 over `warmup`
+    iterations, then `decay` from optimizer.learning_rate down to
+    `final` x learning_rate at iteration `until`, constant after it.
+    `until` is its own setting, not `iterations`: raising `iterations` to
+    train on must not bend the schedule already followed."""
+
+    warmup: Annotated[int, Field(ge=0)] = 0
+    decay: Literal["constant", "linear", "cosine"] = "cosine"
+    until: Annotated[int, Field(gt=0)] | None = None
+    final: Annotated[float, Field(ge=0, le=1)] = 0.0
+
+    @model_validator(mode="after")
+    def _horizon(self) -> ScheduleConfig:
+        if self.decay != "constant" and self.until is None:
+            raise ValueError(f"a {self.decay} decay needs `until`, the iteration it ends at")
+        if self.until is not None and self.until <= self.warmup:
+            raise ValueError(f"until ({self.until}) must come after the warm-up ({self.warmup} iterations)")
+        return self
+
+
 class TrainConfig(Strict):
     """`pipeline/train.py CONFIG`."""
 
@@ -157,8 +192,9 @@ class TrainConfig(Strict):
     output_shape: PositiveTriple = (36, 36, 36)
     iterations: Annotated[int, Field(gt=0)]
     augment: AugmentConfig = AugmentConfig()
-    # random locations with less annotated volume than this fraction of the
-    # output are rejected (sparse labels only)
+    # random locations whose output holds less than this fraction of voxels
+    # of annotated instances are rejected (sparse labels only; known
+    # background in a labels_mask does not count)
     min_annotated: Probability = 0.05
     # batches assembled in parallel processes ahead of training; 0 = inline
     precache_workers: Annotated[int, Field(ge=0)] = 4
@@ -167,11 +203,24 @@ class TrainConfig(Strict):
     log_every: Annotated[int, Field(gt=0)] = 10
     # zarr snapshots (raw, labels, target, prediction) every N; 0 = never
     snapshot_every: Annotated[int, Field(ge=0)] = 1000
-    learning_rate: Annotated[float, Field(gt=0)] = 1e-4
+    # samples per batch (gunpowder Stack); the loss is their mean, and
+    # batch statistics (CRAC's entropy percentile) span the whole batch
+    batch_size: Annotated[int, Field(gt=0)] = 1
+    optimizer: OptimizerConfig = OptimizerConfig()
+    # null: optimizer.learning_rate throughout
+    lr_schedule: ScheduleConfig | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # bfloat16 autocast on CUDA (ignored on CPU)
     mixed_precision: bool = True
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data):
+        if isinstance(data, dict) and "learning_rate" in data:
+            raise ValueError(f"learning_rate is now optimizer.learning_rate: write \"optimizer\": "
+                             f"{{\"learning_rate\": {data['learning_rate']}}}")
+        return data
 
     @model_validator(mode="after")
     def _offsets_fit_network(self) -> TrainConfig:

@@ -7,10 +7,11 @@ targets, up to (not including) the torch node.
     -> SimpleAugment (mirror; transpose between axes of equal voxel size)
     -> IntensityAugment -> DefectAugment (blank, low-contrast, artifact
        sections; artifacts come from a source of their own) -> GrowBoundary
-    -> AddAffinities (with the annotation mask) -> Unsqueeze/Stack
+    -> AddAffinities (with the annotation mask) -> Unsqueeze
+    -> Stack (batch_size samples)
 
-Kept apart from `train.py` so tests can request batches from exactly the
-pipeline that training uses.
+The training loop (`loop.py`) requests from it; kept apart so tests can
+request batches from exactly the pipeline that training uses.
 """
 
 from __future__ import annotations
@@ -33,31 +34,35 @@ class TrainingKeys:
     raw: gp.ArrayKey = gp.ArrayKey("RAW")
     labels: gp.ArrayKey = gp.ArrayKey("LABELS")
     labels_mask: gp.ArrayKey = gp.ArrayKey("LABELS_MASK")
+    # voxels of annotated instances, which sparse sampling looks for
+    instances: gp.ArrayKey = gp.ArrayKey("INSTANCES")
     affs: gp.ArrayKey = gp.ArrayKey("AFFS")
     affs_mask: gp.ArrayKey = gp.ArrayKey("AFFS_MASK")
-    prediction: gp.ArrayKey = gp.ArrayKey("PREDICTION")
-    # the method's loss, an output of its training step (never requested)
-    loss: gp.ArrayKey = gp.ArrayKey("LOSS")
     artifacts: gp.ArrayKey = gp.ArrayKey("ARTIFACTS")
     artifacts_alpha: gp.ArrayKey = gp.ArrayKey("ARTIFACTS_ALPHA")
 
 
 class AnnotationMask(gp.BatchFilter):
-    """Makes `mask` (1 = annotated voxel) and zeroes the labels outside it.
+    """Makes `mask` (1 = annotated voxel) and `instances` (1 = a voxel of an
+    annotated instance), and zeroes the labels outside the mask.
 
     Dense volumes are annotated everywhere. With `sparse`, label 0 means
     unknown. With a mask dataset upstream (`given`), voxels outside it are
     unknown whatever their label, so their labels become 0: an unknown voxel
-    must never look like a part of an annotated instance."""
+    must never look like a part of an annotated instance. A given mask may
+    hold known background (label 0 inside it), which `instances` leaves out:
+    sparse training samples locations by their annotated instances."""
 
-    def __init__(self, labels: gp.ArrayKey, mask: gp.ArrayKey, sparse: bool, given: gp.ArrayKey | None):
-        self.labels, self.mask, self.sparse, self.given = labels, mask, sparse, given
+    def __init__(self, labels: gp.ArrayKey, mask: gp.ArrayKey, instances: gp.ArrayKey, sparse: bool,
+                 given: gp.ArrayKey | None):
+        self.labels, self.mask, self.instances, self.sparse, self.given = labels, mask, instances, sparse, given
 
     def setup(self):
+        spec = self.spec[self.labels].copy()
+        spec.dtype = np.uint8
+        spec.interpolatable = False
+        self.provides(self.instances, spec.copy())
         if self.given is None:
-            spec = self.spec[self.labels].copy()
-            spec.dtype = np.uint8
-            spec.interpolatable = False
             self.provides(self.mask, spec)
         else:
             self.updates(self.labels, self.spec[self.labels].copy())
@@ -65,9 +70,10 @@ class AnnotationMask(gp.BatchFilter):
 
     def prepare(self, request):
         deps = gp.BatchRequest()
-        roi = request[self.mask].roi if self.mask in request else None
-        if self.labels in request:
-            roi = request[self.labels].roi if roi is None else roi.union(request[self.labels].roi)
+        rois = [request[key].roi for key in (self.mask, self.labels, self.instances) if key in request]
+        roi = rois[0]
+        for other in rois[1:]:
+            roi = roi.union(other)
         deps[self.labels] = gp.ArraySpec(roi=roi)
         if self.given is not None:
             deps[self.given] = gp.ArraySpec(roi=roi)
@@ -82,11 +88,11 @@ class AnnotationMask(gp.BatchFilter):
         else:
             annotated = np.ones(labels.data.shape, dtype=bool)
         outputs = gp.Batch()
-        mask_spec = self.spec[self.mask].copy()
-        mask_spec.roi = labels.spec.roi
-        mask = gp.Array(annotated.astype(mask_spec.dtype), mask_spec)
-        if self.mask in request:
-            outputs[self.mask] = mask.crop(request[self.mask].roi)
+        for key, data in ((self.mask, annotated), (self.instances, annotated & (labels.data != 0))):
+            if key in request:
+                spec = self.spec[key].copy()
+                spec.roi = labels.spec.roi
+                outputs[key] = gp.Array(data.astype(spec.dtype), spec).crop(request[key].roi)
         if self.labels in request:
             cleared = gp.Array(np.where(annotated, labels.data, 0).astype(labels.data.dtype), labels.spec.copy())
             outputs[self.labels] = cleared.crop(request[self.labels].roi)
@@ -135,13 +141,13 @@ def _source(index: int, volume: TrainVolume, keys: TrainingKeys, min_annotated: 
     if given is not None:
         source += gp.Crop(keys.labels_mask, roi)
     source += (
-        AnnotationMask(keys.labels, keys.labels_mask, volume.sparse, given)
+        AnnotationMask(keys.labels, keys.labels_mask, keys.instances, volume.sparse, given)
         + gp.Normalize(keys.raw)
         # zero padding, exactly what prediction sees beyond the volume
         + gp.Pad(keys.raw, None)
     )
     if sparse and min_annotated > 0:
-        return source + gp.RandomLocation(min_masked=min_annotated, mask=keys.labels_mask)
+        return source + gp.RandomLocation(min_masked=min_annotated, mask=keys.instances)
     return source + gp.RandomLocation()
 
 
@@ -232,13 +238,14 @@ def training_pipeline(config: TrainConfig, keys: TrainingKeys, voxel_size: Coord
     if in_channels == 1:
         # single-channel raw is (z, y, x): the network wants a channel axis
         pipeline += gp.Unsqueeze([keys.raw])
-    return pipeline + gp.Stack(1)
+    return pipeline + gp.Stack(config.batch_size)
 
 
 def training_request(keys: TrainingKeys, input_shape: Coordinate, output_shape: Coordinate, voxel_size: Coordinate):
     request = gp.BatchRequest()
     request.add(keys.raw, input_shape * voxel_size)
-    for key in (keys.labels, keys.labels_mask, keys.affs, keys.affs_mask):
+    # instances too: RandomLocation checks min_annotated on the request's ROI
+    for key in (keys.labels, keys.labels_mask, keys.instances, keys.affs, keys.affs_mask):
         request.add(key, output_shape * voxel_size)
     return request  # gunpowder centres the ROIs: raw's context lies evenly around the output
 

@@ -1,0 +1,221 @@
+"""Learning from a few annotated nuclei: how much of the dense-label
+accuracy each method recovers (CRAC, issue 19).
+
+    python benchmarks/sparse_nuclei.py [CONFIG] [--only TEXT ...]
+    (CONFIG: configs/sparse_nuclei.json)
+
+For each annotated fraction F, a sparse copy of the U2OS nuclei labels
+(`pipeline/ingest.py --keep-instances F --ids-per-section --annotation-mask`,
+seed 0: F of the (page, id) nuclei kept whole, the background known, the
+other nuclei unknown). For each column (the masked-loss affinity model, PEA
+on the sparse labels, CRAC) and training seed, the column's training config
+trains on pages 0..39 of that copy (same backbone, crop and iterations in
+every cell), the mutex bias is chosen by AJI on the validation pages 40..49
+and the test pages 50..59 are scored, both against the dense labels
+(benchmarks/accuracy.py's runs). The 100% row scores the bundled dense
+models the same way. Ablations: CRAC variants at one fraction.
+
+Every cell resumes: a finished training is reused, an interrupted one goes
+on from its checkpoint, finished runs are not redone; `--only` limits the
+work to the cells whose name holds one of the texts (e.g. "10%"). Writes
+OUT_DIR/sparse_nuclei.md and .json and prints the tables, with each cell's
+training wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from accuracy import Experiment, run_experiment  # noqa: E402
+
+from pipeline.cli import cli_main  # noqa: E402
+from pipeline.config import AbsPath, RoiConfig, Strict, ZarrPath, load_json  # noqa: E402
+from pipeline.training.config import TrainConfig  # noqa: E402
+
+SCORES = ("aji", "pq", "sbd")
+
+
+class Column(Strict):
+    train: AbsPath  # the training config; its volumes and seed are the cell's
+    dense_model: AbsPath | None = None  # the bundled model of the 100% row
+    biases: list[Annotated[float, Field(gt=0, lt=1)]]
+
+
+class SparseNucleiConfig(Strict):
+    out_dir: AbsPath
+    dense_labels: str  # the source ingest reads (a TIFF stack)
+    raw: ZarrPath
+    ground_truth: ZarrPath
+    sparse_container: AbsPath  # where the sparse copies go: labels_P, mask_P
+    train_roi: RoiConfig
+    validation_roi: RoiConfig
+    test_roi: RoiConfig
+    fractions: list[Annotated[float, Field(gt=0, lt=1)]]
+    # training seeds per fraction ("0.1": [0, 1]); other fractions: [0]
+    seeds: dict[str, list[int]] = {}
+    columns: dict[str, Column]
+    # CRAC method settings changed for each ablation row, at one fraction
+    ablation_column: str
+    ablation_fraction: float
+    ablations: dict[str, dict]
+    # RunConfig sections for every run (predict, mutex, postprocess)
+    run: dict
+
+
+def percent(fraction: float) -> str:
+    return f"{fraction * 100:g}%"
+
+
+def sparse_copy(config: SparseNucleiConfig, fraction: float) -> dict:
+    """The training volume of a fraction, made once."""
+    name = f"{fraction * 100:g}"
+    labels, mask = Path(config.sparse_container) / f"labels_{name}", Path(config.sparse_container) / f"mask_{name}"
+    if not (mask / ".zarray").exists():
+        subprocess.run([sys.executable, "pipeline/ingest.py", config.dense_labels, "--labels", "--keep-instances", str(fraction),
+                        "--ids-per-section", "--seed", "0", "--out", str(labels), "--annotation-mask", str(mask),
+                        "--voxel-size", "1", "1", "1", "--chunk-shape", "1", "520", "696", "--overwrite"],
+                       cwd=REPO, check=True)
+    return {"raw": config.raw, "labels": str(labels), "labels_mask": str(mask), "roi": config.train_roi.model_dump()}
+
+
+def train(cell: Path, base: Path, changes: dict) -> tuple[Path, float]:
+    """Trains (or resumes) the cell's model; (model file, training wall
+    seconds summed over every invocation that trained). A cell whose
+    changes are the config's own values trains in the config's
+    experiment_dir (the bundled CRAC model is the 10% cell's)."""
+    data = load_json(str(base))
+    config = base
+    # compared as parsed configs: paths are made absolute there
+    if TrainConfig(**{**data, **changes}) != TrainConfig(**data):
+        data = {**data, **changes, "experiment_dir": str(cell / "train")}
+        config = cell / "train.json"
+        cell.mkdir(parents=True, exist_ok=True)
+        config.write_text(json.dumps(data, indent=2))
+    experiment = Path(TrainConfig(**load_json(str(config))).experiment_dir)
+    ledger = experiment / "wall_s.json"
+    walls = json.loads(ledger.read_text()) if ledger.exists() else []
+    model = experiment / "model.pt"
+    if not model.exists():
+        started = time.time()
+        subprocess.run([sys.executable, "pipeline/train.py", str(config)], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+        walls.append(round(time.time() - started))
+        ledger.write_text(json.dumps(walls))
+    return model, float(sum(walls))
+
+
+def score(config: SparseNucleiConfig, name: str, model: Path, column: Column) -> dict:
+    experiment = Experiment(name=name, model=str(model), raw=config.raw, ground_truth=config.ground_truth,
+                            validation_roi=config.validation_roi, test_roi=config.test_roi, run=config.run,
+                            biases=column.biases, select="aji")
+    result = run_experiment(experiment, Path(config.out_dir))
+    return {"bias": result["chosen"]["threshold"], **{k: result["chosen"][k] for k in SCORES}}
+
+
+def cells(config: SparseNucleiConfig):
+    """(name, fraction or None for dense, column name, seed, method changes) in the order run."""
+    for fraction in sorted(config.fractions, key=lambda f: f != config.ablation_fraction):
+        for seed in config.seeds.get(f"{fraction:g}", [0]):
+            for column in config.columns:
+                yield f"{percent(fraction)} {column} seed {seed}", fraction, column, seed, None
+    for column, settings in config.columns.items():
+        if settings.dense_model is not None:
+            yield f"100% {column}", None, column, None, None
+    for label, changes in config.ablations.items():
+        yield (f"{percent(config.ablation_fraction)} {config.ablation_column} {label}", config.ablation_fraction,
+               config.ablation_column, 0, changes)
+
+
+def run_cell(config: SparseNucleiConfig, name: str, fraction, column_name: str, seed, changes) -> dict:
+    column = config.columns[column_name]
+    cell = Path(config.out_dir) / re.sub(r"[^\w.-]+", "_", name)
+    if fraction is None:
+        return {"name": name, **score(config, name, Path(column.dense_model), column), "train_s": None}
+    overrides = {"volumes": [sparse_copy(config, fraction)], "seed": seed}
+    if changes:
+        method = load_json(str(column.train))["method"]
+        overrides["method"] = {**method, **changes}
+    model, wall = train(cell, Path(column.train), overrides)
+    return {"name": name, **score(config, name, model, column), "train_s": wall}
+
+
+def summary(rows: list[dict]) -> str:
+    """One table cell: the mean of each score, and with several seeds the
+    half range (n seeds)."""
+    if not rows:
+        return "not run"
+    parts = []
+    for key in SCORES:
+        values = [r[key] for r in rows]
+        mean = statistics.mean(values)
+        spread = f" ± {(max(values) - min(values)) / 2:.3f}" if len(values) > 1 else ""
+        parts.append(f"{key.upper()} {mean:.3f}{spread}")
+    seeds = f" ({len(rows)} seeds)" if len(rows) > 1 else ""
+    return ", ".join(parts) + seeds
+
+
+def tables(config: SparseNucleiConfig, results: dict[str, dict]) -> str:
+    columns = list(config.columns)
+    lines = ["| annotated nuclei | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
+    for fraction in sorted(config.fractions):
+        cells = []
+        for column in columns:
+            rows = [results[n] for n in results if n.startswith(f"{percent(fraction)} {column} seed ")]
+            cells.append(summary(rows))
+        lines.append(f"| {percent(fraction)} | " + " | ".join(cells) + " |")
+    dense = [summary([results[f"100% {c}"]]) if f"100% {c}" in results else "—" for c in columns]
+    lines.append("| 100% (dense, bundled) | " + " | ".join(dense) + " |")
+    head = f"{percent(config.ablation_fraction)} {config.ablation_column}"
+    ablation = [f"| {config.ablation_column} at {percent(config.ablation_fraction)} | AJI | PQ | SBD | mutex bias | training s |",
+                "| --- | --- | --- | --- | --- | --- |"]
+    for label, name in [("as configured (seed 0)", f"{head} seed 0")] + [(k, f"{head} {k}") for k in config.ablations]:
+        if name in results:
+            r = results[name]
+            ablation.append(f"| {label} | {r['aji']:.3f} | {r['pq']:.3f} | {r['sbd']:.3f} | {r['bias']:g} | {r['train_s']:.0f} |")
+    walls = ["| cell | mutex bias (validation) | AJI | PQ | SBD | training s |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, r in results.items():
+        train_s = "—" if r["train_s"] is None else f"{r['train_s']:.0f}"
+        walls.append(f"| {name} | {r['bias']:g} | {r['aji']:.3f} | {r['pq']:.3f} | {r['sbd']:.3f} | {train_s} |")
+    return "\n\n".join(["\n".join(lines), "\n".join(ablation), "\n".join(walls)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python benchmarks/sparse_nuclei.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", nargs="?", default=str(REPO / "configs/sparse_nuclei.json"))
+    parser.add_argument("--only", nargs="+", metavar="TEXT", help="only the cells whose name holds one of these texts")
+    args = parser.parse_args()
+    config = SparseNucleiConfig(**load_json(args.config))
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stored = out / "sparse_nuclei.json"
+    results = json.loads(stored.read_text()) if stored.exists() else {}
+    started = time.time()
+    for name, fraction, column, seed, changes in cells(config):
+        if args.only and not any(text in name for text in args.only):
+            continue
+        print(f"{name} ...", flush=True)
+        results[name] = run_cell(config, name, fraction, column, seed, changes)
+        stored.write_text(json.dumps(results, indent=2))
+        print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[name].items() if k in SCORES), flush=True)
+    text = tables(config, results)
+    (out / "sparse_nuclei.md").write_text(text + "\n")
+    print(text)
+    print(f"total {time.time() - started:.0f} s; wrote {out}/sparse_nuclei.md and sparse_nuclei.json")
+
+
+if __name__ == "__main__":
+    cli_main(main)
