@@ -29,8 +29,10 @@ $(LABELS)/.zarray: $(INSTALLED) $(GROUNDTRUTH)
 demo: $(INSTALLED) $(LABELS)/.zarray
 	$(BIN)/python pipeline/predict.py configs/demo.json
 
+# one pytest worker per core: most tests run whole jobs, whose set-up
+# (processes, imports) leaves a core idle much of the time
 test: $(INSTALLED)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto
 
 bench: $(INSTALLED) $(LABELS)/.zarray
 	$(BIN)/python benchmarks/postprocess.py
