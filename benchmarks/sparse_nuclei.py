@@ -38,10 +38,8 @@ from pydantic import Field
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-from accuracy import Experiment, run_experiment  # noqa: E402
-
+from benchmarks.accuracy import Experiment, run_experiment  # noqa: E402
 from pipeline.cli import cli_main  # noqa: E402
 from pipeline.config import AbsPath, RoiConfig, Strict, ZarrPath, load_json  # noqa: E402
 from pipeline.training.config import TrainConfig  # noqa: E402

@@ -342,7 +342,7 @@ def test_resuming_training_with_another_network_or_fewer_iterations_is_one_line(
     # was a torch size-mismatch traceback
     other = _train_config(tmp_path, labels, iterations=4, offsets=[[-1, 0, 0], [0, -1, 0], [0, 0, -1], [0, 0, -3]])
     assert_one_line_error(run_cli("pipeline/train.py", str(other), "--device", "cpu"),
-                          "experiment_dir: model_checkpoint_2 was trained with another network, offsets or method settings than this config")
+                          "experiment_dir: model_checkpoint_2 was trained with another network or offsets than this config")
     # was "trained iterations 2..1" and an export
     fewer = _train_config(tmp_path, labels, iterations=1, save_every=2)
     assert_one_line_error(run_cli("pipeline/train.py", str(fewer), "--device", "cpu"),

@@ -9,6 +9,7 @@ from urllib.parse import urlparse
 import pytest
 
 from benchmarks.accuracy import AccuracyConfig
+from benchmarks.sparse_nuclei import SparseNucleiConfig
 from pipeline.config import RunConfig
 from pipeline.training.config import TrainConfig
 from tests.conftest import REPO
@@ -21,6 +22,8 @@ def test_shipped_config_validates(path: Path):
     data = json.loads(path.read_text())
     if "experiments" in data:
         model = AccuracyConfig
+    elif "fractions" in data:
+        model = SparseNucleiConfig
     else:
         model = TrainConfig if "experiment_dir" in data else RunConfig
     model(**data)

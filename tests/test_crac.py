@@ -40,6 +40,10 @@ def test_the_supervised_region_is_the_annotated_instances_and_their_boundary_pai
     expected_unlabelled = [[False, False, False, False, False, True], [False, False, False, False, False, False]]
     assert supervised[0, :, 0, 0].tolist() == expected_supervised
     assert unlabelled[0, :, 0, 0].tolist() == expected_unlabelled
+    # without background pairs: (x3, x2) and (x3, x1) touch known background
+    supervised, unlabelled = pair_regions(labels, annotated, [(0, 0, -1), (0, 0, -2)], background_pairs=False)
+    assert supervised[0, :, 0, 0].tolist() == [[False, True, True, False, False, False], [False, False, True, False, True, False]]
+    assert unlabelled[0, :, 0, 0].tolist() == expected_unlabelled
 
 
 def test_the_entropy_filter_drops_exactly_the_alpha_fraction_most_uncertain():
@@ -208,6 +212,7 @@ def test_bad_crac_settings_are_one_line(tmp_path, nuclei):
         ({"name": "crac", "entropy": None, "ema": {"decay": 0.99}, "detach_teacher": False}, "an EMA teacher takes no gradients"),
         ({"name": "crac", "entropy": None, "ema": {"decay": 1.5}}, "decay"),
         ({"name": "crac", "entropy": None, "teacher": "live"}, "teacher"),
+        ({"name": "crac", "entropy": None, "background_pairs": False}, "background_pairs: false needs a foreground head"),
     ):
         path = tmp_path / "bad.json"
         path.write_text(json.dumps({**base, "method": method}))

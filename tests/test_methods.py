@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.methods import affinity, build_model, embedding, load_model, save_model
-from pipeline.methods.base import label_affinities
+from pipeline.methods.base import Progress, TrainingBatch, label_affinities
 from pipeline.methods.embedding import SecondView, cosine_affinities, cross_affinities, level_offsets, nearest_downsample
 
 RESIDUAL_2D = {"name": "residual_unet", "dims": 2, "widths": [4, 6, 8], "downsample_factors": [[1, 2, 2], [1, 2, 2]], "crop": [0, 4, 4]}
@@ -127,7 +127,12 @@ def _toy_batch():
     raw = (labels > 0).float()[:, None] * 0.8 + 0.1
     annotated = torch.ones_like(labels, dtype=torch.uint8)
     target, valid = label_affinities(labels, annotated, OFFSETS_2D)
-    return raw, dict(labels=labels, labels_mask=annotated, affs=target, affs_mask=valid.float())
+    return TrainingBatch(raw, labels, annotated, target, valid.float())
+
+
+def _loss(step, batch) -> torch.Tensor:
+    """The loss the training loop optimises: the sum of the step's terms."""
+    return torch.stack(list(step(batch, Progress(0, 1)).losses.values())).sum()
 
 
 FULL = embedding.Settings(name="embedding", dim=4, epm={"ranges": [3, 1]}, foreground={})
@@ -142,11 +147,12 @@ def _step(settings):
 
 @pytest.mark.parametrize("term", ["ccm", "epm", "foreground"])
 def test_each_term_adds_to_the_loss(term):
-    raw, batch = _toy_batch()
+    batch = _toy_batch()
     with torch.no_grad():
-        scm = float(_step(SCM_ONLY)(raw, **batch)[1])
-        more = float(_step(SCM_ONLY.model_copy(update={term: getattr(FULL, term)}))(raw, **batch)[1])
-    assert more > scm + 1e-4
+        scm = float(_loss(_step(SCM_ONLY), batch))
+        more = _step(SCM_ONLY.model_copy(update={term: getattr(FULL, term)}))(batch, Progress(0, 1)).losses
+    assert float(torch.stack(list(more.values())).sum()) > scm + 1e-4
+    assert {"scm", *([term] if term != "epm" else ["epm_1", "epm_2"])} == set(more)
 
 
 @pytest.mark.parametrize("background_pairs", [True, False])
@@ -161,8 +167,7 @@ def test_background_pairs_can_be_left_to_the_foreground_head(background_pairs):
         output.register_hook(lambda g: gradient.setdefault("embedding", g))
 
     step.model.embed.register_forward_hook(keep_gradient)
-    raw, batch = _toy_batch()
-    step(raw, **batch)[1].backward()
+    _loss(step, _toy_batch()).backward()
     # rows 0..1, columns 28..31: more than the longest offset (3) from both objects
     far = gradient["embedding"][0, :, 0, 0:2, 28:32].abs().max()
     inside = gradient["embedding"][0, :, 0, 8:12, 8:12].abs().max()
@@ -171,17 +176,19 @@ def test_background_pairs_can_be_left_to_the_foreground_head(background_pairs):
 
 
 def test_the_training_step_learns():
-    raw, batch = _toy_batch()
+    batch = _toy_batch()
     step = _step(FULL)
     optimiser = torch.optim.Adam(step.parameters(), lr=1e-2)
     history = []
     for _ in range(30):
         optimiser.zero_grad()
-        prediction, loss = step(raw, **batch)
+        output = step(batch, Progress(0, 30))
+        loss = torch.stack(list(output.losses.values())).sum()
         loss.backward()
         optimiser.step()
         history.append(float(loss.detach()))
-    assert prediction.shape == batch["affs"].shape and prediction.min() >= 0
+    prediction = output.snapshot["prediction"]
+    assert prediction.shape == batch.affs.shape and prediction.min() >= 0
     assert history[-1] < 0.5 * history[0], history
 
 

@@ -97,6 +97,14 @@ def test_a_resume_takes_the_configs_optimiser_settings(tmp_path, nuclei):
     assert (changed.optimizer.param_groups[0]["lr"], changed.optimizer.param_groups[0]["eps"]) == (3e-3, 1e-3)
 
 
+def test_a_resume_under_other_method_settings_is_refused(tmp_path, nuclei):
+    """The weights' settings must stay those the exported model records."""
+    Training(nuclei_config(tmp_path, nuclei, iterations=2), "cpu").run(2)
+    with pytest.raises(UserError, match="method.clamp_negative: model_checkpoint_2 was trained with true, this config gives false"):
+        Training(nuclei_config(tmp_path, nuclei, method={**PEA, "clamp_negative": False}), "cpu")
+    assert Training(nuclei_config(tmp_path, nuclei), "cpu").iteration == 2
+
+
 def test_the_learning_rate_schedule():
     cosine = ScheduleConfig(warmup=10, decay="cosine", until=110, final=0.1)
     assert learning_rate(0, 1.0, cosine) == pytest.approx(0.1)

@@ -18,7 +18,9 @@ into three (`pair_regions`):
   dropped (`confident`), alpha_t = alpha_0 (1 - t / T)^1.5.
 - pairs with a voxel of known background (labels_mask 1, label 0) and none
   in an annotated instance: no affinity term; the foreground head learns
-  the background (data with background, such as nuclei).
+  the background (data with background, such as nuclei). With
+  `background_pairs: false` (as PEA's) no pair with a known-background
+  voxel is in M either.
 
 The teacher is the live networks (its prediction detached, as in the paper,
 or not, as in the published code) or an EMA copy of both. The ground truth
@@ -87,11 +89,17 @@ class Settings(Strict):
     # null: the live networks teach each other
     ema: EMASettings | None = None
     foreground: ForegroundSettings | None = None
+    # as PEA's: false leaves the pairs with a known-background voxel out of
+    # M (the foreground head's business), so the supervised pairs that say
+    # "different" are those between an annotated instance and another one
+    background_pairs: bool = True
 
     @model_validator(mode="after")
     def _teacher(self) -> Settings:
         if self.ema is not None and not self.detach_teacher:
             raise ValueError("an EMA teacher takes no gradients; detach_teacher: false needs ema: null")
+        if not self.background_pairs and self.foreground is None:
+            raise ValueError("background_pairs: false needs a foreground head (set foreground: {})")
         return self
 
 
@@ -117,16 +125,23 @@ def confident(p: torch.Tensor, candidates: torch.Tensor, alpha: float) -> torch.
     return kept
 
 
-def pair_regions(labels: torch.Tensor, annotated: torch.Tensor, offsets) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_regions(labels: torch.Tensor, annotated: torch.Tensor, offsets,
+                 background_pairs: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, P), each (B, len(offsets), z, y, x) bool over the pairs whose
-    partner lies inside: M the pairs with a voxel in an annotated instance,
-    P the pairs of two unannotated voxels."""
+    partner lies inside: M the pairs with a voxel in an annotated instance
+    (without `background_pairs`, and none of known background), P the pairs
+    of two unannotated voxels."""
     instance = ((labels != 0) & (annotated != 0)).to(torch.float32)
     unannotated = (annotated == 0).to(torch.float32)
-    stacked = torch.stack([instance, unannotated], dim=1)
+    background = ((labels == 0) & (annotated != 0)).to(torch.float32)
+    stacked = torch.stack([instance, unannotated, background], dim=1)
     either, inside = pair_values(stacked, offsets, lambda a, b: ((a[:, 0] + b[:, 0]) > 0).float())
     both, _ = pair_values(stacked, offsets, lambda a, b: a[:, 1] * b[:, 1])
-    return (either > 0) & inside, (both > 0) & inside
+    supervised = (either > 0) & inside
+    if not background_pairs:
+        touching, _ = pair_values(stacked, offsets, lambda a, b: ((a[:, 2] + b[:, 2]) > 0).float())
+        supervised &= touching == 0
+    return supervised, (both > 0) & inside
 
 
 def nearest_channels(offsets) -> torch.Tensor:
@@ -213,7 +228,7 @@ class TrainingStep(MethodStep):
         # the ground truth of annotated instances only: nothing outside the
         # annotation (whatever its labels) reaches the supervised terms
         target, _ = label_affinities(batch.labels * (annotated != 0), annotated, model.offsets)
-        supervised, unlabelled = pair_regions(batch.labels, annotated, model.offsets)
+        supervised, unlabelled = pair_regions(batch.labels, annotated, model.offsets, s.background_pairs)
         if self.teacher is not None:
             with torch.no_grad():
                 teach_implicit, teach_explicit, _, _ = self._predict(self.teacher, batch.raw)

@@ -131,7 +131,7 @@ class Training:
 
     def _resume(self, path: Path) -> None:
         checkpoint = read_checkpoint(path)
-        check_resumable(checkpoint, path, self.step, self.config.iterations)
+        check_resumable(checkpoint, path, self.step, self.config.iterations, self.config.method.model_dump(mode="json"))
         self.step.load_state_dict(checkpoint.step)
         self.optimizer.load_state_dict(checkpoint.optimizer)
         apply_config(self.optimizer, self.config.optimizer)
@@ -197,7 +197,8 @@ class Training:
                 if c.snapshot_every and self.iteration % c.snapshot_every == 0:
                     self._snapshot(batch, output)
                 if self.iteration % c.save_every == 0 or done:
-                    save_checkpoint(self.experiment, self.iteration, self.step, self.optimizer)
+                    save_checkpoint(self.experiment, self.iteration, self.step, self.optimizer,
+                                    c.method.model_dump(mode="json"))
         writer.close()
         return first
 
