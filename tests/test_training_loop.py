@@ -144,6 +144,38 @@ def test_a_gunpowder_checkpoint_resumes(tmp_path, nuclei):
     resumed.run(4)
 
 
+def test_a_loss_that_is_not_finite_stops_training_before_the_weights_change(tmp_path, nuclei):
+    training = Training(nuclei_config(tmp_path, nuclei, iterations=3), "cpu")
+    training.run(2)
+    # the weights (BatchNorm's running statistics move with any forward pass)
+    weights = {k: v.detach().clone() for k, v in training.network.named_parameters()}
+    forward = training.step.forward
+
+    def diverged(batch, progress):
+        output = forward(batch, progress)
+        output.losses["scm"] = output.losses["scm"] * float("nan")
+        return output
+
+    training.step.forward = diverged
+    with pytest.raises(UserError, match="the loss is not finite at iteration 2 .*scm nan"):
+        training.run(3)
+    for name, value in training.network.named_parameters():
+        assert torch.equal(value, weights[name]), name
+    assert read_checkpoint(checkpoint_path(tmp_path / "experiment", 2)).iteration == 2
+
+
+def test_a_missing_chunk_of_a_training_volume_is_one_line(tmp_path, nuclei):
+    import shutil
+
+    raw, labels = nuclei
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(labels, copy / "labels")
+    chunk = next(p for p in (copy / "labels").rglob("*") if p.is_file() and not p.name.startswith("."))
+    chunk.unlink()
+    with pytest.raises(UserError, match=f"volumes.0.labels: chunk .* is missing"):
+        Training(nuclei_config(tmp_path, nuclei, volumes=[{"raw": raw, "labels": str(copy / "labels")}]), "cpu")
+
+
 def test_a_damaged_checkpoint_is_one_line(tmp_path, nuclei):
     experiment = tmp_path / "experiment"
     experiment.mkdir()

@@ -24,6 +24,7 @@ from funlib.geometry import Coordinate, Roi
 
 from pipeline.training.config import ArtifactConfig, AugmentConfig, TrainConfig, TrainVolume
 from pipeline.errors import UserError
+from pipeline.orchestration.run_layout import check_complete
 from pipeline.storage.volumes import RAW_DTYPE_HINT, VolumeReadError, holds_nonzero, open_volume, split_path
 
 LABEL_DTYPES = ("uint8", "uint16", "uint32", "uint64", "int32", "int64")
@@ -129,6 +130,11 @@ def _source(index: int, volume: TrainVolume, keys: TrainingKeys, min_annotated: 
         given = keys.labels_mask
         arrays.append(gp.ArraySource(keys.labels_mask, mask, interpolatable=False))
         annotation, annotation_field = mask, f"{field}.labels_mask"
+    # a chunk file missing reads as zeros: unannotated mask, background
+    # labels, black raw, all silently
+    checked = {"raw": raw, "labels": labels, **({"labels_mask": mask} if given is not None else {})}
+    for name, volume_of in checked.items():
+        check_complete(volume_of, roi, f"{field}.{name}")
     try:
         annotated = holds_nonzero(annotation, roi, annotation_field)
     except VolumeReadError as e:

@@ -164,6 +164,12 @@ class Training:
             output = self.step(batch, progress)
         losses = {name: value.float() for name, value in output.losses.items()}
         total = torch.stack(list(losses.values())).sum()
+        if not torch.isfinite(total):
+            # an optimiser step on it would turn every weight into NaN, and
+            # the next checkpoint would keep them
+            terms = ", ".join(f"{name} {float(value.detach()):g}" for name, value in losses.items())
+            raise UserError(f"training: the loss is not finite at iteration {progress.iteration} ({terms}); the "
+                            f"checkpoints so far are untouched: lower optimizer.learning_rate and run again")
         total.backward()
         self.optimizer.step()
         self.step.after_update(progress)
