@@ -9,8 +9,8 @@ nuclei, where splits are decided).
 
 TRAIN_CONFIG is a CRAC training config on a 2D sparse volume with an
 annotation mask (configs/train_nuclei_crac.json); DENSE_LABELS the dense
-labels of the same pages (runs/nuclei.zarr/labels). Prints one row per
-checkpoint.
+labels of the same pages (runs/nuclei.zarr/labels); the pages' voxel size
+is 1 (the nuclei). Prints one row per checkpoint.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from funlib.geometry import Roi
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -35,25 +36,23 @@ from pipeline.methods.embedding import cosine_affinities  # noqa: E402
 from pipeline.storage.volumes import open_volume, split_path  # noqa: E402
 from pipeline.training.checkpoints import latest_checkpoint, network_state, read_checkpoint  # noqa: E402
 from pipeline.training.config import TrainConfig  # noqa: E402
+from workers.predict import read_raw  # noqa: E402
 
 
-def page(path: str, z: int) -> np.ndarray:
-    """Section z of a (z, y, x) dataset whose voxel size is 1 (the nuclei pages)."""
-    return np.asarray(open_volume(*split_path(path), field=path).data[z])
-
-
-def predictions(model, raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """E's ReLU(cosine) and F's affinities of one page, its borders mirrored
-    (as `predict.outside: mirror`) and padded to the network's grid."""
+def predictions(model, raw, z: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """E's ReLU(cosine) and F's affinities of page z, read as the predict
+    step reads it (`predict.outside: mirror`), padded to the network's grid."""
     crop = model.backbone.spec.crop[1]
     grid = int(np.prod([f[1] for f in model.backbone.spec.downsample_factors]))
-    pad = [(crop, crop + (-(s + 2 * crop)) % grid) for s in raw.shape]
-    x = torch.from_numpy(np.pad(raw.astype(np.float32) / 255, pad, mode="reflect"))[None, None, None]
+    height, width = raw.shape[-2:]
+    pad = [crop + (-(s + 2 * crop)) % grid for s in (height, width)]
+    roi = Roi((z, -crop, -crop), (1, height + crop + pad[0], width + crop + pad[1])) * raw.voxel_size
+    x = torch.from_numpy(read_raw(raw, roi, "raw", "mirror").astype(np.float32) / 255)[None, None]
     with torch.no_grad():
         embedding, _ = model.implicit(x)
         implicit = cosine_affinities(embedding, model.offsets)[0].clamp(min=0)
         explicit = model.explicit(x)["affinities"]
-    inside = (Ellipsis, slice(0, raw.shape[0]), slice(0, raw.shape[1]))
+    inside = (Ellipsis, slice(0, height), slice(0, width))
     return implicit[inside], explicit[inside]
 
 
@@ -74,6 +73,9 @@ def main() -> None:
     if last is None:
         raise UserError(f"train_config: {experiment} holds no checkpoint yet")
     model = build_model(train.method, train.network.model_dump(), train.offsets).eval()
+    raw = open_volume(*split_path(volume.raw), field="raw")
+    sections = {name: open_volume(*split_path(path), field=name).data
+                for name, path in (("dense", args.dense_labels), ("sparse", volume.labels), ("mask", volume.labels_mask))}
     print("| iteration | F teaching E | E teaching F | F on true \"different\" pairs | E on true \"different\" pairs |")
     print("| --- | --- | --- | --- | --- |")
     for iteration in range(args.every, last[0] + 1, args.every):
@@ -81,10 +83,9 @@ def main() -> None:
         alpha = alpha_at(train.method.entropy, iteration) if train.method.entropy is not None else 0.0
         errors = []
         for z in args.pages:
-            implicit, explicit = predictions(model, page(volume.raw, z))
-            dense = torch.from_numpy(page(args.dense_labels, z).astype(np.int64))[None, None]
-            sparse = torch.from_numpy(page(volume.labels, z).astype(np.int64))[None, None]
-            annotated = torch.from_numpy(page(volume.labels_mask, z).astype(np.int64))[None, None]
+            implicit, explicit = predictions(model, raw, z)
+            dense, sparse, annotated = (torch.from_numpy(np.asarray(sections[name][z]).astype(np.int64))[None, None]
+                                        for name in ("dense", "sparse", "mask"))
             truth, inside = label_affinities(dense, torch.ones_like(dense), model.offsets)
             _, unlabelled = pair_regions(sparse, annotated, model.offsets)
             unlabelled = unlabelled & inside
