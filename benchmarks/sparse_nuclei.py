@@ -1,7 +1,8 @@
 """Learning from a few annotated nuclei: how much of the dense-label
 accuracy each method recovers (CRAC, issue 19).
 
-    python benchmarks/sparse_nuclei.py [CONFIG] [--only TEXT ...]
+    python benchmarks/sparse_nuclei.py [CONFIG] [--only TEXT ...] [--redo TEXT ...]
+                                       [--results FILE]
     (CONFIG: configs/sparse_nuclei.json)
 
 For each annotated fraction F, a sparse copy of the U2OS nuclei labels
@@ -15,17 +16,23 @@ and the test pages 50..59 are scored, both against the dense labels
 (benchmarks/accuracy.py's runs). The 100% row scores the bundled dense
 models the same way. Ablations: CRAC variants at one fraction.
 
-Every cell resumes: a finished training is reused, an interrupted one goes
-on from its checkpoint, finished runs are not redone; `--only` limits the
-work to the cells whose name holds one of the texts (e.g. "10%"). Writes
-OUT_DIR/sparse_nuclei.md and .json and prints the tables, with each cell's
-training wall time.
+Every cell resumes: a cell whose scores are in the results file is not
+redone (`--redo TEXT` redoes the cells whose name holds the text), a
+finished training is reused, an interrupted one goes on from its
+checkpoint; `--only` limits the work to the cells whose name holds one of
+the texts (e.g. "10%"). The results file (OUT_DIR/sparse_nuclei.json, or
+`--results FILE`) records each cell's scores, training wall time, machine
+and date, so a table measured over several sessions says where each figure
+came from; the tables go beside it as .md and are printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import platform
 import re
 import statistics
 import subprocess
@@ -150,6 +157,20 @@ def run_cell(config: SparseNucleiConfig, name: str, fraction, column_name: str, 
     return {"name": name, **score(config, name, model, column), "train_s": wall}
 
 
+def machine() -> str:
+    """The machine a training ran on, in words: wall times of cells trained
+    on different machines are not comparable, so each cell names its own."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return f"{os.cpu_count()} cores {cpu}{gpu}"
+
+
 def summary(rows: list[dict]) -> str:
     """One table cell: the mean of each score, and with several seeds the
     half range (n seeds)."""
@@ -183,10 +204,12 @@ def tables(config: SparseNucleiConfig, results: dict[str, dict]) -> str:
         if name in results:
             r = results[name]
             ablation.append(f"| {label} | {r['aji']:.3f} | {r['pq']:.3f} | {r['sbd']:.3f} | {r['bias']:g} | {r['train_s']:.0f} |")
-    walls = ["| cell | mutex bias (validation) | AJI | PQ | SBD | training s |", "| --- | --- | --- | --- | --- | --- |"]
+    walls = ["| cell | mutex bias (validation) | AJI | PQ | SBD | training s | machine, date |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in results.items():
         train_s = "—" if r["train_s"] is None else f"{r['train_s']:.0f}"
-        walls.append(f"| {name} | {r['bias']:g} | {r['aji']:.3f} | {r['pq']:.3f} | {r['sbd']:.3f} | {train_s} |")
+        where = f"{r['machine']}, {r['date']}" if "machine" in r else "not recorded"
+        walls.append(f"| {name} | {r['bias']:g} | {r['aji']:.3f} | {r['pq']:.3f} | {r['sbd']:.3f} | {train_s} | {where} |")
     return "\n\n".join(["\n".join(lines), "\n".join(ablation), "\n".join(walls)])
 
 
@@ -195,24 +218,29 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", default=str(REPO / "configs/sparse_nuclei.json"))
     parser.add_argument("--only", nargs="+", metavar="TEXT", help="only the cells whose name holds one of these texts")
+    parser.add_argument("--redo", nargs="+", metavar="TEXT", default=[],
+                        help="score again (and train, where no model is left) the stored cells whose name holds one of these texts")
+    parser.add_argument("--results", type=Path, help="the results file to continue (default OUT_DIR/sparse_nuclei.json)")
     args = parser.parse_args()
     config = SparseNucleiConfig(**load_json(args.config))
-    out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stored = out / "sparse_nuclei.json"
-    results = json.loads(stored.read_text()) if stored.exists() else {}
+    Path(config.out_dir).mkdir(parents=True, exist_ok=True)
+    stored = args.results or Path(config.out_dir) / "sparse_nuclei.json"
+    results = load_json(str(stored)) if stored.exists() else {}
     started = time.time()
     for name, fraction, column, seed, changes in cells(config):
         if args.only and not any(text in name for text in args.only):
             continue
+        if name in results and not any(text in name for text in args.redo):
+            continue
         print(f"{name} ...", flush=True)
         results[name] = run_cell(config, name, fraction, column, seed, changes)
+        stored.parent.mkdir(parents=True, exist_ok=True)
         stored.write_text(json.dumps(results, indent=2))
         print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[name].items() if k in SCORES), flush=True)
     text = tables(config, results)
-    (out / "sparse_nuclei.md").write_text(text + "\n")
+    stored.with_suffix(".md").write_text(text + "\n")
     print(text)
-    print(f"total {time.time() - started:.0f} s; wrote {out}/sparse_nuclei.md and sparse_nuclei.json")
+    print(f"total {time.time() - started:.0f} s; wrote {stored} and {stored.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -28,19 +28,25 @@ def settings(**changes) -> Settings:
     return Settings(**{"name": "crac", "dim": 4, "entropy": {"horizon": 100, "alpha": 0.1}, "foreground": {}, **changes})
 
 
-def test_the_supervised_region_is_the_annotated_instances_and_their_boundary_pairs():
+def test_the_supervised_region_is_every_pair_the_annotation_determines():
     # one row of voxels x0..x5: x1 and x2 an annotated instance (id 5), x3
     # known background, x4 carries a label but lies outside the annotation
     # (an unannotated instance: its label must not matter), x0 and x5 unknown
     labels = torch.tensor([0, 5, 5, 0, 7, 0]).view(1, 1, 1, 6)
     annotated = torch.tensor([0, 1, 1, 1, 0, 0]).view(1, 1, 1, 6)
     supervised, unlabelled = pair_regions(labels, annotated, [(0, 0, -1), (0, 0, -2)])
-    # pair i is (x_i, x_{i+o}); offset -1: i = 1..5, offset -2: i = 2..5
-    expected_supervised = [[False, True, True, True, False, False], [False, False, True, True, True, False]]
+    # pair i is (x_i, x_{i+o}); offset -1: i = 1..5, offset -2: i = 2..5.
+    # The instance's pairs and its boundary pairs, and those of the known
+    # background x3 with the unknown x4 and x5 (they are different objects)
+    expected_supervised = [[False, True, True, True, True, False], [False, False, True, True, True, True]]
     expected_unlabelled = [[False, False, False, False, False, True], [False, False, False, False, False, False]]
     assert supervised[0, :, 0, 0].tolist() == expected_supervised
     assert unlabelled[0, :, 0, 0].tolist() == expected_unlabelled
-    # without background pairs: (x3, x2) and (x3, x1) touch known background
+    # without known background (EM: x3 unknown too), the notes' M: pairs
+    # starting inside the annotated instance, and its boundary pairs
+    supervised, _ = pair_regions(labels, torch.tensor([0, 1, 1, 0, 0, 0]).view(1, 1, 1, 6), [(0, 0, -1), (0, 0, -2)])
+    assert supervised[0, :, 0, 0].tolist() == [[False, True, True, True, False, False], [False, False, True, True, True, False]]
+    # without background pairs: those touching the known background x3 go
     supervised, unlabelled = pair_regions(labels, annotated, [(0, 0, -1), (0, 0, -2)], background_pairs=False)
     assert supervised[0, :, 0, 0].tolist() == [[False, True, True, False, False, False], [False, False, True, False, True, False]]
     assert unlabelled[0, :, 0, 0].tolist() == expected_unlabelled

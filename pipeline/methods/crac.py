@@ -7,20 +7,23 @@ model's `backbone` and `embed`), and F, explicit affinities (`explicit`, an
 affinity-method model). Each batch splits the pairs of the training offsets
 into three (`pair_regions`):
 
-- M, supervised: every pair with a voxel inside an annotated instance (the
-  pairs starting inside it and its ground-truth boundary pairs). Both
+- M, supervised: every pair whose ground truth the annotation determines,
+  i.e. with a voxel annotated. On data without background (EM) that is the
+  notes' M, the pairs starting inside an annotated instance and its
+  ground-truth boundary pairs. With known background (nuclei) it also
+  holds the pairs of a background voxel and any other (never the same
+  object): the borders of the unannotated nuclei against the background,
+  which the masked-loss and PEA methods train on too. Both
   representations are regressed onto the ground truth there, with the
   class-weighted MSE times `supervised_weight`, the nearest-neighbour
-  channels times `nearest_weight` more.
-- P, unlabelled: pairs of two unannotated voxels. Each representation is
-  regressed onto the other (the teacher) where the teacher is confident:
-  the alpha_t most uncertain fraction of P's pairs, by binary entropy, is
-  dropped (`confident`), alpha_t = alpha_0 (1 - t / T)^1.5.
-- pairs with a voxel of known background (labels_mask 1, label 0) and none
-  in an annotated instance: no affinity term; the foreground head learns
-  the background (data with background, such as nuclei). With
-  `background_pairs: false` (as PEA's) no pair with a known-background
-  voxel is in M either.
+  channels times `nearest_weight` more. With `background_pairs: false` (as
+  PEA's) no pair with a known-background voxel is in M; the foreground
+  head learns the background alone.
+- P, unlabelled: pairs of two unannotated voxels, the rest. Each
+  representation is regressed onto the other (the teacher) where the
+  teacher is confident: the alpha_t most uncertain fraction of P's pairs,
+  by binary entropy, is dropped (`confident`), alpha_t = alpha_0 (1 - t /
+  T)^1.5.
 
 The teacher is the live networks (its prediction detached, as in the paper,
 or not, as in the published code) or an EMA copy of both. The ground truth
@@ -91,7 +94,7 @@ class Settings(Strict):
     foreground: ForegroundSettings | None = None
     # as PEA's: false leaves the pairs with a known-background voxel out of
     # M (the foreground head's business), so the supervised pairs that say
-    # "different" are those between an annotated instance and another one
+    # "different" are those between an annotated instance and another object
     background_pairs: bool = True
 
     @model_validator(mode="after")
@@ -128,20 +131,21 @@ def confident(p: torch.Tensor, candidates: torch.Tensor, alpha: float) -> torch.
 def pair_regions(labels: torch.Tensor, annotated: torch.Tensor, offsets,
                  background_pairs: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, P), each (B, len(offsets), z, y, x) bool over the pairs whose
-    partner lies inside: M the pairs with a voxel in an annotated instance
-    (without `background_pairs`, and none of known background), P the pairs
-    of two unannotated voxels."""
+    partner lies inside: M the pairs with an annotated voxel (an annotated
+    instance's or known background; without `background_pairs`, those with
+    a voxel in an annotated instance and none of known background), P the
+    pairs of two unannotated voxels."""
     instance = ((labels != 0) & (annotated != 0)).to(torch.float32)
     unannotated = (annotated == 0).to(torch.float32)
     background = ((labels == 0) & (annotated != 0)).to(torch.float32)
     stacked = torch.stack([instance, unannotated, background], dim=1)
-    either, inside = pair_values(stacked, offsets, lambda a, b: ((a[:, 0] + b[:, 0]) > 0).float())
-    both, _ = pair_values(stacked, offsets, lambda a, b: a[:, 1] * b[:, 1])
-    supervised = (either > 0) & inside
-    if not background_pairs:
-        touching, _ = pair_values(stacked, offsets, lambda a, b: ((a[:, 2] + b[:, 2]) > 0).float())
-        supervised &= touching == 0
-    return supervised, (both > 0) & inside
+    both, inside = pair_values(stacked, offsets, lambda a, b: a[:, 1] * b[:, 1])
+    unlabelled = (both > 0) & inside
+    if background_pairs:
+        return inside & ~unlabelled, unlabelled
+    in_instance, _ = pair_values(stacked, offsets, lambda a, b: ((a[:, 0] + b[:, 0]) > 0).float())
+    touching, _ = pair_values(stacked, offsets, lambda a, b: ((a[:, 2] + b[:, 2]) > 0).float())
+    return (in_instance > 0) & (touching == 0) & inside, unlabelled
 
 
 def nearest_channels(offsets) -> torch.Tensor:
