@@ -1,7 +1,8 @@
 """Rates and memory the Kasthuri15 projection needs, measured on this machine,
 and the projection itself.
 
-    python benchmarks/scale.py [--edges N] [--graph-edges N] [--bench-run DIR]
+    python benchmarks/scale.py [--edges N] [--graph-edges N] [--mutex-edges N] [--bench-run DIR]
+        [--only mutex]
         [--gpu-voxels-per-s R] [--gpus G] [--cores C]
 
 Graph store: writes and whole-graph reads of a region graph of
@@ -26,6 +27,16 @@ master's peak memory beyond the fragment arrays, in bytes per edge (numpy
 allocations, traced by tracemalloc; the edge chunks are drawn before, as a
 store's reader would hand them over, and are not counted).
 
+Graph mutex watershed: the mutex partitioner's master step
+(pipeline/kernels/graph_mutex.py) on the same kind of synthetic graph
+(`--mutex-edges` edges, default 1e8, N / 10 fragments), strengths uniform in
+-255..255 (half the edges repulsive). Random pairs are its worst case too:
+clusters grow large and carry many mutexes, where a real region graph's
+are few and local. Prints edges/s and the peak memory beyond the fragment
+arrays and the edge chunks, per edge (the process's peak resident memory:
+the kernel's hash table is allocated by compiled code, which tracemalloc
+does not see).
+
 Projection: Kasthuri15 (10747 x 12895 x 1850 voxels) on G GPUs and C cores
 (default 8 and 256), from the rates above and from a `make bench` run
 (--bench-run, default runs/bench_postprocess/run: each post-processing
@@ -49,6 +60,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipeline.kernels.graph_mutex import mutex_lut  # noqa: E402
 from pipeline.kernels.lut import FragmentIndex, build_luts  # noqa: E402
 
 KASTHURI15 = 10747 * 12895 * 1850  # voxels
@@ -105,6 +117,43 @@ def measure_luts(edges: int) -> dict:
         "bytes_per_edge": (peak - per_fragment) / edges,
         "segments_at_0.9": segments,
     }
+
+
+def resident_bytes(field: str) -> int:
+    """VmRSS (now) or VmHWM (the peak since `reset_peak`) of this process."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def measure_mutex(edges: int) -> dict:
+    rng = np.random.default_rng(0)
+    ids, blocks = synthetic_fragments(max(2, edges // 10), rng)
+    fragments = FragmentIndex.from_ids(ids, VOXELS_PER_BLOCK, blocks)
+    tiny = FragmentIndex.from_ids(ids[:10], VOXELS_PER_BLOCK, blocks)
+    mutex_lut(tiny, [(ids[:3], ids[1:4], np.array([5, -5, 3], dtype=np.int16))])  # compile first
+    draw = np.random.default_rng(2)
+    chunks = []
+    for start in range(0, edges, CHUNK):
+        m = min(CHUNK, edges - start)
+        chunks.append((ids[draw.integers(0, len(ids), m)], ids[draw.integers(0, len(ids), m)],
+                       draw.integers(-255, 256, m).astype(np.int16)))
+    reset_peak()
+    before = resident_bytes("VmRSS")
+    started = time.perf_counter()
+    table = mutex_lut(fragments, iter(chunks))
+    seconds = time.perf_counter() - started
+    peak = resident_bytes("VmHWM") - before
+    # union-find, list heads (3 x 4 B), the ids in index order, the table
+    per_fragment = len(ids) * (4 + 12 + 8 + 8)
+    return {"edges": edges, "fragments": len(ids), "seconds": seconds, "edges_per_s": edges / seconds,
+            "peak_bytes": peak, "bytes_per_edge": (peak - per_fragment) / edges,
+            "segments": len(np.unique(table.segments))}
 
 
 def template_graph(run: Path) -> tuple[list, str]:
@@ -250,7 +299,16 @@ def mongodb_uri(storage: Path):
     return server.uri, server
 
 
-def project(bench_run: Path, stores: dict, edge_bytes: float, node_bytes: float, luts: dict, gpu_rate: float, gpus: int, cores: int) -> None:
+def report_mutex(r: dict) -> None:
+    print(f"graph mutex watershed: {r['edges']:.3g} random edges, {r['fragments']:.3g} fragments, "
+          f"strengths uniform in -255..255; {r['segments']} segments")
+    print(f"  {r['seconds']:.1f} s, {r['edges_per_s'] / 1e6:.2f} M edges/s (one core)")
+    print(f"  peak {r['peak_bytes'] / 2**30:.2f} GiB beyond the edge chunks; beyond the fragment arrays "
+          f"(32 B per fragment): {r['bytes_per_edge']:.1f} B per edge")
+
+
+def project(bench_run: Path, stores: dict, edge_bytes: float, node_bytes: float, luts: dict, mutex: dict,
+            gpu_rate: float, gpus: int, cores: int) -> None:
     """Kasthuri15's steps, each on its own: hours, and the resources."""
     import json
 
@@ -279,6 +337,11 @@ def project(bench_run: Path, stores: dict, edge_bytes: float, node_bytes: float,
     memory = (28 * fragments + luts["bytes_per_edge"] * edges) / 2**30
     rows.append(("look-up tables (master)", 0, f"{luts['edges_per_s'] / 1e6:.1f} M edges/s, {memory:.0f} GiB",
                  edges / luts["edges_per_s"] / 3600))
+    # the mutex path's graph holds long-range edges too: the same edge count
+    # is a lower bound for it
+    memory = (32 * fragments + mutex["bytes_per_edge"] * edges) / 2**30
+    rows.append(("graph mutex watershed (master)", 0,
+                 f"{mutex['edges_per_s'] / 1e6:.1f} M edges/s, {memory:.0f} GiB", edges / mutex["edges_per_s"] / 3600))
     print(f"{'step':<40}{'rate or work':>28}{'hours':>9}")
     for name, _, work, hours in rows:
         print(f"{name:<40}{work:>28}{hours:>9.2f}")
@@ -318,7 +381,12 @@ def main() -> None:
     parser.add_argument("--gpu-voxels-per-s", type=float, default=17.8e6, help="predict rate per GPU (default: the H100's)")
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--cores", type=int, default=256)
+    parser.add_argument("--mutex-edges", type=float, default=1e8, help="synthetic edges of the graph mutex watershed (default 1e8)")
+    parser.add_argument("--only", choices=["mutex"], help="only the graph mutex watershed (no stores, tables or projection)")
     args = parser.parse_args()
+    if args.only == "mutex":
+        report_mutex(measure_mutex(int(args.mutex_edges)))
+        return
     stores = {}
     template, source = template_graph(Path(args.bench_run))
     edge_bytes, node_bytes = record_bytes(template)
@@ -352,8 +420,11 @@ def main() -> None:
     print(f"  {r['seconds']:.1f} s, {r['edges_per_s'] / 1e6:.1f} M edges/s (one core)")
     print(f"  master peak {r['peak_bytes'] / 2**30:.2f} GiB; beyond the fragment arrays (28 B per fragment): "
           f"{r['bytes_per_edge']:.1f} B per edge")
+    mutex = measure_mutex(int(args.mutex_edges))
+    report_mutex(mutex)
     if (Path(args.bench_run) / "report.json").exists():
-        project(Path(args.bench_run), stores, edge_bytes, node_bytes, r, args.gpu_voxels_per_s, args.gpus, args.cores)
+        project(Path(args.bench_run), stores, edge_bytes, node_bytes, r, mutex, args.gpu_voxels_per_s, args.gpus,
+                args.cores)
     else:
         print(f"no projection: {args.bench_run} holds no make bench run")
 

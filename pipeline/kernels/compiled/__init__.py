@@ -6,9 +6,11 @@ and each is tested against a slow reference:
 - `lut`: union-find and edge bucketing for the look-up tables;
 - `rag`: voxel pairs between labels and per-edge affinity sums;
 - `waterz`: waterz's watershed and hierarchical region merging, tested
-  against waterz itself.
+  against waterz itself;
+- `graph_mutex`: the mutex watershed over a region graph, tested against
+  `mwatershed.cluster`.
 
-Python-level callers live in pipeline/kernels/{lut,rag,watershed}.py.
+Python-level callers live in pipeline/kernels/{lut,rag,watershed,graph_mutex}.py.
 `cache=True` keeps the machine code beside these files, so a new process
 does not compile again.
 """

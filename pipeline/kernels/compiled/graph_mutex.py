@@ -1,0 +1,205 @@
+"""The mutex watershed over a graph (Wolf et al.), one bucket of edges at a
+time (pipeline/kernels/graph_mutex.py). Tested against
+`mwatershed.cluster`, decision for decision (tests/test_graph_mutex.py).
+
+State, all arrays of node indices:
+
+- `parent`: the union-find forest.
+- the mutexes, twice: a hash set of cluster pairs (`table`: open
+  addressing, linear probing, keys lo * n + hi of the two roots), so that
+  "may these two clusters join?" costs one look-up however large they
+  are; and each root's singly linked list of entries (`head`, `tail`,
+  `length` per node; `other`, `following` per entry), each holding a node
+  of a cluster that may never join this one, so that a join can re-key
+  the pairs of the cluster that goes under. The root with the shorter list
+  goes under (its pairs are re-keyed, duplicates dropped from the list),
+  so each pair is re-keyed O(log n) times in all, and no entry is ever
+  rewritten for a join elsewhere: which cluster an entry's node is in now
+  is found through `parent`.
+
+Joins hook the shorter list's root under the other, not the smaller index
+under the larger, so `resolve` (not lut.flatten) reads the forest out.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from pipeline.kernels.compiled.lut import _find
+
+NONE = -1  # an empty list, or the end of one
+EMPTY, DELETED = -1, -2  # hash slots
+LOAD = 0.7  # the table grows when its filled slots pass this share
+MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: key * 2^64 / phi
+
+
+@njit(cache=True, nogil=True)
+def strength_buckets(strength, levels, keys, counts) -> bool:
+    """keys[i]: the bucket edge i is taken in, 0 first: for magnitude m,
+    the repulsive 2 (levels - m) before the attractive 2 (levels - m) + 1;
+    strength 0 in the last bucket, 2 levels (never taken). counts: edges
+    per bucket. False if a strength lies outside -levels..levels."""
+    counts[:] = 0
+    for i in range(len(strength)):
+        s = strength[i]
+        if s > levels or s < -levels:
+            return False
+        if s > 0:
+            key = 2 * (levels - s) + 1
+        elif s < 0:
+            key = 2 * (levels + s)
+        else:
+            key = 2 * levels
+        keys[i] = key
+        counts[key] += 1
+    return True
+
+
+@njit(cache=True, nogil=True)
+def _key(a, b, n):
+    lo, hi = (a, b) if a < b else (b, a)
+    return np.int64(lo) * np.int64(n) + np.int64(hi)
+
+
+@njit(cache=True, nogil=True)
+def _home(table, key):
+    bits = np.uint64(np.log2(len(table)))
+    return np.int64((np.uint64(key) * MIX) >> (np.uint64(64) - bits))
+
+
+@njit(cache=True, nogil=True)
+def _contains(table, key) -> bool:
+    mask = len(table) - 1
+    at = _home(table, key)
+    while table[at] != EMPTY:
+        if table[at] == key:
+            return True
+        at = (at + 1) & mask
+    return False
+
+
+@njit(cache=True, nogil=True)
+def _delete(table, counts, key) -> None:
+    mask = len(table) - 1
+    at = _home(table, key)
+    while table[at] != EMPTY:
+        if table[at] == key:
+            table[at] = DELETED
+            counts[0] -= 1
+            return
+        at = (at + 1) & mask
+
+
+@njit(cache=True, nogil=True)
+def _place(table, key) -> bool:
+    # True if the key took an empty slot (not a deleted one); it is absent
+    mask = len(table) - 1
+    at = _home(table, key)
+    while table[at] >= 0:
+        at = (at + 1) & mask
+    empty = table[at] == EMPTY
+    table[at] = key
+    return empty
+
+
+@njit(cache=True, nogil=True)
+def _insert(table, counts, key):
+    """Adds an absent key; returns the table, a new one if it had to grow.
+    counts: [live keys, filled slots (live and deleted)]."""
+    if counts[1] + 1 > LOAD * len(table):
+        size = 16
+        while size * LOAD / 2 < counts[0] + 1:
+            size *= 2
+        grown = np.full(size, EMPTY, dtype=np.int64)
+        for k in table:
+            if k >= 0:
+                _place(grown, k)
+        table = grown
+        counts[1] = counts[0]
+    if _place(table, key):
+        counts[1] += 1
+    counts[0] += 1
+    return table
+
+
+@njit(cache=True, nogil=True)
+def _push(head, tail, length, other, following, root, partner, at) -> None:
+    # append entry `at` (partner) to root's list
+    other[at] = partner
+    following[at] = NONE
+    if length[root] == 0:
+        head[root] = at
+    else:
+        following[tail[root]] = at
+    tail[root] = at
+    length[root] += 1
+
+
+@njit(cache=True, nogil=True)
+def _open_roots(parent, table, u, v):
+    # the roots of u and v, or (NONE, NONE) if one cluster holds both or
+    # the two are kept apart already: an edge that changes nothing
+    a, b = _find(parent, u), _find(parent, v)
+    if a == b or _contains(table, _key(a, b, len(parent))):
+        return NONE, NONE
+    return a, b
+
+
+@njit(cache=True, nogil=True)
+def repel(parent, pairs, head, tail, length, other, following, used, table, counts):
+    """Mutexes between the clusters of each pair (a repulsive bucket); a
+    pair already in one cluster, or already mutex, adds nothing. `other`
+    and `following` must have room for 2 * len(pairs) entries from `used`
+    on. Returns (the new `used`, the table)."""
+    n = len(parent)
+    for i in range(len(pairs)):
+        a, b = _open_roots(parent, table, pairs[i, 0], pairs[i, 1])
+        if a == NONE:
+            continue
+        table = _insert(table, counts, _key(a, b, n))
+        _push(head, tail, length, other, following, a, pairs[i, 1], used)
+        _push(head, tail, length, other, following, b, pairs[i, 0], used + 1)
+        used += 2
+    return used, table
+
+
+@njit(cache=True, nogil=True)
+def attract(parent, pairs, head, tail, length, other, following, table, counts):
+    """Join the clusters of each pair (an attractive bucket) unless they are
+    mutex; the joined cluster keeps both clusters' mutexes. Returns the
+    table."""
+    n = len(parent)
+    for i in range(len(pairs)):
+        a, b = _open_roots(parent, table, pairs[i, 0], pairs[i, 1])
+        if a == NONE:
+            continue
+        child, root = (a, b) if length[a] < length[b] or (length[a] == length[b] and a > b) else (b, a)
+        parent[child] = root
+        entry = head[child]
+        while entry != NONE:
+            following_entry = following[entry]
+            # never root: a partner of child's is mutex with it, root is not
+            partner = _find(parent, other[entry])
+            _delete(table, counts, _key(child, partner, n))
+            if not _contains(table, _key(root, partner, n)):
+                table = _insert(table, counts, _key(root, partner, n))
+                _push(head, tail, length, other, following, root, other[entry], entry)
+            entry = following_entry
+        head[child], tail[child], length[child] = NONE, NONE, 0
+    return table
+
+
+@njit(cache=True, nogil=True)
+def resolve(parent, smallest) -> None:
+    """parent[i] <- the smallest index of i's component, in place
+    (`smallest`: scratch, one per node)."""
+    n = len(parent)
+    for i in range(n):
+        parent[i] = _find(parent, i)  # roots stay roots: every node points at its own
+        smallest[i] = n
+    for i in range(n):
+        if i < smallest[parent[i]]:
+            smallest[parent[i]] = i
+    for i in range(n):
+        parent[i] = smallest[parent[i]]
