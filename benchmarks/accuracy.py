@@ -78,6 +78,9 @@ class Experiment(Strict):
     run: dict = {}
     # the offsets the runs predict (model.offsets); default: the training offsets
     offsets: list[tuple[int, int, int]] | None = None
+    # model.representation of the runs (CRAC: "embedding" or "explicit");
+    # default: the model's own
+    representation: str | None = None
     # 2D models: the mutex biases swept, one run each, in place of thresholds
     biases: list[Annotated[float, Field(gt=0.0, lt=1.0)]] = [0.3, 0.4, 0.5, 0.6, 0.7]
     # what picks the threshold on validation: the lowest VOI, or the highest
@@ -107,7 +110,8 @@ def _run(experiment: Experiment, model: Path, roi: RoiConfig, run_dir: Path, run
     """The main job on `roi`; its score rows."""
     config = RunConfig(
         run_dir=str(run_dir), raw=experiment.raw, ground_truth=experiment.ground_truth,
-        roi=roi, model={"checkpoint": str(model), "offsets": experiment.offsets}, **run,
+        roi=roi, model={"checkpoint": str(model), "offsets": experiment.offsets,
+                        "representation": experiment.representation}, **run,
     )
     # the benchmark's run dirs are its own scratch: a run made with another
     # model (retrained, resumed) or other settings is started again, where

@@ -28,11 +28,12 @@ allocations, traced by tracemalloc; the edge chunks are drawn before, as a
 store's reader would hand them over, and are not counted).
 
 Graph mutex watershed: the mutex partitioner's master step
-(pipeline/kernels/graph_mutex.py) on the same kind of synthetic graph
-(`--mutex-edges` edges, default 1e8, N / 10 fragments), strengths uniform in
--255..255 (half the edges repulsive). Random pairs are its worst case too:
-clusters grow large and carry many mutexes, where a real region graph's
-are few and local. Prints edges/s and the peak memory beyond the fragment
+(pipeline/kernels/graph_mutex.py) on two synthetic graphs of `--mutex-edges`
+edges (default 1e8) and N / 10 fragments: a local one (fragments on a cube
+grid, ten reaches each, noisy affinities of Voronoi cells: a region graph's
+structure) and random pairs with strengths uniform in -255..255, its worst
+case (clusters grow large and carry many mutexes, where a real region
+graph's are few and local). Prints edges/s and the peak memory beyond the fragment
 arrays and the edge chunks, per edge (the process's peak resident memory:
 the kernel's hash table is allocated by compiled code, which tracemalloc
 does not see).
@@ -131,18 +132,57 @@ def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def measure_mutex(edges: int) -> dict:
+# the local graph's offsets in fragments: nearest neighbours, then longer
+# reaches, ten per fragment as a region graph with long-range pairs has
+LOCAL_OFFSETS = [(1, 0, 0), (0, 1, 0), (0, 0, 1), (2, 0, 0), (0, 3, 0), (0, 0, 3), (3, 0, 0), (0, 9, 0), (0, 0, 9),
+                 (0, 5, 5)]
+
+
+def random_mutex_edges(ids: np.ndarray, edges: int):
+    """Random fragment pairs, strengths uniform in -255..255."""
+    draw = np.random.default_rng(2)
+    for start in range(0, edges, CHUNK):
+        m = min(CHUNK, edges - start)
+        yield (ids[draw.integers(0, len(ids), m)], ids[draw.integers(0, len(ids), m)],
+               draw.integers(-255, 256, m).astype(np.int16))
+
+
+def local_mutex_edges(ids: np.ndarray, edges: int):
+    """Fragments on a cube grid in index order, each with an edge at every
+    LOCAL_OFFSETS reach; the truth is the Voronoi cells of one seed per
+    1000 fragments, and each edge's uint8 affinity is 0.9 within a cell,
+    0.1 across, plus Gaussian noise of 0.2, minus a bias of 0.5."""
+    side = round(len(ids) ** (1 / 3))
+    draw = np.random.default_rng(2)
+    grid = np.indices((side, side, side)).reshape(3, -1).T
+    seeds = draw.integers(0, side, size=(max(1, side**3 // 1000), 3))
+    from scipy.spatial import cKDTree
+
+    truth = cKDTree(seeds).query(grid)[1]
+    index = np.arange(side**3).reshape(side, side, side)
+    made = 0
+    for offset in LOCAL_OFFSETS:
+        here = tuple(slice(0, side - o) for o in offset)
+        there = tuple(slice(o, side) for o in offset)
+        a, b = index[here].ravel(), index[there].ravel()
+        for start in range(0, len(a), CHUNK):
+            u, v = a[start : start + CHUNK], b[start : start + CHUNK]
+            affinity = np.where(truth[u] == truth[v], 0.9, 0.1) + draw.normal(0, 0.2, len(u))
+            strength = np.round(np.clip(affinity, 0, 1) * 255).astype(np.int16) - 128
+            yield ids[u], ids[v], strength
+            made += len(u)
+            if made >= edges:
+                return
+
+
+def measure_mutex(edges: int, graph: str) -> dict:
     rng = np.random.default_rng(0)
-    ids, blocks = synthetic_fragments(max(2, edges // 10), rng)
+    ids, blocks = synthetic_fragments(max(2, edges // len(LOCAL_OFFSETS)), rng)
     fragments = FragmentIndex.from_ids(ids, VOXELS_PER_BLOCK, blocks)
     tiny = FragmentIndex.from_ids(ids[:10], VOXELS_PER_BLOCK, blocks)
     mutex_lut(tiny, [(ids[:3], ids[1:4], np.array([5, -5, 3], dtype=np.int16))])  # compile first
-    draw = np.random.default_rng(2)
-    chunks = []
-    for start in range(0, edges, CHUNK):
-        m = min(CHUNK, edges - start)
-        chunks.append((ids[draw.integers(0, len(ids), m)], ids[draw.integers(0, len(ids), m)],
-                       draw.integers(-255, 256, m).astype(np.int16)))
+    # drawn before the clock, as a store's reader would hand them over
+    chunks = list((random_mutex_edges if graph == "random" else local_mutex_edges)(ids, edges))
     reset_peak()
     before = resident_bytes("VmRSS")
     started = time.perf_counter()
@@ -151,8 +191,9 @@ def measure_mutex(edges: int) -> dict:
     peak = resident_bytes("VmHWM") - before
     # union-find, list heads (3 x 4 B), the ids in index order, the table
     per_fragment = len(ids) * (4 + 12 + 8 + 8)
-    return {"edges": edges, "fragments": len(ids), "seconds": seconds, "edges_per_s": edges / seconds,
-            "peak_bytes": peak, "bytes_per_edge": (peak - per_fragment) / edges,
+    drawn = sum(len(c[0]) for c in chunks)
+    return {"graph": graph, "edges": drawn, "fragments": len(ids), "seconds": seconds, "edges_per_s": drawn / seconds,
+            "peak_bytes": peak, "bytes_per_edge": (peak - per_fragment) / drawn,
             "segments": len(np.unique(table.segments))}
 
 
@@ -300,8 +341,10 @@ def mongodb_uri(storage: Path):
 
 
 def report_mutex(r: dict) -> None:
-    print(f"graph mutex watershed: {r['edges']:.3g} random edges, {r['fragments']:.3g} fragments, "
-          f"strengths uniform in -255..255; {r['segments']} segments")
+    kind = ("random pairs, strengths uniform in -255..255" if r["graph"] == "random" else
+            "a grid's local pairs, noisy affinities of Voronoi cells")
+    print(f"graph mutex watershed: {r['edges']:.3g} edges ({kind}), {r['fragments']:.3g} fragments; "
+          f"{r['segments']} segments")
     print(f"  {r['seconds']:.1f} s, {r['edges_per_s'] / 1e6:.2f} M edges/s (one core)")
     print(f"  peak {r['peak_bytes'] / 2**30:.2f} GiB beyond the edge chunks; beyond the fragment arrays "
           f"(32 B per fragment): {r['bytes_per_edge']:.1f} B per edge")
@@ -338,7 +381,7 @@ def project(bench_run: Path, stores: dict, edge_bytes: float, node_bytes: float,
     rows.append(("look-up tables (master)", 0, f"{luts['edges_per_s'] / 1e6:.1f} M edges/s, {memory:.0f} GiB",
                  edges / luts["edges_per_s"] / 3600))
     # the mutex path's graph holds long-range edges too: the same edge count
-    # is a lower bound for it
+    # is a lower bound for it; the rate is the random graph's, the worst case
     memory = (32 * fragments + mutex["bytes_per_edge"] * edges) / 2**30
     rows.append(("graph mutex watershed (master)", 0,
                  f"{mutex['edges_per_s'] / 1e6:.1f} M edges/s, {memory:.0f} GiB", edges / mutex["edges_per_s"] / 3600))
@@ -385,7 +428,8 @@ def main() -> None:
     parser.add_argument("--only", choices=["mutex"], help="only the graph mutex watershed (no stores, tables or projection)")
     args = parser.parse_args()
     if args.only == "mutex":
-        report_mutex(measure_mutex(int(args.mutex_edges)))
+        for graph in ("local", "random"):
+            report_mutex(measure_mutex(int(args.mutex_edges), graph))
         return
     stores = {}
     template, source = template_graph(Path(args.bench_run))
@@ -420,7 +464,8 @@ def main() -> None:
     print(f"  {r['seconds']:.1f} s, {r['edges_per_s'] / 1e6:.1f} M edges/s (one core)")
     print(f"  master peak {r['peak_bytes'] / 2**30:.2f} GiB; beyond the fragment arrays (28 B per fragment): "
           f"{r['bytes_per_edge']:.1f} B per edge")
-    mutex = measure_mutex(int(args.mutex_edges))
+    report_mutex(measure_mutex(int(args.mutex_edges), "local"))
+    mutex = measure_mutex(int(args.mutex_edges), "random")
     report_mutex(mutex)
     if (Path(args.bench_run) / "report.json").exists():
         project(Path(args.bench_run), stores, edge_bytes, node_bytes, r, mutex, args.gpu_voxels_per_s, args.gpus,

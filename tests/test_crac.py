@@ -14,7 +14,7 @@ import torch
 from pipeline.config import RunConfig
 from pipeline.methods import build_model, load_model, save_model, training_step
 from pipeline.methods.base import Progress, TrainingBatch, label_affinities
-from pipeline.methods.crac import Settings, alpha_at, binary_entropy, confident, pair_regions
+from pipeline.methods.crac import Settings, alpha_at, binary_entropy, confident, instance_pairs, pair_regions
 from pipeline.orchestration.run_layout import RunDir, RunLayout, check_run_dir, claim_run_dir, run_record
 from pipeline.errors import UserError
 from pipeline.training.loop import Training
@@ -46,10 +46,10 @@ def test_the_supervised_region_is_every_pair_the_annotation_determines():
     # starting inside the annotated instance, and its boundary pairs
     supervised, _ = pair_regions(labels, torch.tensor([0, 1, 1, 0, 0, 0]).view(1, 1, 1, 6), [(0, 0, -1), (0, 0, -2)])
     assert supervised[0, :, 0, 0].tolist() == [[False, True, True, True, False, False], [False, False, True, True, True, False]]
-    # without background pairs: those touching the known background x3 go
-    supervised, unlabelled = pair_regions(labels, annotated, [(0, 0, -1), (0, 0, -2)], background_pairs=False)
-    assert supervised[0, :, 0, 0].tolist() == [[False, True, True, False, False, False], [False, False, True, False, True, False]]
-    assert unlabelled[0, :, 0, 0].tolist() == expected_unlabelled
+    # E's without background pairs: those touching the known background x3
+    # go, and those with no voxel in the instance
+    implicit = instance_pairs(labels, annotated, [(0, 0, -1), (0, 0, -2)])
+    assert implicit[0, :, 0, 0].tolist() == [[False, True, True, False, False, False], [False, False, True, False, True, False]]
 
 
 def test_the_entropy_filter_drops_exactly_the_alpha_fraction_most_uncertain():
@@ -114,6 +114,20 @@ def test_unannotated_instances_do_not_reach_the_supervised_loss():
     rows = np.arange(48).reshape(1, 1, 48, 1)
     changed[(labels == 3) & (rows % 2 == 0)] = 99
     assert supervised(changed) != supervised(labels)
+
+
+def test_background_pairs_switch_changes_the_embeddings_supervision_only():
+    labels, annotated = _instances(2)
+    raw = torch.rand((1, 1, 1, 64, 64), generator=torch.Generator().manual_seed(3))
+    losses = {}
+    for background_pairs in (True, False):
+        torch.manual_seed(0)  # the same weights
+        model = build_model(settings(background_pairs=background_pairs), BACKBONE, OFFSETS)
+        with torch.no_grad():
+            losses[background_pairs] = training_step(model, model.method)(_batch(labels, annotated, raw),
+                                                                           Progress(0, 10)).losses
+    assert losses[True]["supervised_explicit"].item() == losses[False]["supervised_explicit"].item()
+    assert losses[True]["supervised_implicit"].item() != losses[False]["supervised_implicit"].item()
 
 
 @pytest.mark.parametrize("detach", [True, False])

@@ -17,8 +17,12 @@ into three (`pair_regions`):
   representations are regressed onto the ground truth there, with the
   class-weighted MSE times `supervised_weight`, the nearest-neighbour
   channels times `nearest_weight` more. With `background_pairs: false` (as
-  PEA's) no pair with a known-background voxel is in M; the foreground
-  head learns the background alone.
+  PEA's, and like it for E only) E's supervised pairs are those of M with
+  a voxel in an annotated instance and none of known background: the
+  foreground head learns the background, and the embedding is spent on
+  telling nuclei apart (the background pairs outnumber the pairs that
+  span two nuclei, and spend the class balance). F, explicit affinities
+  like the affinity method's, trains on all of M either way.
 - P, unlabelled: pairs of two unannotated voxels, the rest. Each
   representation is regressed onto the other (the teacher) where the
   teacher is confident: the alpha_t most uncertain fraction of P's pairs,
@@ -92,9 +96,10 @@ class Settings(Strict):
     # null: the live networks teach each other
     ema: EMASettings | None = None
     foreground: ForegroundSettings | None = None
-    # as PEA's: false leaves the pairs with a known-background voxel out of
-    # M (the foreground head's business), so the supervised pairs that say
-    # "different" are those between an annotated instance and another object
+    # as PEA's, for E: false leaves the pairs with a known-background voxel
+    # out of E's supervised pairs (the foreground head's business), so those
+    # that say "different" are between an annotated instance and another
+    # object. F trains on every pair the annotation determines either way
     background_pairs: bool = True
 
     @model_validator(mode="after")
@@ -128,24 +133,25 @@ def confident(p: torch.Tensor, candidates: torch.Tensor, alpha: float) -> torch.
     return kept
 
 
-def pair_regions(labels: torch.Tensor, annotated: torch.Tensor, offsets,
-                 background_pairs: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_regions(labels: torch.Tensor, annotated: torch.Tensor, offsets) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, P), each (B, len(offsets), z, y, x) bool over the pairs whose
     partner lies inside: M the pairs with an annotated voxel (an annotated
-    instance's or known background; without `background_pairs`, those with
-    a voxel in an annotated instance and none of known background), P the
-    pairs of two unannotated voxels."""
-    instance = ((labels != 0) & (annotated != 0)).to(torch.float32)
-    unannotated = (annotated == 0).to(torch.float32)
-    background = ((labels == 0) & (annotated != 0)).to(torch.float32)
-    stacked = torch.stack([instance, unannotated, background], dim=1)
-    both, inside = pair_values(stacked, offsets, lambda a, b: a[:, 1] * b[:, 1])
+    instance's or known background), P the pairs of two unannotated voxels."""
+    unannotated = (annotated == 0).to(torch.float32).unsqueeze(1)
+    both, inside = pair_values(unannotated, offsets, lambda a, b: a[:, 0] * b[:, 0])
     unlabelled = (both > 0) & inside
-    if background_pairs:
-        return inside & ~unlabelled, unlabelled
-    in_instance, _ = pair_values(stacked, offsets, lambda a, b: ((a[:, 0] + b[:, 0]) > 0).float())
-    touching, _ = pair_values(stacked, offsets, lambda a, b: ((a[:, 2] + b[:, 2]) > 0).float())
-    return (in_instance > 0) & (touching == 0) & inside, unlabelled
+    return inside & ~unlabelled, unlabelled
+
+
+def instance_pairs(labels: torch.Tensor, annotated: torch.Tensor, offsets) -> torch.Tensor:
+    """The pairs with a voxel in an annotated instance and none of known
+    background (E's supervised pairs without `background_pairs`)."""
+    instance = ((labels != 0) & (annotated != 0)).to(torch.float32)
+    background = ((labels == 0) & (annotated != 0)).to(torch.float32)
+    stacked = torch.stack([instance, background], dim=1)
+    in_instance, inside = pair_values(stacked, offsets, lambda a, b: ((a[:, 0] + b[:, 0]) > 0).float())
+    touching, _ = pair_values(stacked, offsets, lambda a, b: ((a[:, 1] + b[:, 1]) > 0).float())
+    return (in_instance > 0) & (touching == 0) & inside
 
 
 def nearest_channels(offsets) -> torch.Tensor:
@@ -232,7 +238,8 @@ class TrainingStep(MethodStep):
         # the ground truth of annotated instances only: nothing outside the
         # annotation (whatever its labels) reaches the supervised terms
         target, _ = label_affinities(batch.labels * (annotated != 0), annotated, model.offsets)
-        supervised, unlabelled = pair_regions(batch.labels, annotated, model.offsets, s.background_pairs)
+        supervised, unlabelled = pair_regions(batch.labels, annotated, model.offsets)
+        implicit_supervised = supervised if s.background_pairs else instance_pairs(batch.labels, annotated, model.offsets)
         if self.teacher is not None:
             with torch.no_grad():
                 teach_implicit, teach_explicit, _, _ = self._predict(self.teacher, batch.raw)
@@ -245,7 +252,7 @@ class TrainingStep(MethodStep):
         by_implicit = confident(teach_implicit, unlabelled, alpha)
         w = self.channel_weights
         losses = {
-            "supervised_implicit": s.supervised_weight * self.mse(implicit, target, supervised, w),
+            "supervised_implicit": s.supervised_weight * self.mse(implicit, target, implicit_supervised, w),
             "supervised_explicit": s.supervised_weight * self.mse(explicit, target, supervised, w),
             "pseudo_implicit": s.pseudo_weight * self.mse(implicit, teach_explicit, by_explicit),
             "pseudo_explicit": s.pseudo_weight * self.mse(explicit, teach_implicit, by_implicit),
