@@ -10,7 +10,7 @@ INSTALLED := $(VENV)/.installed
 GROUNDTRUTH := data/fib25_medulla/groundtruth.h5
 LABELS := runs/fib25.zarr/labels
 
-.PHONY: demo test bench accuracy nuclei accuracy-nuclei sparse-nuclei clean
+.PHONY: demo test bench accuracy nuclei nuclei-crac accuracy-nuclei sparse-nuclei clean
 
 $(INSTALLED): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,10 @@ runs/nuclei.zarr/labels/.zarray: $(INSTALLED)
 # the bundled PEA nuclei model on the test pages 50..59: 2D scores
 nuclei: $(INSTALLED) runs/nuclei.zarr/raw/.zarray runs/nuclei.zarr/labels/.zarray
 	$(BIN)/python pipeline/predict.py configs/nuclei_pea.json
+
+# the bundled CRAC model (trained on 10% of the nuclei) on the test pages
+nuclei-crac: $(INSTALLED) runs/nuclei.zarr/raw/.zarray runs/nuclei.zarr/labels/.zarray
+	$(BIN)/python pipeline/predict.py configs/nuclei_crac.json
 
 # the nuclei table: classical, affinity, PEA ablation (trains 3 models)
 accuracy-nuclei: $(INSTALLED) runs/nuclei.zarr/raw/.zarray runs/nuclei.zarr/labels/.zarray

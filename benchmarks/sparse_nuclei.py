@@ -158,17 +158,21 @@ def cells(config: SparseNucleiConfig):
                config.ablation_column, 0, changes)
 
 
+def measured() -> dict:
+    return {"machine": machine(), "date": datetime.date.today().isoformat()}
+
+
 def run_cell(config: SparseNucleiConfig, name: str, fraction, column_name: str, seed, changes) -> dict:
     column = config.columns[column_name]
     cell = Path(config.out_dir) / re.sub(r"[^\w.-]+", "_", name)
     if fraction is None:
-        return {"name": name, **score(config, name, Path(column.dense_model), column), "train_s": None}
+        return {"name": name, **score(config, name, Path(column.dense_model), column), "train_s": None, **measured()}
     overrides = {"volumes": [sparse_copy(config, fraction)], "seed": seed}
     if changes:
         method = load_json(str(column.train))["method"]
         overrides["method"] = {**method, **changes}
     model, wall = train(cell, Path(column.train), overrides)
-    return {"name": name, **score(config, name, model, column), "train_s": wall}
+    return {"name": name, **score(config, name, model, column), "train_s": wall, **measured()}
 
 
 def machine() -> str:
