@@ -75,7 +75,7 @@ def main() -> None:
     model = build_model(train.method, train.network.model_dump(), train.offsets).eval()
     raw = open_volume(*split_path(volume.raw), field="raw")
     sections = {name: open_volume(*split_path(path), field=name).data
-                for name, path in (("dense", args.dense_labels), ("sparse", volume.labels), ("mask", volume.labels_mask))}
+                for name, path in (("dense", args.dense_labels), ("mask", volume.labels_mask))}
     print("| iteration | F teaching E | E teaching F | F on true \"different\" pairs | E on true \"different\" pairs |")
     print("| --- | --- | --- | --- | --- |")
     for iteration in range(args.every, last[0] + 1, args.every):
@@ -84,10 +84,10 @@ def main() -> None:
         errors = []
         for z in args.pages:
             implicit, explicit = predictions(model, raw, z)
-            dense, sparse, annotated = (torch.from_numpy(np.asarray(sections[name][z]).astype(np.int64))[None, None]
-                                        for name in ("dense", "sparse", "mask"))
+            dense, annotated = (torch.from_numpy(np.asarray(sections[name][z]).astype(np.int64))[None, None]
+                                for name in ("dense", "mask"))
             truth, inside = label_affinities(dense, torch.ones_like(dense), model.offsets)
-            _, unlabelled = pair_regions(sparse, annotated, model.offsets)
+            _, unlabelled = pair_regions(annotated, model.offsets)
             unlabelled = unlabelled & inside
             same = truth > 0.5
             different = unlabelled & ~same

@@ -34,7 +34,7 @@ def test_the_supervised_region_is_every_pair_the_annotation_determines():
     # (an unannotated instance: its label must not matter), x0 and x5 unknown
     labels = torch.tensor([0, 5, 5, 0, 7, 0]).view(1, 1, 1, 6)
     annotated = torch.tensor([0, 1, 1, 1, 0, 0]).view(1, 1, 1, 6)
-    supervised, unlabelled = pair_regions(labels, annotated, [(0, 0, -1), (0, 0, -2)])
+    supervised, unlabelled = pair_regions(annotated, [(0, 0, -1), (0, 0, -2)])
     # pair i is (x_i, x_{i+o}); offset -1: i = 1..5, offset -2: i = 2..5.
     # The instance's pairs and its boundary pairs, and those of the known
     # background x3 with the unknown x4 and x5 (they are different objects)
@@ -44,7 +44,7 @@ def test_the_supervised_region_is_every_pair_the_annotation_determines():
     assert unlabelled[0, :, 0, 0].tolist() == expected_unlabelled
     # without known background (EM: x3 unknown too), the notes' M: pairs
     # starting inside the annotated instance, and its boundary pairs
-    supervised, _ = pair_regions(labels, torch.tensor([0, 1, 1, 0, 0, 0]).view(1, 1, 1, 6), [(0, 0, -1), (0, 0, -2)])
+    supervised, _ = pair_regions(torch.tensor([0, 1, 1, 0, 0, 0]).view(1, 1, 1, 6), [(0, 0, -1), (0, 0, -2)])
     assert supervised[0, :, 0, 0].tolist() == [[False, True, True, True, False, False], [False, False, True, True, True, False]]
     # E's without background pairs: those touching the known background x3
     # go, and those with no voxel in the instance

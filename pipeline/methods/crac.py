@@ -133,7 +133,7 @@ def confident(p: torch.Tensor, candidates: torch.Tensor, alpha: float) -> torch.
     return kept
 
 
-def pair_regions(labels: torch.Tensor, annotated: torch.Tensor, offsets) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_regions(annotated: torch.Tensor, offsets) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, P), each (B, len(offsets), z, y, x) bool over the pairs whose
     partner lies inside: M the pairs with an annotated voxel (an annotated
     instance's or known background), P the pairs of two unannotated voxels."""
@@ -238,7 +238,7 @@ class TrainingStep(MethodStep):
         # the ground truth of annotated instances only: nothing outside the
         # annotation (whatever its labels) reaches the supervised terms
         target, _ = label_affinities(batch.labels * (annotated != 0), annotated, model.offsets)
-        supervised, unlabelled = pair_regions(batch.labels, annotated, model.offsets)
+        supervised, unlabelled = pair_regions(annotated, model.offsets)
         implicit_supervised = supervised if s.background_pairs else instance_pairs(batch.labels, annotated, model.offsets)
         if self.teacher is not None:
             with torch.no_grad():
