@@ -43,7 +43,7 @@ from funlib.geometry import Roi  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from pipeline.config import RunConfig, load_json  # noqa: E402
-from pipeline.predict import open_run  # noqa: E402
+from pipeline.orchestration.job import open_run  # noqa: E402
 from workers.loop import WorkerRun, run_lanes  # noqa: E402
 from workers.predict import BlockPredictor, predict_lanes  # noqa: E402
 

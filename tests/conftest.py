@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,11 @@ GROUNDTRUTH_H5 = REPO / "data/fib25_medulla/groundtruth.h5"
 ISBI = REPO / "data/isbi2012"
 NUCLEI = REPO / "data/nuclei_u2os"
 MODEL = REPO / "models/fib25_mala.pt"
+# the network-free intensity baseline: its predict step takes a fraction of
+# a second where the network's takes tens of seconds on a CPU. For tests of
+# the job around the network (resume, stores, run identity), which compare a
+# run with another run of the same model, never with the network's output
+BASELINE = {"model": {"baseline": "intensity"}}
 
 # a 40 x 160 x 160 voxel crop of the held-out sections 120..159
 TEST_ROI = {"offset": [1200, 0, 0], "shape": [400, 1600, 1600]}
@@ -171,36 +177,45 @@ def mongodb_with_password(tmp_path_factory):
 
 class MongoServerProcess:
     """A MongoDB-wire server (secantus) in a process of its own, which a test
-    can freeze (SIGSTOP), kill and start again on the same port and data."""
+    can freeze (SIGSTOP), kill and start again on the same port and data.
+
+    The server binds its port itself (port 0 the first time) and the port is
+    read from its log: a port probed here and handed over could be taken by
+    another test's server in between, and this fixture would then talk to
+    that one (a frozen-server test once saw its writes succeed that way)."""
+
+    LISTENING = re.compile(r"secantus listening on 127\.0\.0\.1:(\d+)")
 
     def __init__(self, storage: Path):
-        import socket
-
         self.storage = storage
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.uri = f"mongodb://127.0.0.1:{self.port}/"
+        self.log = storage.with_name(storage.name + ".log")
+        self.port = 0
         self.process: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"mongodb://127.0.0.1:{self.port}/"
 
     def start(self) -> None:
         import time
 
         import pymongo
 
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "secantus", "--host", "127.0.0.1", "--port", str(self.port),
-             # durable commits, as mongod's journal: a killed server keeps what it acknowledged
-             "--storage-path", str(self.storage), "--standalone", "--sync-on-commit"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "secantus", "--host", "127.0.0.1", "--port", str(self.port),
+                 # durable commits, as mongod's journal: a killed server keeps what it acknowledged
+                 "--storage-path", str(self.storage), "--standalone", "--sync-on-commit"],
+                stdout=subprocess.DEVNULL, stderr=log,
+            )
         deadline = time.time() + 60
-        while True:
-            try:
-                pymongo.MongoClient(self.uri, serverSelectionTimeoutMS=500).admin.command("ping")
-                return
-            except pymongo.errors.PyMongoError:
-                assert self.process.poll() is None and time.time() < deadline, "the server did not start"
+        while not (listening := self.LISTENING.search(self.log.read_text())):
+            assert self.process.poll() is None, f"the server did not start: {self.log.read_text()[-500:]}"
+            assert time.time() < deadline, "the server did not start within 60 s"
+            time.sleep(0.05)
+        assert self.port in (0, int(listening[1]))
+        self.port = int(listening[1])
+        pymongo.MongoClient(self.uri, serverSelectionTimeoutMS=10_000).admin.command("ping")
 
     def kill(self) -> None:
         self.process.kill()

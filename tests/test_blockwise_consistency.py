@@ -20,7 +20,7 @@ from pipeline.config import RunConfig
 from pipeline.storage.graph_store import open_store
 from pipeline.kernels.lut import LookUpTable
 from pipeline.evaluation.metrics import evaluate_arrays
-from pipeline.predict import open_run
+from pipeline.orchestration.job import open_run
 from pipeline.orchestration.segments import write_luts
 from pipeline.orchestration.tasks import blockwise_geometry
 from tests.conftest import RAW, TEST_ROI, noisy_ground_truth_affinities

@@ -43,7 +43,7 @@ CASES = {
     "wrong dtype": ({"raw": "GT"}, "has dtype uint64, expected uint8"),
     "block not a voxel multiple": ({"postprocess__block_shape": [200, 405, 400]}, "not a multiple of the voxel size"),
     "volume smaller than a block": ({"postprocess__block_shape": [800, 400, 400]}, "smaller than one block"),
-    "unreachable mongodb": ({"store": "mongodb://127.0.0.1:9/affseg"}, "cannot reach MongoDB at mongodb://127.0.0.1:9/affseg"),
+    "unreachable mongodb": ({"store": "mongodb://127.0.0.1:9/affseg", "store_timeout_s": 1}, "cannot reach MongoDB at mongodb://127.0.0.1:9/affseg"),
     "not a store": ({"store": "postgres://x"}, "store: 'postgres://x' is neither"),
     "sqlite on a cluster": ({"launcher": {"kind": "slurm"}}, "store: SQLite with the slurm launcher is refused"),
     "threshold listed twice": ({"agglomerate": {"thresholds": [0.3, 0.3], "threshold": 0.3}}, "lists a value twice"),
@@ -265,7 +265,7 @@ def test_bad_inputs_are_refused_before_the_run(make, message, tmp_path, labels):
 ])
 def test_a_damaged_run_directory_is_one_line(damage, message, tmp_path, labels):
     from pipeline.config import RunConfig, load_json
-    from pipeline.predict import open_run
+    from pipeline.orchestration.job import open_run
 
     config = broken(tmp_path, labels)
     open_run(RunConfig(**load_json(config)))
@@ -288,7 +288,7 @@ def test_a_read_only_run_directory_is_one_line(tmp_path, labels):
 
 def test_evaluating_a_threshold_without_a_table_is_one_line(tmp_path, labels):
     from pipeline.config import RunConfig, load_json
-    from pipeline.predict import open_run
+    from pipeline.orchestration.job import open_run
 
     config = broken(tmp_path, labels)
     open_run(RunConfig(**load_json(config)))

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.errors import UserError
 from pipeline.storage.credentials import masked, read_password_file, split_password, with_password
-from tests.conftest import MONGODB_PASSWORD, MONGODB_USER, run_cli
+from tests.conftest import BASELINE, MONGODB_PASSWORD, MONGODB_USER, run_cli
 
 
 def test_the_password_comes_out_of_the_uri_and_goes_back_in():
@@ -48,7 +48,7 @@ def test_a_password_is_never_printed_or_written(tmp_path, run_config, mongodb_wi
 
     # in the URI
     inline = f"mongodb://{MONGODB_USER}:{quote(MONGODB_PASSWORD, safe='')}@{host}/"
-    config = run_config(tmp_path / "config.json", store=inline)
+    config = run_config(tmp_path / "config.json", store=inline, **BASELINE)
     result = run_cli("pipeline/predict.py", str(config))
     assert result.returncode == 0, masked(result.stderr[-3000:])
     assert not leaks(result.stdout + result.stderr)
@@ -64,7 +64,7 @@ def test_a_password_is_never_printed_or_written(tmp_path, run_config, mongodb_wi
     secret_file.write_text(MONGODB_PASSWORD + "\n")
     secret_file.chmod(0o600)
     config = run_config(tmp_path / "config.json", store=f"mongodb://{MONGODB_USER}@{host}/",
-                        store_password_file=str(secret_file))
+                        store_password_file=str(secret_file), **BASELINE)
     environment = {k: v for k, v in os.environ.items() if k != "AFFSEG_MONGODB_PASSWORD"}
     result = run_cli("pipeline/predict.py", str(config), env=environment)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -73,7 +73,7 @@ def test_a_password_is_never_printed_or_written(tmp_path, run_config, mongodb_wi
 
     # a wrong password: one line, and the password it tried is masked too
     wrong = f"mongodb://{MONGODB_USER}:not-{quote(MONGODB_PASSWORD, safe='')}@{host}/"
-    result = run_cli("pipeline/predict.py", str(run_config(tmp_path / "config.json", store=wrong)), env=environment)
+    result = run_cli("pipeline/predict.py", str(run_config(tmp_path / "config.json", store=wrong, **BASELINE)), env=environment)
     assert result.returncode == 2
     assert result.stderr.strip() == (
         f"affseg: error: store: cannot reach MongoDB at mongodb://{MONGODB_USER}:***@{host}/: authentication failed"

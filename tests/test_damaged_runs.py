@@ -18,10 +18,7 @@ from funlib.persistence import open_ds
 
 from pipeline.kernels.lut import LookUpTable
 from pipeline.orchestration.resume import DoneMarkers, _box_sums
-from tests.conftest import run_cli
-
-
-BASELINE = {"model": {"baseline": "intensity"}}
+from tests.conftest import BASELINE, run_cli
 
 
 def run_predict(config: Path) -> tuple[dict, str]:

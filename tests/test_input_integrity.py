@@ -14,7 +14,7 @@ import pytest
 from funlib.persistence import open_ds, prepare_ds
 
 from pipeline.config import RunConfig, load_json
-from pipeline.predict import open_run
+from pipeline.orchestration.job import open_run
 from tests.conftest import RAW, assert_one_line_error, run_cli
 from tests.test_config_errors import NEAREST, broken
 

@@ -15,7 +15,7 @@ from funlib.persistence import open_ds
 
 from pipeline.config import RunConfig
 from pipeline.methods import affinity, build_model, crac, embedding, load_model, save_model
-from pipeline.predict import open_run
+from pipeline.orchestration.job import open_run
 from pipeline.orchestration.tasks import blockwise_geometry
 from tests.conftest import RAW
 from workers.loop import WorkerRun

@@ -22,8 +22,8 @@ from funlib.persistence import open_ds
 from pipeline.config import RunConfig, load_json
 from pipeline.kernels.lut import LookUpTable
 from pipeline.orchestration.run_layout import RunDir
-from pipeline.predict import open_run
-from tests.conftest import RAW, REPO, assert_one_line_error, run_cli
+from pipeline.orchestration.job import open_run
+from tests.conftest import BASELINE, RAW, REPO, assert_one_line_error, run_cli
 
 
 def run_predict(config: Path) -> dict:
@@ -43,10 +43,10 @@ def test_runs_with_the_same_folder_name_keep_their_own_graphs(tmp_path, run_conf
     uri = mongodb_uri.rstrip("/") + "/"
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
-    first = run_config(tmp_path / "a" / "config.json", run_dir=str(tmp_path / "a" / "exp"), store=uri)
+    first = run_config(tmp_path / "a" / "config.json", run_dir=str(tmp_path / "a" / "exp"), store=uri, **BASELINE)
     # another epsilon: another graph, so a mix-up changes the scores
     second = run_config(tmp_path / "b" / "config.json", run_dir=str(tmp_path / "b" / "exp"), store=uri,
-                        fragments={"method": "waterz", "epsilon_agglomerate": 0.1})
+                        fragments={"method": "waterz", "epsilon_agglomerate": 0.1}, **BASELINE)
     before = run_predict(first)["scores"]
     run_predict(second)
     again = run_predict(first)
@@ -76,7 +76,7 @@ def test_a_database_of_another_run_is_refused(tmp_path, run_config, mongodb_uri)
 
 
 def test_a_resumed_run_whose_graph_was_lost_redoes_the_graph_steps(tmp_path, run_config):
-    config = run_config(tmp_path / "config.json")
+    config = run_config(tmp_path / "config.json", **BASELINE)
     run_dir = tmp_path / "run"
     before = run_predict(config)["scores"]
     (run_dir / "graph.sqlite").unlink()
@@ -95,7 +95,7 @@ def test_close_thresholds_keep_their_own_tables_and_relabel_follows_the_chosen_o
     run_dir = RunDir(tmp_path / "run")
     counts = {}
     for chosen in (0.3205, 0.3245, 0.3205):
-        config = run_config(tmp_path / "config.json", agglomerate={"thresholds": thresholds, "threshold": chosen})
+        config = run_config(tmp_path / "config.json", agglomerate={"thresholds": thresholds, "threshold": chosen}, **BASELINE)
         report = run_predict(config)
         assert report["steps"]["relabel"]["skipped"] == 0
         fragments = open_ds(run_dir.volumes / "fragments")
@@ -127,6 +127,8 @@ def test_a_changed_raw_volume_is_refused(tmp_path, run_config):
 
 
 def test_one_master_per_run_directory_and_a_dead_masters_lock_is_taken_over(tmp_path, run_config):
+    # the network's predict step keeps the first master busy while the
+    # second is refused
     config = run_config(tmp_path / "config.json")
     first = subprocess.Popen([sys.executable, "pipeline/predict.py", str(config)], cwd=REPO,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -14,7 +14,7 @@ import numpy as np
 from funlib.persistence import open_ds
 
 from pipeline.config import RunConfig, load_json
-from pipeline.predict import open_run
+from pipeline.orchestration.job import open_run
 from pipeline.storage.volumes import prepare_volume
 from tests.conftest import REPO, run_cli
 
