@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 from funlib.geometry import Roi  # noqa: E402
 
 from pipeline.cli import cli_main  # noqa: E402
-from pipeline.config import AbsPath, RoiConfig, RunConfig, Strict, ZarrPath, in_plane, load_json  # noqa: E402
+from pipeline.config import AbsPath, RoiConfig, RunConfig, Strict, ZarrPath, default_partition, load_json  # noqa: E402
 from pipeline.training.config import TrainConfig  # noqa: E402
 from pipeline.evaluation.instance_metrics import SCORES as INSTANCE_SCORES  # noqa: E402
 from pipeline.evaluation.instance_metrics import mean_instance_scores  # noqa: E402
@@ -129,10 +129,10 @@ def _run(experiment: Experiment, model: Path, roi: RoiConfig, run_dir: Path, run
     return json.loads(RunDir(run_dir).report.read_text())["scores"]
 
 
-def _scores(experiment: Experiment, model: Path, split: str, roi: RoiConfig, out: Path, planar: bool) -> list[dict]:
-    """One run of the threshold sweep; for a 2D model one run per mutex
-    bias, because the bias is fixed for a run (its blocks depend on it)."""
-    if not planar:
+def _scores(experiment: Experiment, model: Path, split: str, roi: RoiConfig, out: Path, partition: str) -> list[dict]:
+    """One run of the threshold sweep (waterz); for the mutex watershed one
+    run per bias, because the bias is fixed for a run (its blocks depend on it)."""
+    if partition == "waterz":
         return _run(experiment, model, roi, out / split, experiment.run)
     rows = []
     for bias in experiment.biases:
@@ -190,15 +190,15 @@ def run_experiment(experiment: Experiment, out_dir: Path) -> dict:
         result["method"] = _describe(loaded.method)
         run = RunConfig(run_dir=str(out), raw=experiment.raw, model={"checkpoint": str(model), "offsets": experiment.offsets},
                         **experiment.run)
-        planar = in_plane(run.model.offsets or loaded.offsets)
-        if planar:
+        partition = run.partition or default_partition(run.model.offsets or loaded.offsets)
+        if partition == "mutex_2d":
             result["post_processing"] = "mutex watershed (threshold = bias), small-segment merging"
         else:
             result["post_processing"] = (
                 f"{run.fragments.method} fragments, epsilon {run.fragments.epsilon_agglomerate}, waterz {run.agglomerate.scoring}"
             )
-        result["validation"] = _scores(experiment, model, "validation", experiment.validation_roi, out, planar)
-        result["test"] = _scores(experiment, model, "test", experiment.test_roi, out, planar)
+        result["validation"] = _scores(experiment, model, "validation", experiment.validation_roi, out, partition)
+        result["test"] = _scores(experiment, model, "test", experiment.test_roi, out, partition)
     if experiment.select == "aji":
         pick = lambda rows: max(rows, key=lambda r: r["aji"])  # noqa: E731
     else:

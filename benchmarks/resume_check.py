@@ -61,6 +61,7 @@ def kasthuri15_layout() -> RunLayout:
         predict_context=Coordinate(20, 20, 20) * VOXEL,
         block_shape=Coordinate(48, 384, 384) * VOXEL,
         context=Coordinate(8, 48, 48) * VOXEL,
+        partition="waterz",
     )
 
 

@@ -25,8 +25,19 @@ from pipeline.storage.credentials import masked
 
 
 def in_plane(offsets) -> bool:
-    """Offsets without a z component: a 2D model, segmented by mutex watershed."""
+    """Offsets without a z component: a 2D model."""
     return all(o[0] == 0 for o in offsets)
+
+
+# how a run partitions the volume after predict (RunConfig.partition; each
+# is a class in pipeline/orchestration/partitioners.py)
+PartitionName = Literal["waterz", "mutex_2d"]
+
+
+def default_partition(offsets) -> PartitionName:
+    """The partitioner of a config that names none (and of run directories
+    from before the choice): what the offsets call for."""
+    return "mutex_2d" if in_plane(offsets) else "waterz"
 
 
 def offsets_error(offsets) -> str | None:
@@ -149,7 +160,7 @@ class AgglomerateConfig(Strict):
 
 
 class MutexConfig(Strict):
-    """2D models only (in-plane offsets): each section is partitioned by
+    """partition "mutex_2d" (2D models): each section is partitioned by
     mutex watershed instead of the waterz steps."""
 
     # affinities above it attract, below it repel
@@ -223,6 +234,13 @@ class RunConfig(Strict):
     # request fails; the worker's block is then retried, never stuck
     store_timeout_s: Annotated[float, Field(gt=0)] = 120
     predict: PredictConfig = PredictConfig()
+    # how the volume is partitioned after predict: "waterz" (fragments, the
+    # region graph, agglomeration with a table per threshold: the
+    # `fragments` and `agglomerate` settings) or "mutex_2d" (a 2D model's
+    # sections, each by mutex watershed: the `mutex` settings). Left out:
+    # what the offsets call for (in-plane: mutex_2d, else waterz). Only the
+    # chosen partitioner's settings are read and recorded
+    partition: PartitionName | None = None
     fragments: FragmentsConfig = FragmentsConfig()
     agglomerate: AgglomerateConfig = AgglomerateConfig()
     mutex: MutexConfig = MutexConfig()

@@ -40,54 +40,40 @@ COMPACT_EVERY = 64
 COLUMNS = ("threshold", "voi_split", "voi_merge", "voi", "arand", "cremi_score")
 
 
-def _rows(config: RunConfig, layout: RunLayout) -> list[float]:
-    """The threshold of each row: a 2D (mutex watershed) run has one
-    segmentation, reported in the row of its bias."""
-    return [config.mutex.bias] if layout.is_2d else sorted(config.agglomerate.thresholds)
-
-
-def _check_tables(config: RunConfig, run_dir: RunDir) -> None:
-    for threshold in config.agglomerate.thresholds:
-        if not run_dir.lut(config.agglomerate.scoring, threshold).exists():
-            raise UserError(
-                f"agglomerate.thresholds: the run has no look-up table for threshold {threshold_key(threshold)} "
-                f"({config.agglomerate.scoring}); run pipeline/predict.py with this config first, it builds the tables"
-            )
-
-
 def evaluate_run(config: RunConfig, layout: RunLayout, run_dir: RunDir, progress: ProgressLog, report: dict) -> list[dict[str, float]]:
-    """One row per agglomeration threshold, from the evaluate task's blocks.
-    A 2D run's row also holds the 2D instance scores of each section (an
-    independent image; label 0 = background) averaged over the sections."""
-    if not layout.is_2d:
-        _check_tables(config, run_dir)
+    """One row per segmentation the partitioner offers (Partitioner.rows:
+    a waterz run's thresholds), from the evaluate task's blocks. Where each
+    section is an image of its own (2D), the row also holds the 2D instance
+    scores (label 0 = background) averaged over the sections."""
+    partitioner = layout.partitioner
+    partitioner.check_tables(config, run_dir)
     # tables of an earlier evaluation may be of other thresholds or
     # another ground truth: evaluation is redone whole each time
     shutil.rmtree(run_dir.evaluation, ignore_errors=True)
-    thresholds = _rows(config, layout)
+    rows = partitioner.rows(config)
     # what the workers score against: this command's config, which may name
     # another ground truth or thresholds than the run's config.json
     run_dir.evaluation.mkdir()
-    target = {"ground_truth": config.ground_truth, "scoring": config.agglomerate.scoring,
-              "thresholds": None if layout.is_2d else thresholds}
+    target = {"ground_truth": config.ground_truth, "labels": partitioner.labels,
+              "tables": [row.table for row in rows], "per_section": partitioner.sections_are_images}
     run_dir.evaluation_target.write_text(json.dumps(target))
     run_daisy(evaluate_task(config, layout, run_dir), progress, report, run_dir.logs)
-    tables = [Contingency() for _ in thresholds]
+    tables = [Contingency() for _ in rows]
     sections = []
     for n, path in enumerate(sorted(run_dir.evaluation.glob("*.npz")), start=1):
         with np.load(path) as block:
             for k, table in enumerate(tables):
                 table.add_table(block[f"seg_{k}"], block[f"gt_{k}"], block[f"counts_{k}"])
-            if layout.is_2d:
+            if partitioner.sections_are_images:
                 sections.append(block["sections"])
         if n % COMPACT_EVERY == 0:
             for table in tables:
                 table.compact()
-    rows = [{"threshold": t, **scores(table)} for t, table in zip(thresholds, tables)]
+    scored = [{"threshold": row.threshold, **scores(table)} for row, table in zip(rows, tables)]
     if sections:
         per_section = np.concatenate(sections)
-        rows[0].update({k: float(v) for k, v in zip(INSTANCE_SCORES, per_section.mean(axis=0))})
-    return rows
+        scored[0].update({k: float(v) for k, v in zip(INSTANCE_SCORES, per_section.mean(axis=0))})
+    return scored
 
 
 def _threshold_text(threshold: float) -> str:

@@ -56,7 +56,7 @@ def main() -> int:
         print("\naffseg: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
     run_dir = RunDir(Path(config.run_dir))
-    chosen = "mutex watershed" if run_dir.read_layout().is_2d else f"threshold {config.agglomerate.threshold}"
+    chosen = run_dir.read_layout().partitioner.chosen(config)
     print(f"\nsegmentation: {run_dir.volumes / 'segmentation'} ({chosen}); report: {run_dir.report}")
     if "scores" in report:
         print(format_table(report["scores"]))

@@ -20,6 +20,7 @@ from pipeline.config import RunConfig
 from pipeline.storage.graph_store import open_store
 from pipeline.kernels.lut import LookUpTable
 from pipeline.evaluation.metrics import evaluate_arrays
+from pipeline.orchestration.partitioners import Waterz
 from pipeline.orchestration.job import open_run
 from pipeline.orchestration.segments import write_luts
 from pipeline.orchestration.tasks import blockwise_geometry
@@ -52,9 +53,9 @@ def postprocess(run_dir: Path, labels_path: str, block_shape, epsilon: float) ->
             )
             assert daisy.run_blockwise([task], multiprocessing=False, progress=False, summary=False)
     with open_store("sqlite", run_dir, directory.run_id()) as store:
-        write_luts(config, layout, directory, store)
+        write_luts(layout, directory, store, {t: Waterz.table("hist_quant_50", t) for t in THRESHOLDS})
     frags = open_ds(directory.volumes / "fragments")[layout.roi]
-    return {t: LookUpTable.open(directory.lut("hist_quant_50", t)).map(frags) for t in THRESHOLDS}, labels
+    return {t: LookUpTable.open(directory.lut(Waterz.table("hist_quant_50", t))).map(frags) for t in THRESHOLDS}, labels
 
 
 @pytest.mark.parametrize("epsilon", [0.0, 0.3])

@@ -67,6 +67,10 @@ CASES = {
         {"model": None, "affinities": {"dataset": str(RAW), "offsets": NEAREST}},
         "affinities: expected a 4D (offset, z, y, x) dataset with one channel per offset (3), got shape (160, 250, 250)",
     ),
+    "mutex_2d on a 3D model": (
+        {"partition": "mutex_2d"}, "partition: mutex_2d partitions each section alone and needs in-plane offsets",
+    ),
+    "unknown partitioner": ({"partition": "mutex"}, "partition: Input should be 'waterz' or 'mutex_2d'"),
     "affinities offsets out of order": (
         {"model": None, "affinities": {"dataset": str(RAW), "offsets": NEAREST[::-1]}},
         "affinities.offsets: the first three offsets must be [-1,0,0], [0,-1,0], [0,0,-1]",
@@ -167,16 +171,18 @@ def test_bad_train_config_is_one_line_and_exit_2(case, tmp_path, labels):
     assert "Traceback" not in result.stderr
 
 
-def test_a_2d_model_needs_blocks_of_whole_sections(tmp_path, labels):
+@pytest.mark.parametrize("changes, message", [
+    ({}, "postprocess.block_shape: a 2D model's sections are segmented whole"),
+    ({"partition": "waterz"}, "partition: waterz agglomerates 3D affinities; these offsets are all in-plane"),
+])
+def test_a_2d_model_needs_blocks_of_whole_sections_and_a_2d_partitioner(changes, message, tmp_path, labels):
     from tests.conftest import save_affinity_model
 
     spec = {"name": "residual_unet", "dims": 2, "widths": [4, 6], "downsample_factors": [[1, 2, 2]], "crop": [0, 2, 2]}
     offsets = [[0, -1, 0], [0, 0, -1], [0, -3, 0]]
     save_affinity_model(tmp_path / "model2d.pt", spec, offsets)
-    result = run_cli("pipeline/predict.py", str(broken(tmp_path, labels, model={"checkpoint": str(tmp_path / "model2d.pt")})))
-    assert result.returncode == 2, result.stderr
-    assert "a 2D model's sections are segmented whole" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    config = broken(tmp_path, labels, model={"checkpoint": str(tmp_path / "model2d.pt")}, **changes)
+    assert_one_line_error(run_cli("pipeline/predict.py", str(config)), message)
 
 
 class _Code:

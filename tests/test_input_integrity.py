@@ -6,7 +6,6 @@ tracebacks) instead of one line."""
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np

@@ -21,6 +21,7 @@ from funlib.persistence import open_ds, prepare_ds
 
 from pipeline.evaluation.metrics import evaluate_arrays
 from pipeline.kernels.lut import LookUpTable
+from pipeline.orchestration.partitioners import Waterz
 from pipeline.orchestration.run_layout import RunDir
 from pipeline.status import read_status
 from pipeline.storage.graph_store import open_store
@@ -79,7 +80,7 @@ def test_blockwise_evaluation_equals_the_scores_of_the_whole_volume(reference):
     fragments = open_ds(reference / "volumes.zarr" / "fragments")
     truth = ground_truth[fragments.roi]
     for row in report["scores"]:
-        table = LookUpTable.open(RunDir(reference).lut(config["agglomerate"]["scoring"], row["threshold"]))
+        table = LookUpTable.open(RunDir(reference).lut(Waterz.table(config["agglomerate"]["scoring"], row["threshold"])))
         expected = evaluate_arrays(table.map(fragments[fragments.roi]), truth)
         assert {k: row[k] for k in expected} == pytest.approx(expected, rel=1e-12)
     assert len({row["voi"] for row in report["scores"]}) == 3
@@ -113,7 +114,7 @@ def test_look_up_tables_equal_connected_components_of_the_runs_graph(reference):
         u, v, scores = (np.concatenate(column) for column in zip(*graph))
     assert len(u) > 100
     for threshold in (0.3, 0.5, 0.7):
-        table = LookUpTable.open(RunDir(reference).lut("hist_quant_50", threshold))
+        table = LookUpTable.open(RunDir(reference).lut(Waterz.table("hist_quant_50", threshold)))
         np.testing.assert_array_equal(table.segments, reference_segments(ids, u, v, scores, threshold))
 
 

@@ -100,7 +100,7 @@ def test_compact_fragments_equals_sorting_the_ids():
     layout = RunLayout(
         voxel_size=Coordinate(1, 1, 1), roi=Roi((0, 0, 0), (12, 20, 30)), offsets=(),
         predict_output=Coordinate(1, 1, 1), predict_context=Coordinate(0, 0, 0),
-        block_shape=Coordinate(4, 5, 6), context=Coordinate(2, 2, 2),
+        block_shape=Coordinate(4, 5, 6), context=Coordinate(2, 2, 2), partition="waterz",
     )
     rng = np.random.default_rng(3)
     fragments = np.zeros(layout.roi.shape, dtype=np.uint64)

@@ -21,6 +21,7 @@ from funlib.persistence import open_ds
 
 from pipeline.config import RunConfig, load_json
 from pipeline.kernels.lut import LookUpTable
+from pipeline.orchestration.partitioners import Waterz
 from pipeline.orchestration.run_layout import RunDir
 from pipeline.orchestration.job import open_run
 from tests.conftest import BASELINE, RAW, REPO, assert_one_line_error, run_cli
@@ -100,7 +101,7 @@ def test_close_thresholds_keep_their_own_tables_and_relabel_follows_the_chosen_o
         assert report["steps"]["relabel"]["skipped"] == 0
         fragments = open_ds(run_dir.volumes / "fragments")
         segmentation = open_ds(run_dir.volumes / "segmentation")
-        expected = LookUpTable.open(run_dir.lut("hist_quant_50", chosen)).map(fragments[fragments.roi])
+        expected = LookUpTable.open(run_dir.lut(Waterz.table("hist_quant_50", chosen))).map(fragments[fragments.roi])
         np.testing.assert_array_equal(segmentation[segmentation.roi], expected)
         counts[chosen] = report["graph"]["segments@" + repr(chosen)]
     assert (run_dir.path / "luts/hist_quant_50/0.3205.npy").exists()
@@ -109,6 +110,30 @@ def test_close_thresholds_keep_their_own_tables_and_relabel_follows_the_chosen_o
     assert counts[0.3205] != counts[0.3245]
     table = [row["threshold"] for row in report["scores"]]
     assert table == thresholds
+
+
+def test_the_run_record_holds_the_chosen_partitioners_settings_only(tmp_path, run_config):
+    """A waterz run depends on its fragments settings, never on the mutex
+    ones (changing mutex.bias on a 3D run was once refused); a directory
+    from before the partition choice is read as the partitioner its offsets
+    called for."""
+    config = run_config(tmp_path / "config.json", **BASELINE)
+    open_run(RunConfig(**load_json(config)))
+    recorded = json.loads((tmp_path / "run" / "layout.json").read_text())
+    assert recorded["partition"] == "waterz" and "mutex" not in recorded
+
+    other_mutex = run_config(tmp_path / "mutex.json", mutex={"bias": 0.3}, **BASELINE)
+    open_run(RunConfig(**load_json(other_mutex)))
+    other_fragments = run_config(tmp_path / "fragments.json", fragments={"method": "waterz", "epsilon_agglomerate": 0.2},
+                                 **BASELINE)
+    one_line_refusal(other_fragments, "was made with fragments = ")
+
+    del recorded["partition"]
+    (tmp_path / "run" / "layout.json").write_text(json.dumps(recorded))
+    layout, _ = open_run(RunConfig(**load_json(config)))
+    assert layout.partition == "waterz"
+    explicit = run_config(tmp_path / "explicit.json", partition="waterz", **BASELINE)
+    open_run(RunConfig(**load_json(explicit)))
 
 
 def test_a_changed_raw_volume_is_refused(tmp_path, run_config):

@@ -172,7 +172,7 @@ def test_a_missing_chunk_of_a_training_volume_is_one_line(tmp_path, nuclei):
     shutil.copytree(labels, copy / "labels")
     chunk = next(p for p in (copy / "labels").rglob("*") if p.is_file() and not p.name.startswith("."))
     chunk.unlink()
-    with pytest.raises(UserError, match=f"volumes.0.labels: chunk .* is missing"):
+    with pytest.raises(UserError, match="volumes.0.labels: chunk .* is missing"):
         Training(nuclei_config(tmp_path, nuclei, volumes=[{"raw": raw, "labels": str(copy / "labels")}]), "cpu")
 
 

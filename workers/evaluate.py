@@ -44,18 +44,19 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     # the run's config, whose ground truth and thresholds it may override
     target = json.loads(run_dir.evaluation_target.read_text())
     gt = open_volume(*split_path(target["ground_truth"]), field="ground_truth")
-    if layout.is_2d:
-        labels, tables = open_ds(run_dir.volumes / "segmentation"), None
-    else:
-        labels = open_ds(run_dir.volumes / "fragments")
-        tables = [LookUpTable.open(run_dir.lut(target["scoring"], t)) for t in target["thresholds"]]
+    name = target["labels"]
+    labels = open_ds(run_dir.volumes / name)
+    # one row per table; None: the row scores the labels themselves
+    tables = [None if key is None else LookUpTable.open(run_dir.lut(key)) for key in target["tables"]]
+    mapped = [table for table in tables if table is not None]
 
     def process_block(block) -> None:
         roi = block.write_roi
-        data = read_roi(labels, roi, "segmentation" if tables is None else "fragments")
+        data = read_roi(labels, roi, name)
+        through = iter(map_each(mapped, data))
+        segmentations = [data if table is None else next(through) for table in tables]
         truth = read_roi(gt, roi, target["ground_truth"])
-        segmentations = [data] if tables is None else list(map_each(tables, data))
-        result = block_result(segmentations, truth, per_section=layout.is_2d)
+        result = block_result(segmentations, truth, per_section=target["per_section"])
         buffer = io.BytesIO()
         np.savez(buffer, **result)
         write_atomically(run_dir.evaluation / f"{layout.block_index(roi)}.npz", buffer.getvalue())

@@ -1,10 +1,11 @@
-"""Block-wise relabelling: fragments through the look-up table of the
-configured threshold into the uint64 `segmentation` dataset. The table is
+"""Block-wise relabelling: fragments through the chosen look-up table (the
+configured threshold's, for waterz) into the uint64 `segmentation` dataset. The table is
 memory-mapped: a worker reads only its blocks' entries, so its memory does
 not grow with the number of fragments."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -17,8 +18,8 @@ from workers.loop import ProcessBlock, WorkerRun, run_worker
 
 @contextmanager
 def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
-    agglomerate = run.config.agglomerate
-    table = LookUpTable.open(run.run_dir.lut(agglomerate.scoring, agglomerate.threshold))
+    # the master's choice (Partitioner.before_resume), which the done markers belong to
+    table = LookUpTable.open(run.run_dir.lut(json.loads(run.run_dir.relabel_target.read_text())["table"]))
     fragments = open_ds(run.run_dir.volumes / "fragments")
     segmentation = open_ds(run.run_dir.volumes / "segmentation", mode="r+")
 

@@ -18,14 +18,12 @@ from daisy import logging as daisy_logging
 
 from pipeline.config import RunConfig
 from pipeline.evaluate import evaluate_run
-from pipeline.orchestration.daisy_run import master_step, report_finished, run_daisy
+from pipeline.orchestration.daisy_run import report_finished, run_daisy
 from pipeline.orchestration.devices import choose_device
 from pipeline.orchestration.master_lock import master_lock
 from pipeline.orchestration.progress import ProgressLog
 from pipeline.orchestration.resume import describe, finished_blocks, keep_done_blocks
 from pipeline.orchestration.run_layout import RunDir, RunLayout, check_run_dir, claim_run_dir, run_record, run_store
-from pipeline.orchestration.segments import write_luts
-from pipeline.orchestration.tasks import choose_relabel_target, graph_pipeline, mutex_pipeline, relabel_task
 from pipeline.storage.files import write_atomically
 from pipeline.storage.graph_store import FIRST_CONTACT_S, RunOwner
 from pipeline.storage.volumes import PREDICTION_COMPRESSOR, prepare_volume
@@ -39,7 +37,7 @@ def _prepare_volumes(layout: RunLayout, run_dir: RunDir) -> None:
     for name, channels, dtype in layout.extras:
         prepare_volume(run_dir.volumes, name, layout.roi, vs, dtype, layout.predict_output, channels=channels,
                        compressor=PREDICTION_COMPRESSOR)
-    for name in ("segmentation",) if layout.is_2d else ("fragments", "segmentation"):
+    for name in layout.partitioner.volumes:
         prepare_volume(run_dir.volumes, name, layout.roi, vs, "uint64", layout.block_shape)
 
 
@@ -92,7 +90,8 @@ def _run(config: RunConfig, config_source: str, held: ExitStack) -> dict:
     layout, run_dir = open_run(config, held)
 
     vs = layout.voxel_size
-    blockwise = [step for step in layout.steps(evaluated=config.ground_truth is not None) if step != "segments"]
+    partitioner = layout.partitioner
+    blockwise = [step for step in layout.steps(evaluated=config.ground_truth is not None) if step not in partitioner.master_steps]
     voxels = {step: layout.voxels_per_block for step in blockwise}
     if layout.predicted:
         voxels["predict"] = int(np.prod(layout.predict_output / vs))
@@ -105,7 +104,7 @@ def _run(config: RunConfig, config_source: str, held: ExitStack) -> dict:
         "steps": {},
     }
     started = time.time()
-    choose_relabel_target(config, run_dir)
+    partitioner.before_resume(config, run_dir)
     # steps whose every block is done (after open_run's check) skip daisy
     done = {}
     for step in layout.block_steps:
@@ -113,14 +112,10 @@ def _run(config: RunConfig, config_source: str, held: ExitStack) -> dict:
         if blocks is not None:
             done[step] = blocks
             report_finished(step, blocks, progress, report)
-    pipeline = (mutex_pipeline if layout.is_2d else graph_pipeline)(config, layout, run_dir, done)
+    pipeline = partitioner.pipeline(config, layout, run_dir, done)
     if pipeline is not None:
         run_daisy(pipeline, progress, report, run_dir.logs)
-    if not layout.is_2d:
-        with run_store(config, run_dir) as store:
-            report["graph"] = master_step("segments", progress, report, lambda: write_luts(config, layout, run_dir, store))
-        if "relabel" not in done:
-            run_daisy(relabel_task(config, layout, run_dir), progress, report, run_dir.logs)
+    partitioner.finish(config, layout, run_dir, progress, report, done)
     if config.ground_truth:
         report["scores"] = evaluate_run(config, layout, run_dir, progress, report)
     report["wall_s"] = round(time.time() - started, 2)

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from funlib.geometry import Roi
 from funlib.persistence import open_ds
 
 from pipeline.errors import UserError

@@ -18,11 +18,12 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from funlib.geometry import Coordinate, Roi
 
-from pipeline.config import RunConfig, in_plane, offsets_error, threshold_key
+from pipeline.config import PartitionName, RunConfig, default_partition, offsets_error
 from pipeline.errors import UserError
 from pipeline.storage.files import write_atomically
 from pipeline.storage.graph_store import GraphStore, open_store
@@ -38,6 +39,9 @@ from pipeline.storage.volumes import (
     read_roi,
     split_path,
 )
+
+if TYPE_CHECKING:
+    from pipeline.orchestration.partitioners import Partitioner
 
 RAW_DTYPES = ("uint8",)
 LABEL_DTYPES = ("uint8", "uint16", "uint32", "uint64", "int32", "int64")
@@ -76,6 +80,9 @@ class RunLayout:
     predict_context: Coordinate  # world units, per side
     block_shape: Coordinate  # world units
     context: Coordinate  # world units, per side
+    # how the volume is partitioned after predict (RunConfig.partition,
+    # resolved): a key of pipeline/orchestration/partitioners.PARTITIONERS
+    partition: PartitionName
     # outputs computed beyond a predict block on each side, world units: an
     # embedding's affinities need the partner's embedding
     predict_margin: Coordinate = Coordinate(0, 0, 0)
@@ -100,23 +107,24 @@ class RunLayout:
         return Coordinate(-(-s // b) for s, b in zip(self.roi.shape, self.block_shape))
 
     @property
-    def is_2d(self) -> bool:
-        return in_plane(self.offsets)
+    def partitioner(self) -> Partitioner:
+        # imported here: the partitioners build daisy tasks on this module
+        from pipeline.orchestration.partitioners import PARTITIONERS
+
+        return PARTITIONERS[self.partition]
 
     def steps(self, evaluated: bool) -> tuple[str, ...]:
         """The run's steps, in order (the master's steps included); evaluate
         only when `evaluated` (the config names ground truth)."""
         first = ("predict",) if self.predicted else ()
         last = ("evaluate",) if evaluated else ()
-        if self.is_2d:
-            return (*first, "mutex", *last)
-        return (*first, "fragments", "agglomerate", "segments", "relabel", *last)
+        return (*first, *self.partitioner.steps, *last)
 
     @property
     def block_steps(self) -> tuple[str, ...]:
         """The steps daisy runs block by block and resumes by done markers
         (evaluate, redone whole each time, is not among them)."""
-        return tuple(step for step in self.steps(evaluated=False) if step != "segments")
+        return tuple(step for step in self.steps(evaluated=False) if step not in self.partitioner.master_steps)
 
     @property
     def voxels_per_block(self) -> int:
@@ -157,6 +165,8 @@ class RunLayout:
             "voxel_size": list(self.voxel_size),
             "roi": {"offset": list(self.roi.offset), "shape": list(self.roi.shape)},
             "offsets": [list(o) for o in self.offsets],
+            # before the settings it reads (run_record), so a refusal names it
+            "partition": self.partition,
             # before the keys it changes (margin, extras), so a refusal names it
             "representation": self.representation,
             "predict_output": list(self.predict_output),
@@ -178,6 +188,7 @@ class RunLayout:
             predict_context=Coordinate(data["predict_context"]),
             block_shape=Coordinate(data["block_shape"]),
             context=Coordinate(data["context"]),
+            partition=data["partition"],
             predict_margin=Coordinate(data["predict_margin"]),
             extras=tuple(tuple(e) for e in data["extras"]),
             predicted=data["predicted"],
@@ -232,29 +243,27 @@ class RunLayout:
             for error in (network.offsets_error(offsets), offsets_error(offsets)):
                 if error:
                     raise UserError(f"model.offsets: {error}")
-        planar = in_plane(offsets)
-        if planar:
-            # mutex watershed segments whole sections, one block holding
-            # several of them; sections need no context
-            if any(b < r for b, r in zip(block_shape[1:], roi.shape[1:])):
-                raise UserError(
-                    f"postprocess.block_shape: a 2D model's sections are segmented whole; make the block cover "
-                    f"the ROI in y and x ({list(roi.shape[1:])})"
-                )
-        elif any(c < s for c, s in zip(pp.context, vs)):
-            raise UserError(f"postprocess.context: {list(pp.context)} must be at least one voxel ({list(vs)}) per axis")
+        from pipeline.orchestration.partitioners import PARTITIONERS  # see `partitioner`
+
+        partition = config.partition or default_partition(offsets)
+        partitioner = PARTITIONERS[partition]
+        unfit = partitioner.fits(offsets)
+        if unfit:
+            raise UserError(f"partition: {unfit}")
+        partitioner.check_geometry(config, roi, block_shape, vs)
         if config.affinities is not None:
             zero = Coordinate(0, 0, 0)
             layout = cls(vs, roi, offsets, predict_output=block_shape, predict_context=zero, block_shape=block_shape,
-                         context=Coordinate(pp.context), predicted=False)
+                         context=Coordinate(pp.context), partition=partition, predicted=False)
         else:
-            layout = cls._predicted(config, network, vs, roi, offsets, block_shape)
+            layout = cls._predicted(config, network, vs, roi, offsets, block_shape, partition)
         if int(np.prod(layout.block_grid)) * layout.voxels_per_block >= MAX_ID:
             raise UserError("postprocess.block_shape: the volume has too many voxels for fragment ids below 2^53")
         return layout
 
     @classmethod
-    def _predicted(cls, config: RunConfig, network, vs: Coordinate, roi: Roi, offsets, block_shape: Coordinate) -> RunLayout:
+    def _predicted(cls, config: RunConfig, network, vs: Coordinate, roi: Roi, offsets, block_shape: Coordinate,
+                   partition: PartitionName) -> RunLayout:
         """The predict step's geometry: the network's shapes and context."""
         available = network.outputs()
         unknown = [name for name in config.predict.extra_outputs if name not in available]
@@ -279,6 +288,7 @@ class RunLayout:
             predict_context=context / 2 * vs,
             block_shape=block_shape,
             context=Coordinate(config.postprocess.context),
+            partition=partition,
             predict_margin=margin * vs,
             extras=tuple((name, *available[name]) for name in sorted(wanted)),
             representation=network.representation,
@@ -375,8 +385,10 @@ class RunDir:
     def tracking(self, step: str) -> Path:
         return self.path / "tracking" / step
 
-    def lut(self, scoring: str, threshold: float) -> Path:
-        return self.path / "luts" / scoring / f"{threshold_key(threshold)}.npy"
+    def lut(self, key: str) -> Path:
+        """A look-up table by the key its partitioner gives it (for waterz
+        SCORING/THRESHOLD, e.g. "hist_quant_50/0.5")."""
+        return self.path / "luts" / f"{key}.npy"
 
     def recorded(self) -> dict | None:
         """The run record in `layout.json` (None for a new directory)."""
@@ -384,6 +396,10 @@ class RunDir:
             return None
         try:
             record = json.loads(self.layout.read_text())
+            if "partition" not in record:
+                # a directory from before the partition choice: its
+                # partitioner followed from the offsets, as the default does
+                record["partition"] = default_partition(record["offsets"])
             RunLayout.from_json(record)
             record["run_id"]
         except (ValueError, KeyError, TypeError) as e:
@@ -492,9 +508,8 @@ def sample_rois(volume) -> list[Roi]:
 
 def run_record(layout: RunLayout, config: RunConfig) -> dict:
     """Everything the stored block results depend on: the layout, the raw
-    volume, the store, the model and the settings of the block steps.
-    Thresholds are not in it: look-up tables and relabelling are redone per
-    threshold."""
+    volume, the store, the model and the settings of the chosen
+    partitioner's steps (Partitioner.record)."""
     return {
         **layout.to_json(),
         "raw": volume_identity(config.raw, "raw", config.raw_missing_chunks),
@@ -502,9 +517,7 @@ def run_record(layout: RunLayout, config: RunConfig) -> dict:
         "store": config.store,
         "model": model_identity(config),
         "predict_outside": config.predict.outside,
-        "fragments": config.fragments.model_dump(),
-        "scoring": config.agglomerate.scoring,
-        "mutex": config.mutex.model_dump(mode="json"),
+        **layout.partitioner.record(config),
     }
 
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.config import RunConfig, threshold_key
+from pipeline.config import threshold_key
 from pipeline.kernels.lut import FragmentIndex, build_luts
 from pipeline.orchestration.run_layout import RunDir, RunLayout
 from pipeline.storage.graph_store import GraphStore
 
 
-def write_luts(config: RunConfig, layout: RunLayout, run_dir: RunDir, store: GraphStore) -> dict[str, int]:
+def write_luts(layout: RunLayout, run_dir: RunDir, store: GraphStore, tables: dict[float, str]) -> dict[str, int]:
+    """The look-up table of each threshold, saved under its key in `tables`
+    (threshold -> key, Waterz.table); the graph's counts for the report."""
     ids = store.node_ids()
     fragments = FragmentIndex.from_ids(ids, layout.voxels_per_block, int(np.prod(layout.block_grid)))
     counts = {"fragments": len(fragments), "edges": 0}
@@ -21,8 +23,8 @@ def write_luts(config: RunConfig, layout: RunLayout, run_dir: RunDir, store: Gra
             counts["edges"] += len(chunk)
             yield chunk.u, chunk.v, chunk["merge_score"]
 
-    for threshold, table in build_luts(fragments, counted_edges(), config.agglomerate.thresholds):
-        table.save(run_dir.lut(config.agglomerate.scoring, threshold))
+    for threshold, table in build_luts(fragments, counted_edges(), list(tables)):
+        table.save(run_dir.lut(tables[threshold]))
         # a segment is named by its smallest fragment, which maps to itself;
         # the store's ids are the index's ids, in its order (from_ids checks)
         counts[f"segments@{threshold_key(threshold)}"] = int(np.count_nonzero(table.segments == ids))

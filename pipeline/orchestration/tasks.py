@@ -7,17 +7,15 @@ RUN_DIR/tracking, which is what lets a re-run skip finished blocks.
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Collection
 
 import daisy
 from funlib.geometry import Coordinate, Roi
 
-from pipeline.config import RunConfig, threshold_key
+from pipeline.config import RunConfig
 from pipeline.orchestration.launchers import make_launcher
 from pipeline.orchestration.run_layout import RunDir, RunLayout
-from pipeline.storage.files import write_atomically
 
 MAX_RETRIES = 2
 
@@ -43,7 +41,7 @@ def blockwise_geometry(layout: RunLayout, block: Coordinate, context: Coordinate
     return total, read, write
 
 
-def _task(step: str, config: RunConfig, layout: RunLayout, run_dir: RunDir) -> daisy.Task:
+def step_task(step: str, config: RunConfig, layout: RunLayout, run_dir: RunDir) -> daisy.Task:
     total, read, write, fit = step_geometry(layout, step)
     return daisy.Task(
         step,
@@ -61,13 +59,13 @@ def _task(step: str, config: RunConfig, layout: RunLayout, run_dir: RunDir) -> d
     )
 
 
-def _after_predict(config: RunConfig, layout: RunLayout, run_dir: RunDir, done: Collection[str], *steps: str) -> daisy.Pipeline | None:
+def chain(config: RunConfig, layout: RunLayout, run_dir: RunDir, done: Collection[str], *steps: str) -> daisy.Pipeline | None:
     """The tasks of `steps` chained block by block, after the predict step
     when the run has one (given affinities have none), less the steps in
     `done` (every block finished: daisy would spend seconds skipping them);
     None when none is left."""
     steps = ("predict", *steps) if layout.predicted else steps
-    tasks = [_task(step, config, layout, run_dir) for step in steps if step not in done]
+    tasks = [step_task(step, config, layout, run_dir) for step in steps if step not in done]
     if not tasks:
         return None
     pipeline = tasks[0]
@@ -76,39 +74,9 @@ def _after_predict(config: RunConfig, layout: RunLayout, run_dir: RunDir, done: 
     return pipeline
 
 
-def graph_pipeline(config: RunConfig, layout: RunLayout, run_dir: RunDir, done: Collection[str] = ()) -> daisy.Pipeline | None:
-    """predict -> fragments -> agglomerate, pipelined block by block."""
-    return _after_predict(config, layout, run_dir, done, "fragments", "agglomerate")
-
-
-def mutex_pipeline(config: RunConfig, layout: RunLayout, run_dir: RunDir, done: Collection[str] = ()) -> daisy.Pipeline | None:
-    """2D: predict -> mutex watershed per section, straight into the
-    segmentation."""
-    return _after_predict(config, layout, run_dir, done, "mutex")
-
-
-def choose_relabel_target(config: RunConfig, run_dir: RunDir) -> None:
-    """The done markers of relabel belong to the look-up table the
-    segmentation volume holds: when the chosen one differs (0.5, then 0.3,
-    then 0.5 again), they are cleared before the target is recorded, so
-    every block is redone and a crash between the two steps still leaves no
-    marker of the old table. Called before relabel's markers are read."""
-    target = {"scoring": config.agglomerate.scoring, "threshold": threshold_key(config.agglomerate.threshold)}
-    recorded = json.loads(run_dir.relabel_target.read_text()) if run_dir.relabel_target.exists() else None
-    if recorded != target:
-        shutil.rmtree(run_dir.tracking("relabel"), ignore_errors=True)
-        write_atomically(run_dir.relabel_target, json.dumps(target))
-
-
-def relabel_task(config: RunConfig, layout: RunLayout, run_dir: RunDir) -> daisy.Task:
-    """Relabel the fragments with the chosen threshold's look-up table
-    (after `choose_relabel_target`)."""
-    return _task("relabel", config, layout, run_dir)
-
-
 def evaluate_task(config: RunConfig, layout: RunLayout, run_dir: RunDir) -> daisy.Task:
     """Contingency tables block by block (workers/evaluate.py). Evaluation
     is redone whole each time (its inputs, thresholds and ground truth may
     have changed), so its done markers are cleared first."""
     shutil.rmtree(run_dir.tracking("evaluate"), ignore_errors=True)
-    return _task("evaluate", config, layout, run_dir)
+    return step_task("evaluate", config, layout, run_dir)

@@ -4,7 +4,6 @@ Tested against scipy and a sort-based reference (tests/test_lut.py)."""
 
 from __future__ import annotations
 
-import numpy as np
 from numba import njit
 
 
