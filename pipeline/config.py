@@ -163,8 +163,22 @@ class MutexConfig(Strict):
     """partition "mutex_2d" (2D models): each section is partitioned by
     mutex watershed instead of the waterz steps."""
 
-    # affinities above it attract, below it repel
+    # affinities above it attract, below it repel (the score row is labelled
+    # with it)
     bias: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
+    # one per offset, in offset order, in place of `bias`: e.g. the methods
+    # notes' split, 0 for the nearest neighbours (they only attract) and 1
+    # for the long-range offsets (they only repel)
+    biases: list[Annotated[float, Field(ge=0.0, le=1.0)]] | None = None
+    # keep only the long-range edges on this grid (z y x voxels; the notes:
+    # 1 10 10): long-range edges mostly repel, and all of them over-split.
+    # Nearest neighbours (one step along one axis) keep every edge
+    long_range_stride: PositiveTriple | None = None
+    # keep each long-range edge with probability 1 / prod(long_range_stride)
+    # instead, drawn from `seed` and the section's index: the same run gives
+    # the same segmentation
+    randomized_strides: bool = False
+    seed: Annotated[int, Field(ge=0)] = 0
     # (size, window) in pixels, in turn: segments smaller than `size` join
     # the most frequent label in a window x window neighbourhood (the
     # methods notes' cascade for EM and leaves)
@@ -177,6 +191,15 @@ class MutexConfig(Strict):
     # the mutex watershed partitions the rest
     foreground_threshold: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
     foreground_min_size: Annotated[int, Field(ge=0)] = 20
+
+    @model_validator(mode="after")
+    def _randomized_needs_a_stride(self) -> MutexConfig:
+        if self.randomized_strides and self.long_range_stride is None:
+            raise ValueError("randomized_strides needs long_range_stride (the kept fraction is 1 / its product)")
+        return self
+
+    def channel_biases(self, channels: int) -> list[float]:
+        return list(self.biases) if self.biases is not None else [self.bias] * channels
 
 
 class PostprocessConfig(Strict):

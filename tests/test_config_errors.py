@@ -70,6 +70,7 @@ CASES = {
     "mutex_2d on a 3D model": (
         {"partition": "mutex_2d"}, "partition: mutex_2d partitions each section alone and needs in-plane offsets",
     ),
+    "random strides without a stride": ({"mutex": {"randomized_strides": True}}, "randomized_strides needs long_range_stride"),
     "unknown partitioner": ({"partition": "mutex"}, "partition: Input should be 'waterz' or 'mutex_2d'"),
     "affinities offsets out of order": (
         {"model": None, "affinities": {"dataset": str(RAW), "offsets": NEAREST[::-1]}},
@@ -174,6 +175,7 @@ def test_bad_train_config_is_one_line_and_exit_2(case, tmp_path, labels):
 @pytest.mark.parametrize("changes, message", [
     ({}, "postprocess.block_shape: a 2D model's sections are segmented whole"),
     ({"partition": "waterz"}, "partition: waterz agglomerates 3D affinities; these offsets are all in-plane"),
+    ({"mutex": {"biases": [0.5, 0.5]}}, "partition: mutex.biases has 2 values and the run 3 offsets: give one per offset"),
 ])
 def test_a_2d_model_needs_blocks_of_whole_sections_and_a_2d_partitioner(changes, message, tmp_path, labels):
     from tests.conftest import save_affinity_model

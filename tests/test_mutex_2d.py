@@ -9,7 +9,7 @@ import numpy as np
 from funlib.persistence import open_ds
 
 from pipeline.evaluation.metrics import Contingency, scores
-from pipeline.kernels.mutex import clean_foreground, merge_small_segments, mutex_section
+from pipeline.kernels.mutex import clean_foreground, merge_small_segments, mutex_watershed
 from tests.conftest import REPO, noisy_ground_truth_affinities, run_cli, save_affinity_model
 
 OFFSETS_2D = [[0, -1, 0], [0, 0, -1], [0, -3, 0], [0, 0, -3], [0, -9, 0], [0, 0, -9]]
@@ -25,7 +25,7 @@ def test_mutex_watershed_recovers_the_instances_of_a_real_section(isbi):
     truth = labels[labels.roi][3]
     offsets = [o[1:] for o in OFFSETS_2D]
     affs = noisy_ground_truth_affinities(truth, offsets, noise=0.2) / 255.0
-    segmentation = mutex_section(affs, offsets, 0.5)
+    segmentation = mutex_watershed(affs, offsets, [0.5] * len(offsets))
     table = Contingency()
     table.add(segmentation, truth)  # ground truth 0 (membrane) is ignored
     assert scores(table)["arand"] < 0.02
@@ -42,11 +42,11 @@ def test_with_a_foreground_only_the_foreground_is_partitioned():
     # jumps the background between objects 1 and 2 (3 pixels)
     affs = np.ones((len(offsets), *truth.shape))
     foreground = truth > 0
-    labels = mutex_section(affs, offsets, 0.5, foreground)
+    labels = mutex_watershed(affs, offsets, [0.5] * len(offsets), foreground=foreground)
     assert (labels[~foreground] == 0).all() and (labels[foreground] > 0).all()
     # no segment grows through the background: the three objects stay apart
     assert len({labels[10, 10], labels[10, 20], labels[30, 15]}) == 3
-    assert len(np.unique(mutex_section(affs, offsets, 0.5))) == 1  # without it, one segment
+    assert len(np.unique(mutex_watershed(affs, offsets, [0.5] * len(offsets)))) == 1  # without it, one segment
 
 
 def test_foreground_specks_are_dropped():

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import numpy as np
 from funlib.persistence import open_ds
 
-from pipeline.kernels.mutex import clean_foreground, merge_small_segments, mutex_section
+from pipeline.kernels.mutex import clean_foreground, long_range_strides, merge_small_segments, mutex_watershed
 from pipeline.orchestration.run_layout import affinities_path
 from pipeline.storage.volumes import open_volume, read_affinities, read_roi, split_path
 from workers.loop import ProcessBlock, WorkerRun, run_worker
@@ -26,6 +26,9 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     affs = open_volume(*split_path(affs_path), field="affinities")
     segmentation = open_ds(run.run_dir.volumes / "segmentation", mode="r+")
     offsets = [o[1:] for o in layout.offsets]
+    biases = options.channel_biases(len(offsets))
+    stride = None if options.long_range_stride is None else options.long_range_stride[1:]
+    strides = long_range_strides(offsets, stride)
     # a model with a foreground output: segment inside it only
     foreground = open_ds(run.run_dir.volumes / "foreground") if any(e[0] == "foreground" for e in layout.extras) else None
 
@@ -35,11 +38,15 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
         out = np.zeros(data.shape[1:], dtype=np.uint64)
         bump = np.uint64(layout.first_id(layout.block_index(block.write_roi)))
         count = 0
+        first = (block.write_roi.offset - layout.roi.offset)[0] // layout.voxel_size[0]
         for z in range(data.shape[1]):
             mask = None
             if probability is not None:
                 mask = clean_foreground(probability[z], options.foreground_threshold, options.foreground_min_size)
-            labels = merge_small_segments(mutex_section(data[:, z], offsets, options.bias, mask), options.merge_small)
+            # a section's random strides depend on the seed and its index only
+            rng = np.random.default_rng([options.seed, int(first + z)]) if options.randomized_strides else None
+            labels = mutex_watershed(data[:, z], offsets, biases, strides, rng, mask)
+            labels = merge_small_segments(labels, options.merge_small)
             out[z] = np.where(labels > 0, labels + np.uint64(count) + bump, 0)
             count += int(labels.max())
         segmentation[block.write_roi] = out

@@ -61,10 +61,10 @@ class Partitioner(ABC):
     # scores (AJI, PQ, ...) averaged over sections
     sections_are_images: ClassVar[bool] = False
 
-    @classmethod
     @abstractmethod
-    def fits(cls, offsets) -> str | None:
-        """Why these affinities cannot be partitioned this way, or None."""
+    def unfit(self, config: RunConfig, offsets) -> str | None:
+        """Why these affinities cannot be partitioned this way with the
+        config's settings, or None."""
 
     @abstractmethod
     def check_geometry(self, config: RunConfig, roi: Roi, block_shape: Coordinate, voxel_size: Coordinate) -> None:
@@ -108,8 +108,7 @@ class Waterz(Partitioner):
     volumes = ("fragments", "segmentation")
     labels = "fragments"
 
-    @classmethod
-    def fits(cls, offsets) -> str | None:
+    def unfit(self, config: RunConfig, offsets) -> str | None:
         if in_plane(offsets):
             return "waterz agglomerates 3D affinities; these offsets are all in-plane (a 2D model): use mutex_2d"
         return None
@@ -172,10 +171,12 @@ class Mutex2D(Partitioner):
     labels = "segmentation"
     sections_are_images = True
 
-    @classmethod
-    def fits(cls, offsets) -> str | None:
+    def unfit(self, config: RunConfig, offsets) -> str | None:
         if not in_plane(offsets):
             return "mutex_2d partitions each section alone and needs in-plane offsets (a 2D model); these have z components"
+        biases = config.mutex.biases
+        if biases is not None and len(biases) != len(offsets):
+            return f"mutex.biases has {len(biases)} values and the run {len(offsets)} offsets: give one per offset"
         return None
 
     def check_geometry(self, config: RunConfig, roi: Roi, block_shape: Coordinate, voxel_size: Coordinate) -> None:

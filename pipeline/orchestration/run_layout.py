@@ -247,7 +247,7 @@ class RunLayout:
 
         partition = config.partition or default_partition(offsets)
         partitioner = PARTITIONERS[partition]
-        unfit = partitioner.fits(offsets)
+        unfit = partitioner.unfit(config, offsets)
         if unfit:
             raise UserError(f"partition: {unfit}")
         partitioner.check_geometry(config, roi, block_shape, vs)
