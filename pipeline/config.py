@@ -31,7 +31,7 @@ def in_plane(offsets) -> bool:
 
 # how a run partitions the volume after predict (RunConfig.partition; each
 # is a class in pipeline/orchestration/partitioners.py)
-PartitionName = Literal["waterz", "mutex_2d"]
+PartitionName = Literal["waterz", "mutex_2d", "mutex_3d"]
 
 
 def default_partition(offsets) -> PartitionName:
@@ -160,8 +160,8 @@ class AgglomerateConfig(Strict):
 
 
 class MutexConfig(Strict):
-    """partition "mutex_2d" (2D models): each section is partitioned by
-    mutex watershed instead of the waterz steps."""
+    """partition "mutex_2d" (2D models: each section is partitioned by
+    mutex watershed) and "mutex_3d" (blocks, then the region graph)."""
 
     # affinities above it attract, below it repel (the score row is labelled
     # with it)
@@ -260,7 +260,9 @@ class RunConfig(Strict):
     # how the volume is partitioned after predict: "waterz" (fragments, the
     # region graph, agglomeration with a table per threshold: the
     # `fragments` and `agglomerate` settings) or "mutex_2d" (a 2D model's
-    # sections, each by mutex watershed: the `mutex` settings). Left out:
+    # sections, each by mutex watershed: the `mutex` settings) or
+    # "mutex_3d" (a 3D model's blocks by mutex watershed, then the graph
+    # mutex watershed over the region graph: the `mutex` settings). Left out:
     # what the offsets call for (in-plane: mutex_2d, else waterz). Only the
     # chosen partitioner's settings are read and recorded
     partition: PartitionName | None = None

@@ -9,6 +9,7 @@ end to end in test_main_job.py.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import daisy
@@ -20,24 +21,24 @@ from pipeline.config import RunConfig
 from pipeline.storage.graph_store import open_store
 from pipeline.kernels.lut import LookUpTable
 from pipeline.evaluation.metrics import evaluate_arrays
-from pipeline.orchestration.partitioners import Waterz
 from pipeline.orchestration.job import open_run
-from pipeline.orchestration.segments import write_luts
 from pipeline.orchestration.tasks import blockwise_geometry
 from tests.conftest import RAW, TEST_ROI, noisy_ground_truth_affinities
-from workers import agglomerate, fragments
 from workers.loop import WorkerRun
 
 THRESHOLDS = (0.3, 0.5, 0.7)
 
 
-def postprocess(run_dir: Path, labels_path: str, block_shape, epsilon: float) -> tuple[dict, np.ndarray]:
+def postprocess(run_dir: Path, labels_path: str, block_shape, context=(100, 300, 300), **settings) -> tuple[dict, np.ndarray]:
+    """Each row's segmentation (row label -> volume) of the run's
+    partitioner on noisy ground-truth affinities, and the ground truth: its
+    block steps run here, one block after another, then its tables."""
     config = RunConfig(
         run_dir=str(run_dir), raw=str(RAW), ground_truth=labels_path, roi=TEST_ROI,
         model={"checkpoint": str(Path(__file__).parent.parent / "models/fib25_mala.pt")},
-        fragments={"epsilon_agglomerate": epsilon},
         agglomerate={"thresholds": list(THRESHOLDS), "threshold": 0.5},
-        postprocess={"block_shape": block_shape, "context": [100, 300, 300]},
+        postprocess={"block_shape": block_shape, "context": list(context)},
+        **settings,
     )
     layout, directory = open_run(config)
     labels = open_ds(labels_path)[layout.roi]
@@ -45,26 +46,43 @@ def postprocess(run_dir: Path, labels_path: str, block_shape, epsilon: float) ->
     affs[layout.roi] = noisy_ground_truth_affinities(labels, layout.offsets, noise=0.2)
 
     run = WorkerRun(config, layout, directory)
-    for step in (fragments, agglomerate):
-        with step.setup(run) as process_block:
+    partitioner = layout.partitioner
+    for step in partitioner.pipelined:
+        with importlib.import_module(f"workers.{step}").setup(run) as process_block:
             task = daisy.Task(
-                step.__name__, *blockwise_geometry(layout, layout.block_shape, layout.context),
+                step, *blockwise_geometry(layout, layout.block_shape, layout.context),
                 process_function=process_block, read_write_conflict=False, fit="shrink", max_retries=0,
             )
             assert daisy.run_blockwise([task], multiprocessing=False, progress=False, summary=False)
     with open_store("sqlite", run_dir, directory.run_id()) as store:
-        write_luts(layout, directory, store, {t: Waterz.table("hist_quant_50", t) for t in THRESHOLDS})
+        partitioner.build_tables(config, layout, directory, store)
     frags = open_ds(directory.volumes / "fragments")[layout.roi]
-    return {t: LookUpTable.open(directory.lut(Waterz.table("hist_quant_50", t))).map(frags) for t in THRESHOLDS}, labels
+    return {row.threshold: LookUpTable.open(directory.lut(row.table)).map(frags) for row in partitioner.rows(config)}, labels
 
 
 @pytest.mark.parametrize("epsilon", [0.0, 0.3])
 def test_eight_blocks_equal_one_block_on_the_same_affinities(tmp_path, labels, epsilon):
-    eight, truth = postprocess(tmp_path / "eight", labels, [200, 800, 800], epsilon)
-    one, _ = postprocess(tmp_path / "one", labels, [400, 1600, 1600], epsilon)
+    eight, truth = postprocess(tmp_path / "eight", labels, [200, 800, 800], fragments={"epsilon_agglomerate": epsilon})
+    one, _ = postprocess(tmp_path / "one", labels, [400, 1600, 1600], fragments={"epsilon_agglomerate": epsilon})
     frags = open_ds(tmp_path / "eight" / "volumes.zarr" / "fragments")
     assert len(np.unique(frags[frags.roi])) > 200  # a real agglomeration problem
     for t in THRESHOLDS:
         assert evaluate_arrays(eight[t], one[t])["arand"] < 0.02
         # and the segmentation is a good one: the machinery loses nothing
         assert evaluate_arrays(one[t], truth)["arand"] < 0.05
+
+
+def test_the_3d_mutex_watershed_in_eight_blocks_equals_one_block(tmp_path, labels):
+    """mutex_3d: mutex fragments per block, the region graph of every pair an
+    offset links (the context reaches the longest offset, 27 voxels), the
+    graph mutex watershed on the master. The methods notes' split: the
+    nearest neighbours only attract and the long-range offsets only repel,
+    so the objects stay apart by the long-range evidence alone."""
+    split = {"partition": "mutex_3d", "mutex": {"biases": [0.0] * 3 + [1.0] * 9}}
+    eight, truth = postprocess(tmp_path / "eight", labels, [200, 800, 800], (270, 270, 270), **split)
+    one, _ = postprocess(tmp_path / "one", labels, [400, 1600, 1600], (270, 270, 270), **split)
+    frags = open_ds(tmp_path / "eight" / "volumes.zarr" / "fragments")
+    assert len(np.unique(frags[frags.roi])) > 8  # blocks cut objects: the graph must join them
+    (row,) = eight
+    assert evaluate_arrays(eight[row], one[row])["arand"] < 0.02
+    assert evaluate_arrays(one[row], truth)["arand"] < 0.05

@@ -13,11 +13,13 @@ from pathlib import Path
 import daisy
 import numpy as np
 import pytest
-from funlib.geometry import Roi
+from funlib.geometry import Coordinate, Roi
 from funlib.persistence import open_ds
 
 from pipeline.kernels.lut import LookUpTable
-from pipeline.orchestration.resume import DoneMarkers, _box_sums
+from pipeline.orchestration.resume import Cells, DoneMarkers, _box_sums
+from pipeline.orchestration.run_layout import RunLayout
+from pipeline.orchestration.tasks import step_geometry
 from tests.conftest import BASELINE, run_cli
 
 
@@ -130,6 +132,27 @@ def test_done_markers_are_read_and_cleared_as_daisy_keeps_them(tmp_path):
     processed.clear()
     run("t")
     assert processed == [(15, 5, 45)]
+
+
+@pytest.mark.parametrize("context", [(2, 3, 4), (12, 3, 25)])
+def test_cells_are_daisys_blocks_whatever_the_context(tmp_path, context):
+    """Cells.of names the blocks daisy marks done, also where the context is
+    longer than the block (it once read z cell 1 as the first block: a
+    mutex_3d run redid half its blocks on every re-run)."""
+    layout = RunLayout(voxel_size=Coordinate(1, 1, 1), roi=Roi((0, 0, 0), (30, 40, 50)), offsets=(),
+                       predict_output=Coordinate(1, 1, 1), predict_context=Coordinate(0, 0, 0),
+                       block_shape=Coordinate(10, 20, 20), context=Coordinate(context), partition="waterz")
+    processed = []
+    task = daisy.Task("f", *step_geometry(layout, "fragments")[:3],
+                      process_function=lambda b: processed.append(tuple(b.write_roi.offset)), read_write_conflict=False,
+                      fit="shrink", max_workers=1, tracking_path=str(tmp_path / "t"))
+    daisy.run_blockwise([task], multiprocessing=False)
+    done = DoneMarkers(tmp_path / "t").read()
+    cells = Cells.of(layout, "fragments", done.shape)
+    np.testing.assert_array_equal(done, cells.real)
+    named = {(int(cells.write_begin[0][z]), int(cells.write_begin[1][y]), int(cells.write_begin[2][x]))
+             for z, y, x in np.argwhere(cells.real)}
+    assert named == set(processed) and len(processed) == 3 * 2 * 3
 
 
 def test_box_sums_equal_sums_of_slices():

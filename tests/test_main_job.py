@@ -25,7 +25,7 @@ from pipeline.orchestration.partitioners import Waterz
 from pipeline.orchestration.run_layout import RunDir
 from pipeline.status import read_status
 from pipeline.storage.graph_store import open_store
-from tests.conftest import RAW, REPO, run_cli
+from tests.conftest import RAW, REPO, assert_one_line_error, run_cli
 from tests.test_lut import reference_segments
 
 
@@ -176,6 +176,35 @@ def test_a_run_from_given_affinities_equals_the_post_processing_after_predict(dt
     for name in ("fragments", "segmentation"):
         np.testing.assert_array_equal(volume(run_dir, name), volume(reference, name))
     assert report["scores"] == json.loads((reference / "report.json").read_text())["scores"]
+
+
+def test_the_3d_mutex_watershed_runs_the_job_and_resumes(reference, run_config, tmp_path):
+    """partition mutex_3d on the reference's affinities: its steps, one score
+    row at the bias, the segmentation of its one table, and a re-run that
+    skips every block; a changed partitioner is refused."""
+    offsets = json.loads((reference / "layout.json").read_text())["offsets"]
+    given = {"model": None, "affinities": {"dataset": str(reference / "volumes.zarr" / "affs"), "offsets": offsets}}
+    mutex = {"partition": "mutex_3d", "mutex": {"biases": [0.0] * 3 + [1.0] * 9, "long_range_stride": [1, 3, 3]},
+             "postprocess": {"block_shape": [200, 800, 800], "context": [270, 270, 270], "workers": 2}}
+    config = run_config(tmp_path / "config.json", **given, **mutex)
+    result = run_cli("pipeline/predict.py", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(mutex watershed)" in result.stdout
+    run_dir = tmp_path / "run"
+    report = json.loads((run_dir / "report.json").read_text())
+    # pipelined steps finish in either order
+    assert set(report["steps"]) == {"mutex_fragments", "mutex_graph", "segments", "relabel", "evaluate"}
+    assert [row["threshold"] for row in report["scores"]] == [0.5]
+    assert 0 < report["graph"]["segments"] < report["graph"]["fragments"]
+    fragments, segmentation = volume(run_dir, "fragments"), volume(run_dir, "segmentation")
+    np.testing.assert_array_equal(segmentation, LookUpTable.open(RunDir(run_dir).lut("mutex")).map(fragments))
+
+    again = run_predict(config)
+    steps = json.loads((again / "report.json").read_text())["steps"]
+    assert all(steps[s]["skipped"] == steps[s]["blocks"] for s in ("mutex_fragments", "mutex_graph", "relabel"))
+    np.testing.assert_array_equal(volume(run_dir, "segmentation"), segmentation)
+    waterz = run_config(tmp_path / "waterz.json", **given, postprocess=mutex["postprocess"])
+    assert_one_line_error(run_cli("pipeline/predict.py", str(waterz)), 'was made with partition = "mutex_3d"')
 
 
 def test_mongodb_store_gives_the_same_segmentation(reference, run_config, tmp_path, mongodb_uri):

@@ -10,8 +10,8 @@ the owner is simply the block encoded in `u`'s id.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 import numpy as np
 from funlib.geometry import Roi
@@ -66,7 +66,10 @@ def block_edges(affs: np.ndarray, labels: np.ndarray, ids: np.ndarray, offsets, 
 
 
 @contextmanager
-def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
+def edges_setup(run: WorkerRun, edges_of: Callable[[np.ndarray, np.ndarray, np.ndarray], Edges]) -> Iterator[ProcessBlock]:
+    """A graph step's worker: for each block, `edges_of(uint8 affinities,
+    labels, ids)` over block + context (the fragments as `compact_fragments`
+    gives them), of which the block keeps the edges it owns."""
     layout = run.layout
     affs_path = affinities_path(run.config, run.run_dir)
     affs = open_volume(*split_path(affs_path), field="affinities")
@@ -76,11 +79,16 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
         def process_block(block) -> None:
             data = read_affinities(affs, block.read_roi, affs_path, fill_value=0)
             labels, ids = compact_fragments(read_roi(fragments, block.read_roi, "fragments", fill_value=0), block.read_roi, layout)
-            edges = block_edges(data, labels, ids, layout.offsets, run.config.agglomerate.scoring)
+            edges = edges_of(data, labels, ids)
             index = layout.block_index(block.write_roi)
             store.write_edges(index, edges.select(layout.block_of_fragment(edges.u) == index))
 
         yield process_block
+
+
+def setup(run: WorkerRun) -> AbstractContextManager[ProcessBlock]:
+    scoring = run.config.agglomerate.scoring
+    return edges_setup(run, lambda affs, labels, ids: block_edges(affs, labels, ids, run.layout.offsets, scoring))
 
 
 def main() -> None:

@@ -11,11 +11,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
-from funlib.persistence import open_ds
+from funlib.persistence import Array, open_ds
 
 from pipeline.config import FragmentsConfig
-from pipeline.orchestration.run_layout import affinities_path, run_store
+from pipeline.orchestration.run_layout import RunLayout, affinities_path, run_store
 from pipeline.storage.graph_records import Nodes
+from pipeline.storage.graph_store import GraphStore
 from pipeline.kernels.watershed import (
     distance_watershed,
     epsilon_agglomerate,
@@ -50,18 +51,25 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
         def process_block(block) -> None:
             data = read_affinities(affs, block.read_roi, affs_path, fill_value=0)
             labels = block_fragments(data, options, run.config.agglomerate.scoring, vs)
-            local, _ = relabel_consecutive(labels[layout.window(block.write_roi, block.read_roi)])
-            n = int(local.max())
-            if n > layout.voxels_per_block:
-                raise AssertionError("more fragments than voxels in a block")
-            index = layout.block_index(block.write_roi)
-            bump = np.uint64(layout.first_id(index))
-            fragments[block.write_roi] = np.where(local > 0, local + bump, np.uint64(0))
-            sizes, centers = node_statistics(local, n, block.write_roi.offset, vs)
-            ids = np.arange(1, n + 1, dtype=np.uint64) + bump
-            store.write_nodes(index, Nodes(ids, centers, sizes))
+            store_fragments(labels, block, layout, fragments, store)
 
         yield process_block
+
+
+def store_fragments(labels: np.ndarray, block, layout: RunLayout, fragments: Array, store: GraphStore) -> None:
+    """The part of `labels` (block + context) inside the block as the
+    block's fragments, ids `first_id + 1..n`, into `fragments`, and one node
+    each into the store. Every fragments step ends here."""
+    local, _ = relabel_consecutive(labels[layout.window(block.write_roi, block.read_roi)])
+    n = int(local.max())
+    if n > layout.voxels_per_block:
+        raise AssertionError("more fragments than voxels in a block")
+    index = layout.block_index(block.write_roi)
+    bump = np.uint64(layout.first_id(index))
+    fragments[block.write_roi] = np.where(local > 0, local + bump, np.uint64(0))
+    sizes, centers = node_statistics(local, n, block.write_roi.offset, layout.voxel_size)
+    ids = np.arange(1, n + 1, dtype=np.uint64) + bump
+    store.write_nodes(index, Nodes(ids, centers, sizes))
 
 
 def main() -> None:

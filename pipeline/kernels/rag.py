@@ -38,6 +38,27 @@ def edge_means(labels: np.ndarray, affs: np.ndarray, offsets, u: np.ndarray, v: 
         return np.where(counts > 0, sums / counts, np.nan).astype(np.float32).T.copy()
 
 
+def linked_edges(labels: np.ndarray, affs: np.ndarray, offsets) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair of labels u < v that some voxel pair (i, i + offsets[c])
+    links, touching or not (long-range offsets link fragments apart), with
+    per offset the number of such pairs and the sum of their affinities:
+    (u, v, counts (E, C) int64, sums (E, C) float64)."""
+    stride = np.int64(int(labels.max()) + 1 if labels.size else 1)
+    keys = []
+    for offset in offsets:
+        here, there = offset_pairs(labels.shape, offset)
+        a, b = labels[here].astype(np.int64), labels[there].astype(np.int64)
+        apart = (a != b) & (a > 0) & (b > 0)
+        a, b = a[apart], b[apart]
+        keys.append(np.unique(np.minimum(a, b) * stride + np.maximum(a, b)))
+    edge_keys = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 3)
+    counts = np.zeros((len(offsets), len(edge_keys)), dtype=np.int64)
+    sums = np.zeros((len(offsets), len(edge_keys)), dtype=np.float64)
+    edge_sums(labels, affs, offsets, stride, edge_keys, counts, sums)
+    return edge_keys // stride, edge_keys % stride, counts.T.copy(), sums.T.copy()
+
+
 def first_join_scores(n: int, history: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """For each edge (u, v) of labels 1..n, the score of the merge at which u
     and v first ended up in one region (NaN if they never did). `history`

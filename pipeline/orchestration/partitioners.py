@@ -12,6 +12,9 @@ finished blocks depend on, instead of testing the offsets themselves.
   per agglomeration threshold (the `segments` master step), relabel.
 - `mutex_2d`: a 2D model's sections, each partitioned whole by mutex
   watershed straight into the segmentation (no tables).
+- `mutex_3d`: mutex watershed fragments per block, the region graph of
+  every pair of fragments an offset links, one table by the graph mutex
+  watershed on the master, relabel.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pipeline.errors import UserError
 from pipeline.orchestration.daisy_run import master_step, run_daisy
 from pipeline.orchestration.progress import ProgressLog
 from pipeline.orchestration.run_layout import RunDir, RunLayout, run_store
-from pipeline.orchestration.segments import write_luts
+from pipeline.orchestration.segments import write_luts, write_mutex_lut
 from pipeline.orchestration.tasks import chain, step_task
 from pipeline.storage.files import write_atomically
 
@@ -67,7 +70,7 @@ class Partitioner(ABC):
         config's settings, or None."""
 
     @abstractmethod
-    def check_geometry(self, config: RunConfig, roi: Roi, block_shape: Coordinate, voxel_size: Coordinate) -> None:
+    def check_geometry(self, config: RunConfig, offsets, roi: Roi, block_shape: Coordinate, voxel_size: Coordinate) -> None:
         """Refuse post-processing blocks this partitioner cannot use (UserError)."""
 
     @abstractmethod
@@ -100,20 +103,54 @@ class Partitioner(ABC):
         """The master step and the block steps after it (none by default)."""
 
 
-class Waterz(Partitioner):
-    name = "waterz"
-    steps = ("fragments", "agglomerate", "segments", "relabel")
-    pipelined = ("fragments", "agglomerate")
+class GraphPartitioner(Partitioner):
+    """Fragments per block, a region graph in the store, look-up tables
+    built by the master (`segments`) and relabel through the chosen one."""
+
     master_steps = ("segments",)
     volumes = ("fragments", "segmentation")
     labels = "fragments"
+
+    @abstractmethod
+    def chosen_table(self, config: RunConfig) -> str:
+        """The key of the table relabel writes to `segmentation`."""
+
+    @abstractmethod
+    def build_tables(self, config: RunConfig, layout: RunLayout, run_dir: RunDir, store) -> dict[str, int]:
+        """The `segments` step: every table of `rows`; the graph's counts."""
+
+    def before_resume(self, config: RunConfig, run_dir: RunDir) -> None:
+        # relabel's done markers belong to the table the segmentation holds:
+        # when the chosen one differs (0.5, then 0.3, then 0.5 again) they
+        # are cleared before the target is recorded, so every block is
+        # redone and a crash between the two still leaves no marker of the
+        # old table
+        target = {"table": self.chosen_table(config)}
+        recorded = json.loads(run_dir.relabel_target.read_text()) if run_dir.relabel_target.exists() else None
+        if recorded != target:
+            shutil.rmtree(run_dir.tracking("relabel"), ignore_errors=True)
+            write_atomically(run_dir.relabel_target, json.dumps(target))
+
+    def finish(self, config: RunConfig, layout: RunLayout, run_dir: RunDir, progress: ProgressLog, report: dict,
+               done: Collection[str]) -> None:
+        with run_store(config, run_dir) as store:
+            report["graph"] = master_step("segments", progress, report,
+                                          lambda: self.build_tables(config, layout, run_dir, store))
+        if "relabel" not in done:
+            run_daisy(step_task("relabel", config, layout, run_dir), progress, report, run_dir.logs)
+
+
+class Waterz(GraphPartitioner):
+    name = "waterz"
+    steps = ("fragments", "agglomerate", "segments", "relabel")
+    pipelined = ("fragments", "agglomerate")
 
     def unfit(self, config: RunConfig, offsets) -> str | None:
         if in_plane(offsets):
             return "waterz agglomerates 3D affinities; these offsets are all in-plane (a 2D model): use mutex_2d"
         return None
 
-    def check_geometry(self, config: RunConfig, roi: Roi, block_shape: Coordinate, voxel_size: Coordinate) -> None:
+    def check_geometry(self, config: RunConfig, offsets, roi: Roi, block_shape: Coordinate, voxel_size: Coordinate) -> None:
         context = config.postprocess.context
         if any(c < s for c, s in zip(context, voxel_size)):
             raise UserError(f"postprocess.context: {list(context)} must be at least one voxel ({list(voxel_size)}) per axis")
@@ -133,6 +170,9 @@ class Waterz(Partitioner):
     def chosen(self, config: RunConfig) -> str:
         return f"threshold {config.agglomerate.threshold}"
 
+    def chosen_table(self, config: RunConfig) -> str:
+        return self.table(config.agglomerate.scoring, config.agglomerate.threshold)
+
     def check_tables(self, config: RunConfig, run_dir: RunDir) -> None:
         for row in self.rows(config):
             if not run_dir.lut(row.table).exists():
@@ -141,26 +181,62 @@ class Waterz(Partitioner):
                     f"({config.agglomerate.scoring}); run pipeline/predict.py with this config first, it builds the tables"
                 )
 
-    def before_resume(self, config: RunConfig, run_dir: RunDir) -> None:
-        # relabel's done markers belong to the table the segmentation holds:
-        # when the chosen one differs (0.5, then 0.3, then 0.5 again) they
-        # are cleared before the target is recorded, so every block is
-        # redone and a crash between the two still leaves no marker of the
-        # old table
-        target = {"table": self.table(config.agglomerate.scoring, config.agglomerate.threshold)}
-        recorded = json.loads(run_dir.relabel_target.read_text()) if run_dir.relabel_target.exists() else None
-        if recorded != target:
-            shutil.rmtree(run_dir.tracking("relabel"), ignore_errors=True)
-            write_atomically(run_dir.relabel_target, json.dumps(target))
-
-    def finish(self, config: RunConfig, layout: RunLayout, run_dir: RunDir, progress: ProgressLog, report: dict,
-               done: Collection[str]) -> None:
+    def build_tables(self, config: RunConfig, layout: RunLayout, run_dir: RunDir, store) -> dict[str, int]:
         tables = {t: self.table(config.agglomerate.scoring, t) for t in config.agglomerate.thresholds}
-        with run_store(config, run_dir) as store:
-            report["graph"] = master_step("segments", progress, report,
-                                          lambda: write_luts(layout, run_dir, store, tables))
-        if "relabel" not in done:
-            run_daisy(step_task("relabel", config, layout, run_dir), progress, report, run_dir.logs)
+        return write_luts(layout, run_dir, store, tables)
+
+
+class Mutex3D(GraphPartitioner):
+    """Mutex watershed fragments per block (all channels, with context),
+    a region graph of every pair of fragments an offset links, and the
+    graph mutex watershed on the master into one table: no threshold."""
+
+    name = "mutex_3d"
+    steps = ("mutex_fragments", "mutex_graph", "segments", "relabel")
+    pipelined = ("mutex_fragments", "mutex_graph")
+    TABLE = "mutex"
+
+    def unfit(self, config: RunConfig, offsets) -> str | None:
+        if in_plane(offsets):
+            return "mutex_3d partitions 3D affinities; these offsets are all in-plane (a 2D model): use mutex_2d"
+        return _biases_unfit(config, offsets)
+
+    def check_geometry(self, config: RunConfig, offsets, roi: Roi, block_shape: Coordinate, voxel_size: Coordinate) -> None:
+        # a block sees every voxel pair of its fragments, whatever the offset,
+        # so an edge's evidence is the same in every block that counts it
+        reach = [max(abs(o[axis]) for o in offsets) * voxel_size[axis] for axis in range(3)]
+        context = config.postprocess.context
+        if any(c < max(r, s) for c, r, s in zip(context, reach, voxel_size)):
+            raise UserError(f"postprocess.context: {list(context)} must reach the longest offset ({reach} world units) "
+                            f"and at least one voxel per axis, so that a block sees its fragments' every voxel pair")
+
+    def record(self, config: RunConfig) -> dict:
+        # the 2D cascade and foreground settings play no part in 3D
+        return {"mutex": config.mutex.model_dump(mode="json", include=MUTEX_3D_SETTINGS)}
+
+    def rows(self, config: RunConfig) -> list[Row]:
+        # one segmentation, reported in the row of its bias
+        return [Row(config.mutex.bias, self.TABLE)]
+
+    def chosen(self, config: RunConfig) -> str:
+        return "mutex watershed"
+
+    def chosen_table(self, config: RunConfig) -> str:
+        return self.TABLE
+
+    def build_tables(self, config: RunConfig, layout: RunLayout, run_dir: RunDir, store) -> dict[str, int]:
+        return write_mutex_lut(layout, run_dir, store, self.TABLE, config.mutex.channel_biases(len(layout.offsets)))
+
+
+# the settings of MutexConfig that a mutex_3d run reads
+MUTEX_3D_SETTINGS = {"bias", "biases", "long_range_stride", "randomized_strides", "seed"}
+
+
+def _biases_unfit(config: RunConfig, offsets) -> str | None:
+    biases = config.mutex.biases
+    if biases is not None and len(biases) != len(offsets):
+        return f"mutex.biases has {len(biases)} values and the run {len(offsets)} offsets: give one per offset"
+    return None
 
 
 class Mutex2D(Partitioner):
@@ -174,12 +250,9 @@ class Mutex2D(Partitioner):
     def unfit(self, config: RunConfig, offsets) -> str | None:
         if not in_plane(offsets):
             return "mutex_2d partitions each section alone and needs in-plane offsets (a 2D model); these have z components"
-        biases = config.mutex.biases
-        if biases is not None and len(biases) != len(offsets):
-            return f"mutex.biases has {len(biases)} values and the run {len(offsets)} offsets: give one per offset"
-        return None
+        return _biases_unfit(config, offsets)
 
-    def check_geometry(self, config: RunConfig, roi: Roi, block_shape: Coordinate, voxel_size: Coordinate) -> None:
+    def check_geometry(self, config: RunConfig, offsets, roi: Roi, block_shape: Coordinate, voxel_size: Coordinate) -> None:
         # sections are segmented whole, one block holding several of them;
         # they need no context
         if any(b < r for b, r in zip(block_shape[1:], roi.shape[1:])):
@@ -199,4 +272,4 @@ class Mutex2D(Partitioner):
         return "mutex watershed"
 
 
-PARTITIONERS: dict[str, Partitioner] = {p.name: p for p in (Waterz(), Mutex2D())}
+PARTITIONERS: dict[str, Partitioner] = {p.name: p for p in (Waterz(), Mutex2D(), Mutex3D())}

@@ -39,26 +39,30 @@ from pipeline.orchestration.tasks import step_geometry
 from pipeline.storage.files import write_atomically
 from pipeline.storage.volumes import ChunkFiles
 
-# What each block-wise step's workers read from earlier steps (workers/):
-# "block" reads the earlier step's output within the block's read ROI,
-# "all" reads all of it (relabel's look-up table is built from the whole
-# graph). Evaluate is redone whole on every run and keeps no markers.
+# What each block-wise step's workers read from earlier steps (workers/),
+# of the steps its run has: "block" reads the earlier step's output within
+# the block's read ROI, "all" reads all of it (relabel's look-up table is
+# built from the whole graph). Evaluate is redone whole on every run and
+# keeps no markers.
 READS = {
     "predict": {},
     "fragments": {"predict": "block"},
     "agglomerate": {"predict": "block", "fragments": "block"},
-    "relabel": {"fragments": "all", "agglomerate": "all"},
+    "mutex_fragments": {"predict": "block"},
+    "mutex_graph": {"predict": "block", "mutex_fragments": "block"},
+    "relabel": {"fragments": "all", "agglomerate": "all", "mutex_fragments": "all", "mutex_graph": "all"},
     "mutex": {"predict": "block"},
 }
 # steps whose blocks write graph records (nodes, edges) to the store
-GRAPH_STEPS = ("fragments", "agglomerate")
+GRAPH_STEPS = ("fragments", "agglomerate", "mutex_fragments", "mutex_graph")
 
 
 def outputs(layout: RunLayout, step: str) -> tuple[str, ...]:
     """The run volumes (in volumes.zarr) that a step's blocks write."""
     if step == "predict":
         return ("affs", *(name for name, _, _ in layout.extras))
-    return {"fragments": ("fragments",), "relabel": ("segmentation",), "mutex": ("segmentation",)}.get(step, ())
+    return {"fragments": ("fragments",), "mutex_fragments": ("fragments",), "relabel": ("segmentation",),
+            "mutex": ("segmentation",)}.get(step, ())
 
 
 class DoneMarkers:
@@ -135,7 +139,11 @@ class Cells:
         lo, hi = layout.roi.begin, layout.roi.end
         wb, we, rb, re = [], [], [], []
         for a, n in enumerate(shape):
-            start = total.begin[a] + np.arange(n, dtype=np.int64) * write.shape[a]
+            # daisy's cell of a block is (write begin - total begin) // write
+            # shape: with a context as long as the block or longer, the first
+            # block is not in cell 0
+            first = write.offset[a] // write.shape[a]
+            start = total.begin[a] + (np.arange(n, dtype=np.int64) - first) * write.shape[a]
             wb.append(np.clip(start + write.offset[a], lo[a], hi[a]))
             we.append(np.clip(start + write.offset[a] + write.shape[a], lo[a], hi[a]))
             rb.append(np.clip(start + read.offset[a], lo[a], hi[a]))

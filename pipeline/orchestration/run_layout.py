@@ -250,7 +250,7 @@ class RunLayout:
         unfit = partitioner.unfit(config, offsets)
         if unfit:
             raise UserError(f"partition: {unfit}")
-        partitioner.check_geometry(config, roi, block_shape, vs)
+        partitioner.check_geometry(config, offsets, roi, block_shape, vs)
         if config.affinities is not None:
             zero = Coordinate(0, 0, 0)
             layout = cls(vs, roi, offsets, predict_output=block_shape, predict_context=zero, block_shape=block_shape,

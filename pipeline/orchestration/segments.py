@@ -1,13 +1,17 @@
-"""The `segments` step: one look-up table per threshold from the whole RAG,
-streamed (pipeline/kernels/lut.py)."""
+"""The `segments` step, the master's look-up tables from the whole region
+graph, streamed: one per threshold for waterz (pipeline/kernels/lut.py),
+one by the graph mutex watershed for mutex_3d
+(pipeline/kernels/graph_mutex.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from pipeline.config import threshold_key
+from pipeline.kernels.graph_mutex import LEVELS, mutex_lut
 from pipeline.kernels.lut import FragmentIndex, build_luts
 from pipeline.orchestration.run_layout import RunDir, RunLayout
+from pipeline.storage.graph_records import Edges
 from pipeline.storage.graph_store import GraphStore
 
 
@@ -28,4 +32,40 @@ def write_luts(layout: RunLayout, run_dir: RunDir, store: GraphStore, tables: di
         # a segment is named by its smallest fragment, which maps to itself;
         # the store's ids are the index's ids, in its order (from_ids checks)
         counts[f"segments@{threshold_key(threshold)}"] = int(np.count_nonzero(table.segments == ids))
+    return counts
+
+
+def edge_strengths(edges: Edges, nearest: np.ndarray, biases: np.ndarray):
+    """Each edge's attractive and repulsive evidence as signed strengths
+    (pipeline/kernels/graph_mutex.py): per class of offsets (the nearest
+    neighbours, `nearest`, and the long-range ones), the pair-weighted mean
+    of (affinity - bias) over the offsets of that class that link u and v,
+    on the uint8 scale. Yields (u, v, strength) for each class, for the
+    edges that class links: two edges between one pair, as volara's
+    adjacent and long-range edges."""
+    pairs = edges["pairs"].astype(np.int64)
+    signed = edges["affinities"].astype(np.float64) - np.asarray(biases, dtype=np.float64) * LEVELS
+    for members in (nearest, ~nearest):
+        count = pairs[:, members].sum(axis=1)
+        has = count > 0
+        mean = (pairs[:, members] * signed[:, members]).sum(axis=1)[has] / count[has]
+        yield edges.u[has], edges.v[has], np.clip(np.rint(mean), -LEVELS, LEVELS).astype(np.int16)
+
+
+def write_mutex_lut(layout: RunLayout, run_dir: RunDir, store: GraphStore, key: str, biases) -> dict[str, int]:
+    """The one look-up table of a mutex_3d run, saved under `key`; the
+    graph's counts for the report."""
+    ids = store.node_ids()
+    fragments = FragmentIndex.from_ids(ids, layout.voxels_per_block, int(np.prod(layout.block_grid)))
+    nearest = np.array([sum(abs(o) for o in offset) == 1 for offset in layout.offsets])
+    counts = {"fragments": len(fragments), "edges": 0}
+
+    def strengths():
+        for chunk in store.stream_edges(["linked", "affinities", "pairs"]):
+            counts["edges"] += len(chunk)
+            yield from edge_strengths(chunk, nearest, biases)
+
+    table = mutex_lut(fragments, strengths())
+    table.save(run_dir.lut(key))
+    counts["segments"] = int(np.count_nonzero(table.segments == ids))
     return counts

@@ -18,6 +18,8 @@ from pipeline.orchestration.launchers import make_launcher
 from pipeline.orchestration.run_layout import RunDir, RunLayout
 
 MAX_RETRIES = 2
+# the steps whose blocks read the post-processing context around them
+CONTEXT_STEPS = ("fragments", "agglomerate", "mutex_fragments", "mutex_graph")
 
 
 def step_geometry(layout: RunLayout, step: str) -> tuple[Roi, Roi, Roi, str]:
@@ -30,7 +32,7 @@ def step_geometry(layout: RunLayout, step: str) -> tuple[Roi, Roi, Roi, str]:
         return (*blockwise_geometry(layout, layout.predict_output, layout.predict_read_context), "overhang")
     # mutex: a section depends only on its own affinities; relabel and
     # evaluate map each voxel on its own: no context
-    context = layout.context if step in ("fragments", "agglomerate") else Coordinate(0, 0, 0)
+    context = layout.context if step in CONTEXT_STEPS else Coordinate(0, 0, 0)
     return (*blockwise_geometry(layout, layout.block_shape, context), "shrink")
 
 

@@ -55,6 +55,8 @@ EDGE_ATTRIBUTES: dict[str, Attribute] = {
     "linked": Attribute(np.bool_, "some voxel pair (i, i + offset) links u and v", per_offset=True),
     "affinities": Attribute(np.uint8, "the mean uint8 affinity of the voxel pairs that link u and v",
                             per_offset=True, where="linked"),
+    "pairs": Attribute(np.uint32, "the number of voxel pairs that link u and v (partition mutex_3d)",
+                       per_offset=True, where="linked"),
 }
 
 

@@ -1,0 +1,49 @@
+"""Block-wise 3D mutex watershed (partition "mutex_3d"): the affinities of
+block + context, every channel, partitioned by mutex watershed (each channel
+attracts above its bias and repels below it; the methods notes' split: the
+nearest neighbours attract, the long-range offsets repel); the block's part
+is its fragments, ids and nodes as the waterz fragments' (workers/fragments.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+from funlib.persistence import open_ds
+
+from pipeline.kernels.mutex import long_range_strides, mutex_watershed
+from pipeline.orchestration.run_layout import affinities_path, run_store
+from pipeline.storage.volumes import open_volume, read_affinities, split_path
+from workers.fragments import store_fragments
+from workers.loop import ProcessBlock, WorkerRun, run_worker
+
+
+@contextmanager
+def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
+    layout, options = run.layout, run.config.mutex
+    affs_path = affinities_path(run.config, run.run_dir)
+    affs = open_volume(*split_path(affs_path), field="affinities")
+    fragments = open_ds(run.run_dir.volumes / "fragments", mode="r+")
+    biases = options.channel_biases(len(layout.offsets))
+    strides = long_range_strides(layout.offsets, options.long_range_stride)
+    with run_store(run.config, run.run_dir) as store:
+
+        def process_block(block) -> None:
+            # outside the volume: affinity 0, an edge that repels (or, at bias 0, is no edge)
+            data = read_affinities(affs, block.read_roi, affs_path, fill_value=0).astype(np.float32) / 255.0
+            index = layout.block_index(block.write_roi)
+            # a block's random strides depend on the seed and its index only
+            rng = np.random.default_rng([options.seed, index]) if options.randomized_strides else None
+            labels = mutex_watershed(data, layout.offsets, biases, strides, rng)
+            store_fragments(labels, block, layout, fragments, store)
+
+        yield process_block
+
+
+def main() -> None:
+    run_worker(setup, "mutex_fragments")
+
+
+if __name__ == "__main__":
+    main()

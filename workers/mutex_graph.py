@@ -1,0 +1,41 @@
+"""Block-wise region graph of the 3D mutex watershed (partition
+"mutex_3d"): every pair of fragments that some offset links, touching or
+not (a long-range offset links fragments apart), with per offset the number
+of voxel pairs and their mean affinity: the attractive and the repulsive
+evidence the master's graph mutex watershed weighs
+(Mutex3D.edge_strengths). Each edge is owned by the block of `u`, as the
+waterz graph's; the context reaches every offset, so an edge's evidence is
+the same whichever block sees it."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+
+import numpy as np
+
+from pipeline.kernels.rag import linked_edges
+from pipeline.storage.graph_records import Edges
+from workers.agglomerate import edges_setup
+from workers.loop import ProcessBlock, WorkerRun, run_worker
+
+
+def block_graph(affs: np.ndarray, labels: np.ndarray, ids: np.ndarray, offsets) -> Edges:
+    """The linked edges of consecutive `labels` 1..n (fragment ids `ids`,
+    sorted), `affs` uint8."""
+    u, v, counts, sums = linked_edges(labels, affs, offsets)
+    linked = counts > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = np.where(linked, np.rint(sums / np.maximum(counts, 1)), 0).astype(np.uint8)
+    return Edges(ids[u - 1], ids[v - 1], {"linked": linked, "affinities": means, "pairs": counts.astype(np.uint32)})
+
+
+def setup(run: WorkerRun) -> AbstractContextManager[ProcessBlock]:
+    return edges_setup(run, lambda affs, labels, ids: block_graph(affs, labels, ids, run.layout.offsets))
+
+
+def main() -> None:
+    run_worker(setup, "mutex_graph")
+
+
+if __name__ == "__main__":
+    main()
