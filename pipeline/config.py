@@ -179,6 +179,10 @@ class MutexConfig(Strict):
     # the same segmentation
     randomized_strides: bool = False
     seed: Annotated[int, Field(ge=0)] = 0
+    # mutex_3d: segments smaller than this (voxels) are removed and the
+    # others grown back over them by a seeded watershed (the methods
+    # notes' 200); 0 keeps every segment
+    min_size: Annotated[int, Field(ge=0)] = 200
     # (size, window) in pixels, in turn: segments smaller than `size` join
     # the most frequent label in a window x window neighbourhood (the
     # methods notes' cascade for EM and leaves)

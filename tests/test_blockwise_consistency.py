@@ -47,17 +47,25 @@ def postprocess(run_dir: Path, labels_path: str, block_shape, context=(100, 300,
 
     run = WorkerRun(config, layout, directory)
     partitioner = layout.partitioner
-    for step in partitioner.pipelined:
+
+    def blockwise(step: str) -> None:
         with importlib.import_module(f"workers.{step}").setup(run) as process_block:
             task = daisy.Task(
                 step, *blockwise_geometry(layout, layout.block_shape, layout.context),
                 process_function=process_block, read_write_conflict=False, fit="shrink", max_retries=0,
             )
             assert daisy.run_blockwise([task], multiprocessing=False, progress=False, summary=False)
+
+    for step in partitioner.pipelined:
+        blockwise(step)
     with open_store("sqlite", run_dir, directory.run_id()) as store:
         partitioner.build_tables(config, layout, directory, store)
+    partitioner.before_resume(config, directory)
+    blockwise(partitioner.relabel_step)
     frags = open_ds(directory.volumes / "fragments")[layout.roi]
-    return {row.threshold: LookUpTable.open(directory.lut(row.table)).map(frags) for row in partitioner.rows(config)}, labels
+    segmentation = open_ds(directory.volumes / "segmentation")[layout.roi]
+    return {row.threshold: segmentation if row.table is None else LookUpTable.open(directory.lut(row.table)).map(frags)
+            for row in partitioner.rows(config)}, labels
 
 
 @pytest.mark.parametrize("epsilon", [0.0, 0.3])

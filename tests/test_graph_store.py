@@ -56,6 +56,10 @@ def test_nodes_round_trip_by_block(store):
     assert read.sizes.tolist() == [1, 2]
     assert store.read_nodes([0, 1]).ids.tolist() == [1, 2, 3, 101, 102]
     assert store.node_ids().tolist() == [1, 2, 3, 101, 102]
+    # blocks written out of order: still sorted by id, sizes with them
+    store.write_nodes(2, nodes([7, 9], 2))
+    ids, sizes = store.node_sizes()
+    assert ids.tolist() == [1, 2, 3, 7, 9, 101, 102] and sizes.tolist() == [1, 2, 3, 1, 2, 1, 2]
 
 
 def test_rewriting_a_block_leaves_no_duplicates(store):

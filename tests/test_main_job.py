@@ -193,15 +193,20 @@ def test_the_3d_mutex_watershed_runs_the_job_and_resumes(reference, run_config, 
     run_dir = tmp_path / "run"
     report = json.loads((run_dir / "report.json").read_text())
     # pipelined steps finish in either order
-    assert set(report["steps"]) == {"mutex_fragments", "mutex_graph", "segments", "relabel", "evaluate"}
+    assert set(report["steps"]) == {"mutex_fragments", "mutex_graph", "segments", "mutex_relabel", "evaluate"}
     assert [row["threshold"] for row in report["scores"]] == [0.5]
     assert 0 < report["graph"]["segments"] < report["graph"]["fragments"]
+    assert report["graph"]["small_segments"] > 0
     fragments, segmentation = volume(run_dir, "fragments"), volume(run_dir, "segmentation")
-    np.testing.assert_array_equal(segmentation, LookUpTable.open(RunDir(run_dir).lut("mutex")).map(fragments))
+    # the small segments are grown over: none is left, and every voxel has a label
+    segments = LookUpTable.open(RunDir(run_dir).lut("mutex")).map(fragments)
+    kept = ~np.isin(segments, np.load(run_dir / "luts" / "mutex.small.npy"))
+    np.testing.assert_array_equal(segmentation[kept], segments[kept])
+    assert (segmentation > 0).all() and np.unique(segmentation, return_counts=True)[1].min() >= 200
 
     again = run_predict(config)
     steps = json.loads((again / "report.json").read_text())["steps"]
-    assert all(steps[s]["skipped"] == steps[s]["blocks"] for s in ("mutex_fragments", "mutex_graph", "relabel"))
+    assert all(steps[s]["skipped"] == steps[s]["blocks"] for s in ("mutex_fragments", "mutex_graph", "mutex_relabel"))
     np.testing.assert_array_equal(volume(run_dir, "segmentation"), segmentation)
     waterz = run_config(tmp_path / "waterz.json", **given, postprocess=mutex["postprocess"])
     assert_one_line_error(run_cli("pipeline/predict.py", str(waterz)), 'was made with partition = "mutex_3d"')

@@ -95,3 +95,23 @@ def test_nearest_neighbours_keep_every_edge():
     assert long_range_strides([(0, -1, 0), (-1, 0, 0), (0, -3, 0), (-1, -1, 0)], (1, 10, 10)) == [
         None, None, [1, 10, 10], [1, 10, 10]]
     assert long_range_strides([(0, -1, 0)], None) is None
+
+
+def test_small_segments_are_grown_over_by_their_neighbours():
+    from pipeline.kernels.watershed import grow_over
+
+    segments = np.ones((1, 20, 30), dtype=np.uint64)
+    segments[..., 15:] = 2
+    segments[0, 5:8, 3:6] = 3  # inside 1
+    segments[0, 10:13, 13:17] = 4  # across the border of 1 and 2
+    affs = np.full((3, 1, 20, 30), 255, dtype=np.uint8)
+    affs[:, :, :, 15] = 0  # the boundary between 1 and 2
+    holes = np.isin(segments, [3, 4])
+    grown = grow_over(segments, holes, affs)
+    assert set(np.unique(grown)) == {1, 2}
+    assert (grown[0, 5:8, 3:6] == 1).all()
+    # the boundary stays where the affinities put it
+    assert (grown[0, 10:13, 13:15] == 1).all() and (grown[0, 10:13, 15:17] == 2).all()
+    # a hole no other segment reaches keeps its label: no voxel is left without one
+    alone = np.full((1, 4, 4), 7, dtype=np.uint64)
+    assert (grow_over(alone, alone == 7, affs[:, :, :4, :4]) == 7).all()

@@ -84,6 +84,22 @@ def _seeded(inside: np.ndarray, sampling) -> np.ndarray:
     return watershed(-distance, seeds, mask=inside).astype(np.uint64)
 
 
+def grow_over(segments: np.ndarray, holes: np.ndarray, affs: np.ndarray) -> np.ndarray:
+    """`segments` with the voxels of `holes` taken by the segments around
+    them: a seeded watershed from every other labelled voxel over the
+    boundary map (1 - the mean nearest-neighbour affinity, uint8 `affs`), so
+    a hole goes to the segments it is least cut off from. A hole that no
+    seed reaches (no other segment in the array) keeps its labels."""
+    from skimage.segmentation import watershed
+
+    seeds = np.where(holes, 0, segments)
+    if not seeds.any() or not holes.any():
+        return segments
+    boundary = 255 - affs[:3].mean(axis=0)
+    grown = watershed(boundary, seeds.astype(np.int64), mask=(seeds > 0) | holes).astype(segments.dtype)
+    return np.where(grown > 0, grown, segments)
+
+
 def merge_history(affs: np.ndarray, fragments: np.ndarray, scoring: str) -> tuple[np.ndarray, np.ndarray]:
     """Agglomerate consecutive-labelled `fragments` (0 = background) to the
     end. Returns (the region graph's edges, (E, 2) with u < v, in (u, v)

@@ -110,10 +110,13 @@ class GraphPartitioner(Partitioner):
     master_steps = ("segments",)
     volumes = ("fragments", "segmentation")
     labels = "fragments"
+    # the block step after `segments` that writes `segmentation`
+    relabel_step: ClassVar[str]
 
     @abstractmethod
-    def chosen_table(self, config: RunConfig) -> str:
-        """The key of the table relabel writes to `segmentation`."""
+    def relabel_target(self, config: RunConfig) -> dict:
+        """What relabel writes to `segmentation` (its table's key under
+        "table"): its done markers are valid for this target only."""
 
     @abstractmethod
     def build_tables(self, config: RunConfig, layout: RunLayout, run_dir: RunDir, store) -> dict[str, int]:
@@ -125,10 +128,10 @@ class GraphPartitioner(Partitioner):
         # are cleared before the target is recorded, so every block is
         # redone and a crash between the two still leaves no marker of the
         # old table
-        target = {"table": self.chosen_table(config)}
+        target = self.relabel_target(config)
         recorded = json.loads(run_dir.relabel_target.read_text()) if run_dir.relabel_target.exists() else None
         if recorded != target:
-            shutil.rmtree(run_dir.tracking("relabel"), ignore_errors=True)
+            shutil.rmtree(run_dir.tracking(self.relabel_step), ignore_errors=True)
             write_atomically(run_dir.relabel_target, json.dumps(target))
 
     def finish(self, config: RunConfig, layout: RunLayout, run_dir: RunDir, progress: ProgressLog, report: dict,
@@ -136,14 +139,15 @@ class GraphPartitioner(Partitioner):
         with run_store(config, run_dir) as store:
             report["graph"] = master_step("segments", progress, report,
                                           lambda: self.build_tables(config, layout, run_dir, store))
-        if "relabel" not in done:
-            run_daisy(step_task("relabel", config, layout, run_dir), progress, report, run_dir.logs)
+        if self.relabel_step not in done:
+            run_daisy(step_task(self.relabel_step, config, layout, run_dir), progress, report, run_dir.logs)
 
 
 class Waterz(GraphPartitioner):
     name = "waterz"
     steps = ("fragments", "agglomerate", "segments", "relabel")
     pipelined = ("fragments", "agglomerate")
+    relabel_step = "relabel"
 
     def unfit(self, config: RunConfig, offsets) -> str | None:
         if in_plane(offsets):
@@ -170,8 +174,8 @@ class Waterz(GraphPartitioner):
     def chosen(self, config: RunConfig) -> str:
         return f"threshold {config.agglomerate.threshold}"
 
-    def chosen_table(self, config: RunConfig) -> str:
-        return self.table(config.agglomerate.scoring, config.agglomerate.threshold)
+    def relabel_target(self, config: RunConfig) -> dict:
+        return {"table": self.table(config.agglomerate.scoring, config.agglomerate.threshold)}
 
     def check_tables(self, config: RunConfig, run_dir: RunDir) -> None:
         for row in self.rows(config):
@@ -188,12 +192,16 @@ class Waterz(GraphPartitioner):
 
 class Mutex3D(GraphPartitioner):
     """Mutex watershed fragments per block (all channels, with context),
-    a region graph of every pair of fragments an offset links, and the
-    graph mutex watershed on the master into one table: no threshold."""
+    a region graph of every pair of fragments an offset links, the graph
+    mutex watershed on the master into one table (no threshold), and
+    relabel with the small segments grown over (workers/mutex_relabel.py)."""
 
     name = "mutex_3d"
-    steps = ("mutex_fragments", "mutex_graph", "segments", "relabel")
+    steps = ("mutex_fragments", "mutex_graph", "segments", "mutex_relabel")
     pipelined = ("mutex_fragments", "mutex_graph")
+    relabel_step = "mutex_relabel"
+    # evaluation scores the segmentation itself: growing is not a table
+    labels = "segmentation"
     TABLE = "mutex"
 
     def unfit(self, config: RunConfig, offsets) -> str | None:
@@ -216,16 +224,17 @@ class Mutex3D(GraphPartitioner):
 
     def rows(self, config: RunConfig) -> list[Row]:
         # one segmentation, reported in the row of its bias
-        return [Row(config.mutex.bias, self.TABLE)]
+        return [Row(config.mutex.bias, None)]
 
     def chosen(self, config: RunConfig) -> str:
         return "mutex watershed"
 
-    def chosen_table(self, config: RunConfig) -> str:
-        return self.TABLE
+    def relabel_target(self, config: RunConfig) -> dict:
+        return {"table": self.TABLE, "min_size": config.mutex.min_size}
 
     def build_tables(self, config: RunConfig, layout: RunLayout, run_dir: RunDir, store) -> dict[str, int]:
-        return write_mutex_lut(layout, run_dir, store, self.TABLE, config.mutex.channel_biases(len(layout.offsets)))
+        return write_mutex_lut(layout, run_dir, store, self.TABLE, config.mutex.channel_biases(len(layout.offsets)),
+                               config.mutex.min_size)
 
 
 # the settings of MutexConfig that a mutex_3d run reads

@@ -50,7 +50,8 @@ READS = {
     "agglomerate": {"predict": "block", "fragments": "block"},
     "mutex_fragments": {"predict": "block"},
     "mutex_graph": {"predict": "block", "mutex_fragments": "block"},
-    "relabel": {"fragments": "all", "agglomerate": "all", "mutex_fragments": "all", "mutex_graph": "all"},
+    "relabel": {"fragments": "all", "agglomerate": "all"},
+    "mutex_relabel": {"predict": "block", "mutex_fragments": "all", "mutex_graph": "all"},
     "mutex": {"predict": "block"},
 }
 # steps whose blocks write graph records (nodes, edges) to the store
@@ -62,7 +63,7 @@ def outputs(layout: RunLayout, step: str) -> tuple[str, ...]:
     if step == "predict":
         return ("affs", *(name for name, _, _ in layout.extras))
     return {"fragments": ("fragments",), "mutex_fragments": ("fragments",), "relabel": ("segmentation",),
-            "mutex": ("segmentation",)}.get(step, ())
+            "mutex_relabel": ("segmentation",), "mutex": ("segmentation",)}.get(step, ())
 
 
 class DoneMarkers:

@@ -52,10 +52,11 @@ def edge_strengths(edges: Edges, nearest: np.ndarray, biases: np.ndarray):
         yield edges.u[has], edges.v[has], np.clip(np.rint(mean), -LEVELS, LEVELS).astype(np.int16)
 
 
-def write_mutex_lut(layout: RunLayout, run_dir: RunDir, store: GraphStore, key: str, biases) -> dict[str, int]:
-    """The one look-up table of a mutex_3d run, saved under `key`; the
-    graph's counts for the report."""
-    ids = store.node_ids()
+def write_mutex_lut(layout: RunLayout, run_dir: RunDir, store: GraphStore, key: str, biases, min_size: int) -> dict[str, int]:
+    """The one look-up table of a mutex_3d run, saved under `key`, and the
+    ids of its segments smaller than `min_size` voxels (`small_segments`:
+    relabel grows the others over them); the graph's counts for the report."""
+    ids, sizes = store.node_sizes()
     fragments = FragmentIndex.from_ids(ids, layout.voxels_per_block, int(np.prod(layout.block_grid)))
     nearest = np.array([sum(abs(o) for o in offset) == 1 for offset in layout.offsets])
     counts = {"fragments": len(fragments), "edges": 0}
@@ -67,5 +68,14 @@ def write_mutex_lut(layout: RunLayout, run_dir: RunDir, store: GraphStore, key: 
 
     table = mutex_lut(fragments, strengths())
     table.save(run_dir.lut(key))
-    counts["segments"] = int(np.count_nonzero(table.segments == ids))
+    segments, at = np.unique(table.segments, return_inverse=True)
+    small = segments[np.bincount(at, weights=sizes, minlength=len(segments)) < min_size]
+    np.save(small_segments(run_dir, key), small)
+    counts["segments"] = len(segments)
+    counts["small_segments"] = len(small)
     return counts
+
+
+def small_segments(run_dir: RunDir, key: str):
+    """The sorted ids of a table's segments below the size (write_mutex_lut)."""
+    return run_dir.lut(key).with_name(run_dir.lut(key).stem + ".small.npy")

@@ -19,7 +19,7 @@ from pipeline.orchestration.run_layout import RunDir, RunLayout
 
 MAX_RETRIES = 2
 # the steps whose blocks read the post-processing context around them
-CONTEXT_STEPS = ("fragments", "agglomerate", "mutex_fragments", "mutex_graph")
+CONTEXT_STEPS = ("fragments", "agglomerate", "mutex_fragments", "mutex_graph", "mutex_relabel")
 
 
 def step_geometry(layout: RunLayout, step: str) -> tuple[Roi, Roi, Roi, str]:

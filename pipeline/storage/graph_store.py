@@ -178,12 +178,25 @@ class GraphStore(ABC):
 
     def node_ids(self) -> np.ndarray:
         """All node ids, sorted."""
-        chunks = [np.concatenate([decode(r, ["id"])["id"] for r in batch]) for batch in self._stream("nodes", ["id"]) if batch]
-        ids = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint64)
+        return self._node_columns(["id"])["id"]
+
+    def node_sizes(self) -> tuple[np.ndarray, np.ndarray]:
+        """All node ids, sorted, and each node's size (voxels)."""
+        columns = self._node_columns(["id", "size"])
+        return columns["id"], columns["size"]
+
+    def _node_columns(self, names: list[str]) -> dict[str, np.ndarray]:
+        parts = [decode(r, names) for batch in self._stream("nodes", names) for r in batch]
+        empty = {"id": np.zeros(0, dtype=np.uint64), "size": np.zeros(0, dtype=np.int64)}
+        columns = {n: np.concatenate([p[n] for p in parts]) if parts else empty[n] for n in names}
+        ids = columns["id"]
         # records come in block order and a block's ids are sorted; the ids
         # of a lower block are lower in every run (workers/fragments.py),
         # but the store does not rely on it
-        return ids if np.all(ids[1:] > ids[:-1]) else np.sort(ids)
+        if np.all(ids[1:] > ids[:-1]):
+            return columns
+        order = np.argsort(ids, kind="stable")
+        return {n: c[order] for n, c in columns.items()}
 
     def stream_edges(self, attributes: Iterable[str] = ("merge_score",), chunk: int = EDGE_CHUNK) -> Iterator[Edges]:
         """Every edge with `attributes`, in chunks of about `chunk` edges
