@@ -35,10 +35,9 @@ def postprocess(run_dir: Path, labels_path: str, block_shape, context=(100, 300,
     block steps run here, one block after another, then its tables."""
     config = RunConfig(
         run_dir=str(run_dir), raw=str(RAW), ground_truth=labels_path, roi=TEST_ROI,
-        model={"checkpoint": str(Path(__file__).parent.parent / "models/fib25_mala.pt")},
         agglomerate={"thresholds": list(THRESHOLDS), "threshold": 0.5},
         postprocess={"block_shape": block_shape, "context": list(context)},
-        **settings,
+        **{"model": {"checkpoint": str(Path(__file__).parent.parent / "models/fib25_mala.pt")}, **settings},
     )
     layout, directory = open_run(config)
     labels = open_ds(labels_path)[layout.roi]
@@ -82,13 +81,16 @@ def test_eight_blocks_equal_one_block_on_the_same_affinities(tmp_path, labels, e
 
 def test_the_3d_mutex_watershed_in_eight_blocks_equals_one_block(tmp_path, labels):
     """mutex_3d: mutex fragments per block, the region graph of every pair an
-    offset links (the context reaches the longest offset, 27 voxels), the
-    graph mutex watershed on the master. The methods notes' split: the
-    nearest neighbours only attract and the long-range offsets only repel,
-    so the objects stay apart by the long-range evidence alone."""
-    split = {"partition": "mutex_3d", "mutex": {"biases": [0.0] * 3 + [1.0] * 9}}
-    eight, truth = postprocess(tmp_path / "eight", labels, [200, 800, 800], (270, 270, 270), **split)
-    one, _ = postprocess(tmp_path / "one", labels, [400, 1600, 1600], (270, 270, 270), **split)
+    offset links (the model's offsets up to 9 voxels; the context reaches
+    the longest), the graph mutex watershed on the master. The methods
+    notes' split: the nearest neighbours only attract and the long-range
+    offsets only repel, so the objects stay apart by the long-range
+    evidence alone."""
+    offsets = [[-1, 0, 0], [0, -1, 0], [0, 0, -1], [-3, 0, 0], [0, -3, 0], [0, 0, -3], [-9, 0, 0], [0, -9, 0], [0, 0, -9]]
+    split = {"partition": "mutex_3d", "mutex": {"biases": [0.0] * 3 + [1.0] * 6},
+             "model": {"checkpoint": str(Path(__file__).parent.parent / "models/fib25_mala.pt"), "offsets": offsets}}
+    eight, truth = postprocess(tmp_path / "eight", labels, [200, 800, 800], (90, 90, 90), **split)
+    one, _ = postprocess(tmp_path / "one", labels, [400, 1600, 1600], (90, 90, 90), **split)
     frags = open_ds(tmp_path / "eight" / "volumes.zarr" / "fragments")
     assert len(np.unique(frags[frags.roi])) > 8  # blocks cut objects: the graph must join them
     (row,) = eight
