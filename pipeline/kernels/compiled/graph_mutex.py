@@ -31,7 +31,7 @@ from pipeline.kernels.compiled.lut import _find
 NONE = -1  # an empty list, or the end of one
 EMPTY, DELETED = -1, -2  # hash slots
 LOAD = 0.7  # the table grows when its filled slots pass this share
-MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: key * 2^64 / phi
+MIX = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / phi: multiplied, the key's bits spread over the word
 
 
 @njit(cache=True, nogil=True)
@@ -64,8 +64,10 @@ def _key(a, b, n):
 
 @njit(cache=True, nogil=True)
 def _home(table, key):
-    bits = np.uint64(np.log2(len(table)))
-    return np.int64((np.uint64(key) * MIX) >> (np.uint64(64) - bits))
+    # the multiplied key's high half folded onto its low bits, masked to the
+    # table (a power of two): no logarithm of the size per probe
+    h = np.uint64(key) * MIX
+    return np.int64((h ^ (h >> np.uint64(32))) & np.uint64(len(table) - 1))
 
 
 @njit(cache=True, nogil=True)
