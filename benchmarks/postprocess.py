@@ -84,15 +84,14 @@ def run_job(run_dir: Path, partition: str, args, voxel: int, affinities: Path | 
     """The main job over the sample with `partition`; from `affinities`
     (the waterz run's, so both paths partition the same ones) or predicted."""
     block = [b * voxel for b in args.block]
-    # about 1/8 of the block as context on each side, as in the design; the
-    # mutex path's must reach the longest offset (27 voxels)
-    reach = 27 * voxel if partition == "mutex_3d" else voxel
+    # about 1/8 of the block as context on each side, as in the design (the
+    # mutex path's graph step reaches the longest offset by itself)
     config = {
         "run_dir": str(run_dir),
         "raw": str(REPO / "data/fib25_medulla/fib25.zarr/raw"),
         "ground_truth": None if args.ground_truth == "none" else args.ground_truth,
         "predict": {"device": "auto", "output_shape": [40, 128, 128], "workers": 1},
-        "postprocess": {"block_shape": block, "context": [max(reach, b // 8 // voxel * voxel) for b in block],
+        "postprocess": {"block_shape": block, "context": [max(voxel, b // 8 // voxel * voxel) for b in block],
                         "workers": args.workers},
         "partition": partition,
     }

@@ -22,7 +22,7 @@ from pipeline.storage.graph_store import open_store
 from pipeline.kernels.lut import LookUpTable
 from pipeline.evaluation.metrics import evaluate_arrays
 from pipeline.orchestration.job import open_run
-from pipeline.orchestration.tasks import blockwise_geometry
+from pipeline.orchestration.tasks import step_geometry
 from tests.conftest import RAW, TEST_ROI, noisy_ground_truth_affinities
 from workers.loop import WorkerRun
 
@@ -50,7 +50,7 @@ def postprocess(run_dir: Path, labels_path: str, block_shape, context=(100, 300,
     def blockwise(step: str) -> None:
         with importlib.import_module(f"workers.{step}").setup(run) as process_block:
             task = daisy.Task(
-                step, *blockwise_geometry(layout, layout.block_shape, layout.context),
+                step, *step_geometry(layout, step)[:3],
                 process_function=process_block, read_write_conflict=False, fit="shrink", max_retries=0,
             )
             assert daisy.run_blockwise([task], multiprocessing=False, progress=False, summary=False)
@@ -81,16 +81,16 @@ def test_eight_blocks_equal_one_block_on_the_same_affinities(tmp_path, labels, e
 
 def test_the_3d_mutex_watershed_in_eight_blocks_equals_one_block(tmp_path, labels):
     """mutex_3d: mutex fragments per block, the region graph of every pair an
-    offset links (the model's offsets up to 9 voxels; the context reaches
-    the longest), the graph mutex watershed on the master. The methods
+    offset links (the model's offsets up to 9 voxels; the graph step's context reaches the
+    longest by itself), the graph mutex watershed on the master. The methods
     notes' split: the nearest neighbours only attract and the long-range
     offsets only repel, so the objects stay apart by the long-range
     evidence alone."""
     offsets = [[-1, 0, 0], [0, -1, 0], [0, 0, -1], [-3, 0, 0], [0, -3, 0], [0, 0, -3], [-9, 0, 0], [0, -9, 0], [0, 0, -9]]
     split = {"partition": "mutex_3d", "mutex": {"biases": [0.0] * 3 + [1.0] * 6},
              "model": {"checkpoint": str(Path(__file__).parent.parent / "models/fib25_mala.pt"), "offsets": offsets}}
-    eight, truth = postprocess(tmp_path / "eight", labels, [200, 800, 800], (90, 90, 90), **split)
-    one, _ = postprocess(tmp_path / "one", labels, [400, 1600, 1600], (90, 90, 90), **split)
+    eight, truth = postprocess(tmp_path / "eight", labels, [200, 800, 800], (30, 30, 30), **split)
+    one, _ = postprocess(tmp_path / "one", labels, [400, 1600, 1600], (30, 30, 30), **split)
     frags = open_ds(tmp_path / "eight" / "volumes.zarr" / "fragments")
     assert len(np.unique(frags[frags.roi])) > 8  # blocks cut objects: the graph must join them
     (row,) = eight

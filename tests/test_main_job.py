@@ -185,7 +185,7 @@ def test_the_3d_mutex_watershed_runs_the_job_and_resumes(reference, run_config, 
     offsets = json.loads((reference / "layout.json").read_text())["offsets"]
     given = {"model": None, "affinities": {"dataset": str(reference / "volumes.zarr" / "affs"), "offsets": offsets}}
     mutex = {"partition": "mutex_3d", "mutex": {"biases": [0.0] * 3 + [1.0] * 9, "long_range_stride": [1, 3, 3]},
-             "postprocess": {"block_shape": [200, 800, 800], "context": [270, 270, 270], "workers": 2}}
+             "postprocess": {"block_shape": [200, 800, 800], "context": [100, 300, 300], "workers": 2}}
     config = run_config(tmp_path / "config.json", **given, **mutex)
     result = run_cli("pipeline/predict.py", str(config))
     assert result.returncode == 0, result.stderr[-3000:]

@@ -113,6 +113,13 @@ class GraphPartitioner(Partitioner):
     # the block step after `segments` that writes `segmentation`
     relabel_step: ClassVar[str]
 
+    def check_geometry(self, config: RunConfig, offsets, roi: Roi, block_shape: Coordinate, voxel_size: Coordinate) -> None:
+        # fragments cut at a block's border need a neighbour's voxels to be
+        # joined again
+        context = config.postprocess.context
+        if any(c < s for c, s in zip(context, voxel_size)):
+            raise UserError(f"postprocess.context: {list(context)} must be at least one voxel ({list(voxel_size)}) per axis")
+
     @abstractmethod
     def relabel_target(self, config: RunConfig) -> dict:
         """What relabel writes to `segmentation` (its table's key under
@@ -153,11 +160,6 @@ class Waterz(GraphPartitioner):
         if in_plane(offsets):
             return "waterz agglomerates 3D affinities; these offsets are all in-plane (a 2D model): use mutex_2d"
         return None
-
-    def check_geometry(self, config: RunConfig, offsets, roi: Roi, block_shape: Coordinate, voxel_size: Coordinate) -> None:
-        context = config.postprocess.context
-        if any(c < s for c, s in zip(context, voxel_size)):
-            raise UserError(f"postprocess.context: {list(context)} must be at least one voxel ({list(voxel_size)}) per axis")
 
     def record(self, config: RunConfig) -> dict:
         # thresholds are not in it: tables and relabelling are redone per threshold
@@ -209,14 +211,6 @@ class Mutex3D(GraphPartitioner):
             return "mutex_3d partitions 3D affinities; these offsets are all in-plane (a 2D model): use mutex_2d"
         return _biases_unfit(config, offsets)
 
-    def check_geometry(self, config: RunConfig, offsets, roi: Roi, block_shape: Coordinate, voxel_size: Coordinate) -> None:
-        # a block sees every voxel pair of its fragments, whatever the offset,
-        # so an edge's evidence is the same in every block that counts it
-        reach = [max(abs(o[axis]) for o in offsets) * voxel_size[axis] for axis in range(3)]
-        context = config.postprocess.context
-        if any(c < max(r, s) for c, r, s in zip(context, reach, voxel_size)):
-            raise UserError(f"postprocess.context: {list(context)} must reach the longest offset ({reach} world units) "
-                            f"and at least one voxel per axis, so that a block sees its fragments' every voxel pair")
 
     def record(self, config: RunConfig) -> dict:
         # the 2D cascade and foreground settings play no part in 3D

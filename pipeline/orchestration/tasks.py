@@ -19,7 +19,7 @@ from pipeline.orchestration.run_layout import RunDir, RunLayout
 
 MAX_RETRIES = 2
 # the steps whose blocks read the post-processing context around them
-CONTEXT_STEPS = ("fragments", "agglomerate", "mutex_fragments", "mutex_graph", "mutex_relabel")
+CONTEXT_STEPS = ("fragments", "agglomerate", "mutex_fragments", "mutex_relabel")
 
 
 def step_geometry(layout: RunLayout, step: str) -> tuple[Roi, Roi, Roi, str]:
@@ -33,6 +33,12 @@ def step_geometry(layout: RunLayout, step: str) -> tuple[Roi, Roi, Roi, str]:
     # mutex: a section depends only on its own affinities; relabel and
     # evaluate map each voxel on its own: no context
     context = layout.context if step in CONTEXT_STEPS else Coordinate(0, 0, 0)
+    if step == "mutex_graph":
+        # the block sees every voxel pair of its fragments, whatever the
+        # offset, so an edge's evidence is the same in every block that
+        # counts it; the fragments step needs no such reach
+        reach = (max(abs(o[axis]) for o in layout.offsets) * layout.voxel_size[axis] for axis in range(3))
+        context = Coordinate(max(c, r) for c, r in zip(layout.context, reach))
     return (*blockwise_geometry(layout, layout.block_shape, context), "shrink")
 
 
