@@ -10,7 +10,7 @@ INSTALLED := $(VENV)/.installed
 GROUNDTRUTH := data/fib25_medulla/groundtruth.h5
 LABELS := runs/fib25.zarr/labels
 
-.PHONY: demo test bench accuracy nuclei nuclei-crac accuracy-nuclei sparse-nuclei clean
+.PHONY: demo test bench accuracy accuracy-mutex nuclei nuclei-crac accuracy-nuclei sparse-nuclei clean
 
 $(INSTALLED): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,11 @@ runs/isbi2012.zarr/labels/.zarray: $(INSTALLED)
 accuracy: $(INSTALLED) $(LABELS)/.zarray runs/gala.zarr/raw/.zarray runs/gala.zarr/labels/.zarray \
 		runs/isbi2012.zarr/raw/.zarray runs/isbi2012.zarr/labels/.zarray
 	$(BIN)/python benchmarks/accuracy.py configs/accuracy_cpu.json
+
+# the 3D mutex watershed beside waterz on the bundled model's affinities:
+# bias chosen on sections 100..119, scored on 120..159
+accuracy-mutex: $(INSTALLED) $(LABELS)/.zarray
+	$(BIN)/python benchmarks/accuracy.py configs/accuracy_mutex3d.json
 
 # U2OS nuclei (60 independent 2D images, 0 = background), voxel size 1 1 1
 NUCLEI := data/nuclei_u2os

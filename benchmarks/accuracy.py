@@ -81,7 +81,8 @@ class Experiment(Strict):
     # model.representation of the runs (CRAC: "embedding" or "explicit");
     # default: the model's own
     representation: str | None = None
-    # 2D models: the mutex biases swept, one run each, in place of thresholds
+    # mutex watershed (mutex_2d, mutex_3d): the biases swept, one run each,
+    # in place of thresholds
     biases: list[Annotated[float, Field(gt=0.0, lt=1.0)]] = [0.3, 0.4, 0.5, 0.6, 0.7]
     # what picks the threshold on validation: the lowest VOI, or the highest
     # AJI (images with background, scored by instance scores)
@@ -193,6 +194,10 @@ def run_experiment(experiment: Experiment, out_dir: Path) -> dict:
         partition = run.partition or default_partition(run.model.offsets or loaded.offsets)
         if partition == "mutex_2d":
             result["post_processing"] = "mutex watershed (threshold = bias), small-segment merging"
+        elif partition == "mutex_3d":
+            stride = run.mutex.long_range_stride
+            result["post_processing"] = (f"mutex watershed per block (threshold = bias{', long-range stride ' + ' '.join(map(str, stride)) if stride else ''}), "
+                                         f"graph mutex watershed, segments < {run.mutex.min_size} grown over")
         else:
             result["post_processing"] = (
                 f"{run.fragments.method} fragments, epsilon {run.fragments.epsilon_agglomerate}, waterz {run.agglomerate.scoring}"
