@@ -50,6 +50,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.accuracy import Experiment, run_experiment  # noqa: E402
 from pipeline.cli import cli_main  # noqa: E402
 from pipeline.config import AbsPath, RoiConfig, Strict, ZarrPath, load_json  # noqa: E402
+from pipeline.storage.files import write_atomically  # noqa: E402
 from pipeline.training.config import TrainConfig  # noqa: E402
 
 SCORES = ("aji", "pq", "sbd")
@@ -253,9 +254,12 @@ def main() -> None:
         if name in results and not any(text in name for text in args.redo):
             continue
         print(f"{name} ...", flush=True)
-        results[name] = run_cell(config, name, fraction, column, seed, changes)
+        cell = run_cell(config, name, fraction, column, seed, changes)
+        # the file as it is now, plus this cell: a cell takes an hour, and
+        # the file may have been edited (or another cell stored) meanwhile
+        results = {**(load_json(str(stored)) if stored.exists() else {}), name: cell}
         stored.parent.mkdir(parents=True, exist_ok=True)
-        stored.write_text(json.dumps(results, indent=2))
+        write_atomically(stored, json.dumps(results, indent=2))
         print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[name].items() if k in SCORES), flush=True)
     text = tables(config, results)
     stored.with_suffix(".md").write_text(text + "\n")
