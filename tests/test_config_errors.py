@@ -71,7 +71,7 @@ CASES = {
         {"partition": "mutex_2d"}, "partition: mutex_2d partitions each section alone and needs in-plane offsets",
     ),
     "random strides without a stride": ({"mutex": {"randomized_strides": True}}, "randomized_strides needs long_range_stride"),
-    "unknown partitioner": ({"partition": "mutex"}, "partition: Input should be 'waterz' or 'mutex_2d'"),
+    "unknown partitioner": ({"partition": "mutex"}, "partition: Input should be 'waterz', 'mutex_2d' or 'mutex_3d'"),
     "affinities offsets out of order": (
         {"model": None, "affinities": {"dataset": str(RAW), "offsets": NEAREST[::-1]}},
         "affinities.offsets: the first three offsets must be [-1,0,0], [0,-1,0], [0,0,-1]",
