@@ -40,6 +40,7 @@ def warm_kernels() -> None:
 
     from pipeline.kernels.graph_mutex import mutex_lut
     from pipeline.kernels.lut import FragmentIndex
+    from pipeline.kernels.mutex import mutex_watershed
     from pipeline.kernels.rag import edge_means, linked_edges
     from pipeline.kernels.watershed import epsilon_agglomerate, merge_history, relabel_consecutive
 
@@ -48,7 +49,8 @@ def warm_kernels() -> None:
     for scoring in ("hist_quant_50", "mean"):
         uv, _ = merge_history(affs, labels, scoring)
     edge_means(labels, affs, [(-1, 0, 0)], uv[:, 0].astype(np.int64), uv[:, 1].astype(np.int64))
-    # the mutex path's: its region graph, and the master's graph mutex watershed
+    # the mutex path's: its fragments, its region graph, and the master's graph mutex watershed
+    mutex_watershed(affs, [(-1, 0, 0), (0, -1, 0), (0, 0, -1)], [0.5] * 3, [None, None, [1, 3, 3]])
     linked_edges(labels, affs, [(-1, 0, 0), (0, 0, -3)])
     ids = np.array([1, 2, 3], dtype=np.uint64)
     mutex_lut(FragmentIndex.from_ids(ids, 10, 1), [(ids[:2], ids[1:], np.array([5, -3], dtype=np.int16))])

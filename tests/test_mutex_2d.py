@@ -24,7 +24,7 @@ def test_mutex_watershed_recovers_the_instances_of_a_real_section(isbi):
     labels = open_ds(isbi[1])
     truth = labels[labels.roi][3]
     offsets = [o[1:] for o in OFFSETS_2D]
-    affs = noisy_ground_truth_affinities(truth, offsets, noise=0.2) / 255.0
+    affs = noisy_ground_truth_affinities(truth, offsets, noise=0.2)
     segmentation = mutex_watershed(affs, offsets, [0.5] * len(offsets))
     table = Contingency()
     table.add(segmentation, truth)  # ground truth 0 (membrane) is ignored
@@ -40,7 +40,7 @@ def test_with_a_foreground_only_the_foreground_is_partitioned():
     offsets = [(-1, 0), (0, -1), (-3, 0), (0, -3)]
     # affinities that say "all one object", background included; no offset
     # jumps the background between objects 1 and 2 (3 pixels)
-    affs = np.ones((len(offsets), *truth.shape))
+    affs = np.full((len(offsets), *truth.shape), 255, dtype=np.uint8)
     foreground = truth > 0
     labels = mutex_watershed(affs, offsets, [0.5] * len(offsets), foreground=foreground)
     assert (labels[~foreground] == 0).all() and (labels[foreground] > 0).all()

@@ -1,6 +1,8 @@
-"""The n-dimensional mutex watershed (pipeline/kernels/mutex.py) against
-references built another way: mwatershed's own strides, and a graph of the
-kept edges only, clustered edge by edge by `mwatershed.cluster_edges`."""
+"""The n-dimensional mutex watershed (pipeline/kernels/mutex.py, compiled:
+pipeline/kernels/compiled/grid_mutex.py) against mwatershed: its own
+`agglom` on images whose edges all differ in strength (no tie to break),
+with and without its strides, and on images with many ties against
+`mwatershed.cluster` given the edges in the kernel's documented order."""
 
 from __future__ import annotations
 
@@ -26,53 +28,131 @@ def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
     return len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]
 
 
+def keep_masks(shape, offsets, strides) -> list[np.ndarray]:
+    return [np.ones(shape, bool) if strides is None or s is None else stride_mask(shape, o, s)
+            for o, s in zip(offsets, strides or [None] * len(offsets))]
+
+
 def reference(affs, offsets, biases, keep, foreground) -> np.ndarray:
     """Mutex watershed of the graph that holds the kept edges between
-    foreground voxels and nothing else, by `mwatershed.cluster_edges`."""
+    foreground voxels and nothing else, by `mwatershed.cluster` edge by
+    edge: strongest |affs / 255 - bias| first, repulsion before attraction
+    at equal strength, else channel by channel and voxels in C order
+    (ordered here by a sort, not by the kernel's buckets)."""
     shape = affs.shape[1:]
-    ids = np.arange(1, np.prod(shape) + 1).reshape(shape)
+    ids = np.arange(np.prod(shape)).reshape(shape)
     inside = np.ones(shape, bool) if foreground is None else foreground
-    edges = []
+    weights, us, vs = [], [], []
     for c, offset in enumerate(offsets):
         here, there = offset_pairs(shape, offset)
         use = keep[c][here] & inside[here] & inside[there]
-        weight = (affs[c][here] - biases[c])[use]
-        edges += zip(weight.tolist(), ids[here][use].tolist(), ids[there][use].tolist())
-    segment = dict(mwatershed.cluster_edges(edges))
-    labels = np.vectorize(lambda i: segment.get(i, i))(ids)
-    return np.where(inside, labels, 0)
+        weights.append((affs[c][here] / 255.0 - biases[c])[use])
+        us.append(ids[here][use])
+        vs.append(ids[there][use])
+    weight, u, v = (np.concatenate(x) for x in (weights, us, vs))
+    # biases are multiples of 1/510 here: 510 * weight is an exact integer
+    strength = np.rint(weight * 510).astype(np.int64)
+    order = np.lexsort((np.arange(len(strength)), strength > 0, -np.abs(strength)))
+    labels = ids.ravel().copy()
+    edges = [(bool(strength[i] > 0), int(u[i]), int(v[i])) for i in order if strength[i] != 0]
+    for node, segment in mwatershed.cluster(edges):
+        labels[node] = segment
+    return np.where(inside, labels.reshape(shape) + 1, 0)
 
 
 @pytest.mark.parametrize("dims, masked, strided", itertools.product((2, 3), (False, True), (False, True)))
-def test_equals_a_graph_of_the_kept_edges(dims, masked, strided):
+def test_equals_mwatershed_cluster_in_the_kernels_order(dims, masked, strided):
     rng = np.random.default_rng(dims * 10 + masked * 2 + strided)
     offsets, shape = OFFSETS[dims], SHAPES[dims]
-    affs = rng.random((len(offsets), *shape))
-    biases = rng.uniform(0.3, 0.7, len(offsets))
+    # 256 values over thousands of edges: many ties
+    affs = rng.integers(0, 256, (len(offsets), *shape), dtype=np.uint8)
+    biases = rng.integers(153, 358, len(offsets)) / 510  # 0.3 .. 0.7
     strides = long_range_strides(offsets, (2,) * (dims - 1) + (3,)) if strided else None
     foreground = rng.random(shape) < 0.8 if masked else None
     labels = mutex_watershed(affs, offsets, biases, strides, foreground=foreground)
-    keep = [np.ones(shape, bool) if strides is None or s is None else stride_mask(shape, o, s)
-            for o, s in zip(offsets, strides or [None] * len(offsets))]
-    assert same_partition(labels, reference(affs, offsets, biases, keep, foreground))
+    assert same_partition(labels, reference(affs, offsets, biases, keep_masks(shape, offsets, strides), foreground))
     if masked:
         assert (labels[~foreground] == 0).all() and (labels[foreground] > 0).all()
 
 
 @pytest.mark.parametrize("dims", (2, 3))
-def test_strides_are_mwatershed_s_strides(dims):
+def test_at_equal_strength_repulsion_goes_first(dims):
+    # six values around the bias 0.5: attraction and repulsion of one
+    # strength meet everywhere
     rng = np.random.default_rng(dims)
     offsets, shape = OFFSETS[dims], SHAPES[dims]
-    affs = rng.random((len(offsets), *shape))
-    strides = long_range_strides(offsets, (2,) * (dims - 1) + (3,))
-    labels = mutex_watershed(affs, offsets, [0.5] * len(offsets), strides)
-    theirs = mwatershed.agglom(affs - 0.5, [list(o) for o in offsets],
-                               strides=[s or [1] * dims for s in strides]).astype(np.int64)
+    affs = rng.choice(np.array([0, 50, 100, 155, 205, 255], dtype=np.uint8), (len(offsets), *shape))
+    biases = [0.5] * len(offsets)
+    labels = mutex_watershed(affs, offsets, biases)
+    assert same_partition(labels, reference(affs, offsets, biases, keep_masks(shape, offsets, None), None))
+
+
+def distinct_affinities(rng, shape, offsets, keep) -> np.ndarray:
+    """uint8 affinities whose kept edges all differ in |affs / 255 - 0.5|
+    and are weaker than 0 and 255 (127 magnitudes a side: at most 127 kept
+    edges), each attracting or repelling at random, so that no order
+    between ties is in question."""
+    affs = rng.integers(0, 256, (len(offsets), *shape)).astype(np.uint8)
+    slots = [(c, here) for c, offset in enumerate(offsets)
+             for here in [offset_pairs(shape, offset)[0]]]
+    kept = sum(int(keep[c][here].sum()) for c, here in slots)
+    assert 0 < kept <= 127, kept
+    magnitudes = iter(rng.permutation(127)[:kept])
+    for c, here in slots:
+        for index in zip(*np.nonzero(keep[c][here])):
+            voxel = tuple(s.start + i for s, i in zip(here, index))
+            k = next(magnitudes)
+            affs[(c, *voxel)] = 128 + k if rng.random() < 0.5 else 127 - k
+    return affs
+
+
+TIE_FREE = {2: ((7, 8), [(-1, 0), (0, -1), (-3, 2)]), 3: ((3, 4, 4), [(-1, 0, 0), (0, -1, 0), (0, 0, -1), (-1, -2, 2)])}
+
+
+@pytest.mark.parametrize("dims, seed", itertools.product((2, 3), range(5)))
+def test_equals_mwatershed_agglom_where_no_edges_tie(dims, seed):
+    rng = np.random.default_rng(seed)
+    shape, offsets = TIE_FREE[dims]
+    affs = distinct_affinities(rng, shape, offsets, keep_masks(shape, offsets, None))
+    labels = mutex_watershed(affs, offsets, [0.5] * len(offsets))
+    theirs = mwatershed.agglom(affs / 255.0 - 0.5, [list(o) for o in offsets]).astype(np.int64)
     # mwatershed labels the voxels that joined no other 0, all of them
     alone = theirs == 0
-    assert alone.any()
     theirs[alone] = -np.arange(1, alone.sum() + 1)
     assert same_partition(labels, theirs)
+
+
+@pytest.mark.parametrize("dims", (2, 3))
+def test_strides_are_mwatershed_s_strides(dims):
+    rng = np.random.default_rng(dims)
+    offsets = OFFSETS[dims]
+    shape = (9, 10) if dims == 2 else (4, 5, 6)
+    strides = long_range_strides(offsets, (2,) * (dims - 1) + (3,))
+    # the nearest neighbours all repel: the long-range edges alone decide
+    # which voxels join, so the stride grid's anchor shows
+    keep = keep_masks(shape, offsets, strides)
+    for c, offset in enumerate(offsets):
+        if strides[c] is None:
+            keep[c][:] = False
+    affs = distinct_affinities(rng, shape, offsets, keep)
+    for c in range(len(offsets)):
+        if strides[c] is None:
+            affs[c] = 0
+    labels = mutex_watershed(affs, offsets, [0.5] * len(offsets), strides)
+    theirs = mwatershed.agglom(affs / 255.0 - 0.5, [list(o) for o in offsets],
+                               strides=[s or [1] * dims for s in strides]).astype(np.int64)
+    alone = theirs == 0
+    assert alone.any() and not alone.all()
+    theirs[alone] = -np.arange(1, alone.sum() + 1)
+    assert same_partition(labels, theirs)
+
+
+def test_float_affinities_and_biases_outside_0_1_are_refused():
+    affs = np.zeros((2, 5, 5), dtype=np.uint8)
+    with pytest.raises(TypeError, match="uint8"):
+        mutex_watershed(affs / 255.0, [(0, -1), (-1, 0)], [0.5, 0.5])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        mutex_watershed(affs, [(0, -1), (-1, 0)], [0.5, 1.5])
 
 
 def test_randomised_strides_are_reproducible_and_keep_their_fraction():
@@ -84,7 +164,7 @@ def test_randomised_strides_are_reproducible_and_keep_their_fraction():
 
     rng = np.random.default_rng(1)
     offsets = OFFSETS[2]
-    affs = rng.random((len(offsets), 40, 40))
+    affs = rng.integers(0, 256, (len(offsets), 40, 40), dtype=np.uint8)
     strides = long_range_strides(offsets, (3, 3))
     runs = [mutex_watershed(affs, offsets, [0.5] * len(offsets), strides, np.random.default_rng([7, z]))
             for z in (0, 0, 1)]

@@ -33,7 +33,7 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     foreground = open_ds(run.run_dir.volumes / "foreground") if any(e[0] == "foreground" for e in layout.extras) else None
 
     def process_block(block) -> None:
-        data = read_affinities(affs, block.write_roi, affs_path).astype(np.float32) / 255.0
+        data = read_affinities(affs, block.write_roi, affs_path)
         probability = read_roi(foreground, block.write_roi, "foreground")[0] / 255.0 if foreground is not None else None
         out = np.zeros(data.shape[1:], dtype=np.uint64)
         bump = np.uint64(layout.first_id(layout.block_index(block.write_roi)))

@@ -31,7 +31,7 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
 
         def process_block(block) -> None:
             # outside the volume: affinity 0, an edge that repels (or, at bias 0, is no edge)
-            data = read_affinities(affs, block.read_roi, affs_path, fill_value=0).astype(np.float32) / 255.0
+            data = read_affinities(affs, block.read_roi, affs_path, fill_value=0)
             index = layout.block_index(block.write_roi)
             # a block's random strides depend on the seed and its index only
             rng = np.random.default_rng([options.seed, index]) if options.randomized_strides else None

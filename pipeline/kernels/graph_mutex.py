@@ -68,16 +68,27 @@ def mutex_lut(fragments: FragmentIndex,
             # a copy per bucket, so that a bucket's memory goes when it is done
             buckets[k].append(pairs[bounds[k] : bounds[k + 1]].copy())
         repulsive += int(counts[0:BUCKETS:2].sum())
+    parent = mutex_clusters(len(fragments), buckets, repulsive, index_type)
+    return LookUpTable(fragments, fragments.ids()[parent])
+
+
+def mutex_clusters(n: int, buckets: list[list[np.ndarray]], repulsive: int, index_type) -> np.ndarray:
+    """The mutex watershed over nodes 0..n-1, taking `buckets` in order:
+    buckets[k] holds arrays of (node, node) pairs of `index_type`; even k
+    repel, odd k attract (`bucket_of`). `repulsive`: the number of pairs in
+    even buckets, which bounds the mutex entries. Each bucket is emptied
+    once taken, so that its memory goes. Returns, per node, the smallest
+    node of its cluster. The one driver of the graph (`mutex_lut`) and the
+    image (pipeline/kernels/mutex.py) mutex watersheds."""
     # entry indices: two mutex entries per repulsive edge at most
     entry_type = np.int32 if 2 * repulsive < 2**31 else np.int64
-    n = len(fragments)
     parent = np.arange(n, dtype=index_type)
     head, tail = np.full(n, -1, dtype=entry_type), np.full(n, -1, dtype=entry_type)
     length = np.zeros(n, dtype=entry_type)
     other, following = np.empty(0, dtype=index_type), np.empty(0, dtype=entry_type)
     used = 0
     table, counts = np.full(16, EMPTY, dtype=np.int64), np.zeros(2, dtype=np.int64)
-    for k in range(BUCKETS):
+    for k in range(len(buckets)):
         for pairs in buckets[k]:
             if k % 2 == 0:
                 if used + 2 * len(pairs) > len(other):
@@ -91,4 +102,4 @@ def mutex_lut(fragments: FragmentIndex,
         buckets[k] = []  # taken: free it
     del table, other, following, head, tail, length
     resolve(parent, np.empty_like(parent))
-    return LookUpTable(fragments, fragments.ids()[parent])
+    return parent

@@ -1,15 +1,15 @@
-"""Mutex watershed on an image's affinities (any dimension), and the 2D
+"""Mutex watershed on an image's affinities (up to three dimensions), and the 2D
 post-processing around it: the foreground of a section, then small
 segments merged into their most frequent neighbour (the methods notes'
 pixel-embedded-affinity post-processing)."""
 
 from __future__ import annotations
 
-import mwatershed
 import numpy as np
 from scipy import ndimage
 
-from pipeline.kernels.rag import offset_pairs
+from pipeline.kernels.compiled.grid_mutex import LEVELS, grid_edges
+from pipeline.kernels.graph_mutex import mutex_clusters
 from pipeline.kernels.watershed import relabel_consecutive
 
 
@@ -29,40 +29,54 @@ def stride_mask(shape, offset, stride, rng: np.random.Generator | None = None) -
 
 def mutex_watershed(affs: np.ndarray, offsets, biases, strides=None, rng: np.random.Generator | None = None,
                     foreground: np.ndarray | None = None) -> np.ndarray:
-    """Labels 1..n of an n-dimensional image (2D sections and 3D blocks alike).
+    """Labels 1..n of an image of up to three dimensions (2D sections and
+    3D blocks alike).
 
-    `affs` is (C, *shape) in [0, 1] with one offset per channel (n ints);
-    channel c's edges weigh `affs[c] - biases[c]`: above its bias an edge
-    attracts, below it repels, strongest first (the methods notes' split is
-    bias 0 for the nearest neighbours, 1 for the long-range offsets).
-    `strides`: per channel, None (every edge) or n ints: only the edges on
-    that grid, or with `rng` a random 1 / prod(stride) of them (see
-    `stride_mask`); long-range edges mostly repel, and all of them
-    over-split. With a `foreground` mask only foreground voxels are
-    partitioned and the background is label 0."""
-    # mwatershed wants float64: positive = attractive, negative = repulsive
-    weights = np.ascontiguousarray(affs, dtype=np.float64) - np.asarray(biases, dtype=np.float64).reshape(-1, *[1] * (affs.ndim - 1))
+    `affs` is (C, *shape) uint8 (0..255, as stored) with one offset per
+    channel (n ints); channel c's edges weigh `affs[c] / 255 - biases[c]`:
+    above its bias an edge attracts, below it repels, strongest first (the
+    methods notes' split is bias 0 for the nearest neighbours, 1 for the
+    long-range offsets); exact for biases that are multiples of 1/510
+    (pipeline/kernels/compiled/grid_mutex.py). `strides`: per channel, None
+    (every edge) or n ints: only the edges on that grid, or with `rng` a
+    random 1 / prod(stride) of them (see `stride_mask`); long-range edges
+    mostly repel, and all of them over-split. With a `foreground` mask only
+    foreground voxels are partitioned and the background is label 0; a
+    voxel that joins no other is a segment of its own."""
+    affs = np.asarray(affs)
+    if affs.dtype != np.uint8:
+        raise TypeError(f"mutex_watershed takes uint8 affinities (0..255, as stored), not {affs.dtype}")
     shape = affs.shape[1:]
+    if not 1 <= len(shape) <= 3 or len(offsets) != len(affs) or len(biases) != len(affs):
+        raise ValueError(f"affinities {affs.shape}: 1 to 3 dimensions, one offset and one bias per channel")
+    # one compiled kernel for every dimension: an image of fewer is a 3D one of depth 1
+    grid = (1,) * (3 - len(shape)) + shape
+    pad = [0] * (3 - len(shape))
+    offsets3 = np.array([pad + [int(o) for o in offset] for offset in offsets], dtype=np.int64).reshape(-1, 3)
+    bias2 = np.rint(np.asarray(biases, dtype=np.float64) * LEVELS).astype(np.int64)
+    if ((bias2 < 0) | (bias2 > LEVELS)).any():
+        raise ValueError(f"mutex biases must lie in [0, 1], not {list(biases)}")
+    keep = np.ones((len(affs), *grid), dtype=bool)
     for c, offset in enumerate(offsets):
         stride = None if strides is None else strides[c]
         if stride is not None and (rng is not None or any(s > 1 for s in stride)):
-            # a weight of 0 is no edge: processed last, when nothing merges any more
-            weights[c][~stride_mask(shape, offset, stride, rng)] = 0.0
-        if foreground is not None:
-            # every edge that touches the background repels as strongly as
-            # possible: background voxels stay alone and no segment grows
-            # through them, as if the graph held the foreground only
-            here, there = offset_pairs(shape, offset)
-            touches = np.ones(shape, dtype=bool)
-            touches[here] = ~(foreground[here] & foreground[there])
-            weights[c][touches] = -1.0
-    labels = mwatershed.agglom(weights, [list(o) for o in offsets]).astype(np.uint64)
-    # mwatershed labels every voxel that joined no other 0: each is a
-    # segment of its own (it once became background in the 2D path)
-    alone = labels == 0 if foreground is None else (labels == 0) & foreground
-    labels[alone] = labels.max() + 1 + np.arange(np.count_nonzero(alone), dtype=np.uint64)
+            keep[c] = stride_mask(shape, offset, stride, rng).reshape(grid)
+    inside = np.ones(grid, dtype=bool) if foreground is None else np.asarray(foreground, dtype=bool).reshape(grid)
+    affs = np.ascontiguousarray(affs.reshape(len(affs), *grid))
+    n = int(np.prod(grid))
+    index_type = np.int32 if n < 2**31 else np.int64
+    # two passes: count each bucket's edges, then deal them into one array
+    counts = np.zeros(2 * LEVELS + 1, dtype=np.int64)
+    grid_edges(affs, offsets3, bias2, keep, inside, counts, np.empty((0, 2), dtype=index_type), False)
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    pairs = np.empty((bounds[-1], 2), dtype=index_type)
+    grid_edges(affs, offsets3, bias2, keep, inside, bounds[:-1].copy(), pairs, True)
+    del keep
+    buckets = [[pairs[bounds[k] : bounds[k + 1]]] if counts[k] else [] for k in range(2 * LEVELS)]
+    parent = mutex_clusters(n, buckets, int(counts[0 : 2 * LEVELS : 2].sum()), index_type)
+    labels = parent.astype(np.uint64).reshape(shape) + np.uint64(1)
     if foreground is not None:
-        labels[~foreground] = 0
+        labels[~inside.reshape(shape)] = 0
     return relabel_consecutive(labels)[0]
 
 

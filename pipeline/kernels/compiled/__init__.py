@@ -8,9 +8,16 @@ and each is tested against a slow reference:
 - `waterz`: waterz's watershed and hierarchical region merging, tested
   against waterz itself;
 - `graph_mutex`: the mutex watershed over a region graph, tested against
-  `mwatershed.cluster`.
+  `mwatershed.cluster`;
+- `grid_mutex`: an image's mutex-watershed edges dealt into the graph
+  kernel's buckets (in place of `mwatershed.agglom`), tested against
+  `mwatershed.agglom` and `mwatershed.cluster`.
 
-Python-level callers live in pipeline/kernels/{lut,rag,watershed,graph_mutex}.py.
+Python-level callers live in pipeline/kernels/{lut,rag,watershed,graph_mutex,mutex}.py.
 `cache=True` keeps the machine code beside these files, so a new process
-does not compile again.
+does not compile again. numba's cache notices a change to a kernel's own
+file only: a kernel that calls one of another file (grid_mutex calls
+graph_mutex's `bucket_of`, graph_mutex calls lut's `_find`) keeps the old
+code compiled in until its own file changes. After editing a kernel, clear
+the caches (`find pipeline -name '*.nbi' -delete`) or set NUMBA_CACHE_DIR.
 """

@@ -35,22 +35,27 @@ MIX = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / phi: multiplied, the key's bits sp
 
 
 @njit(cache=True, nogil=True)
+def bucket_of(s, levels):
+    """The bucket an edge of strength s is taken in, 0 first: for magnitude
+    m, the repulsive 2 (levels - m) before the attractive 2 (levels - m) + 1;
+    strength 0 in the last bucket, 2 levels (never taken)."""
+    if s > 0:
+        return 2 * (levels - s) + 1
+    if s < 0:
+        return 2 * (levels + s)
+    return 2 * levels
+
+
+@njit(cache=True, nogil=True)
 def strength_buckets(strength, levels, keys, counts) -> bool:
-    """keys[i]: the bucket edge i is taken in, 0 first: for magnitude m,
-    the repulsive 2 (levels - m) before the attractive 2 (levels - m) + 1;
-    strength 0 in the last bucket, 2 levels (never taken). counts: edges
-    per bucket. False if a strength lies outside -levels..levels."""
+    """keys[i]: the bucket of edge i (`bucket_of`). counts: edges per
+    bucket. False if a strength lies outside -levels..levels."""
     counts[:] = 0
     for i in range(len(strength)):
         s = strength[i]
         if s > levels or s < -levels:
             return False
-        if s > 0:
-            key = 2 * (levels - s) + 1
-        elif s < 0:
-            key = 2 * (levels + s)
-        else:
-            key = 2 * levels
+        key = bucket_of(s, levels)
         keys[i] = key
         counts[key] += 1
     return True
