@@ -195,3 +195,55 @@ def test_small_segments_are_grown_over_by_their_neighbours():
     # a hole no other segment reaches keeps its label: no voxel is left without one
     alone = np.full((1, 4, 4), 7, dtype=np.uint64)
     assert (grow_over(alone, alone == 7, affs[:, :, :4, :4]) == 7).all()
+
+
+def flood_reference(segments, holes, affs) -> np.ndarray:
+    """grow_over as a heap-based loop: offers (255 - edge affinity, the
+    order they are made in, target, source) in the order flood.py documents."""
+    import heapq
+
+    labels = np.where(holes, 0, segments).astype(np.int64)
+    shape = labels.shape
+    heap, made = [], 0
+
+    def offer(v):
+        nonlocal made
+        for axis in range(3):
+            for sign in (-1, 1):
+                w = list(v)
+                w[axis] += sign
+                if not 0 <= w[axis] < shape[axis]:
+                    continue
+                w = tuple(w)
+                if holes[w] and labels[w] == 0:
+                    # the edge of v and w is kept at the higher of the two
+                    affinity = affs[axis][max(v, w)]
+                    heapq.heappush(heap, (255 - int(affinity), made, w, v))
+                    made += 1
+
+    for v in zip(*np.nonzero(labels)):
+        offer(tuple(int(i) for i in v))
+    while heap:
+        _, _, w, v = heapq.heappop(heap)
+        if labels[w] == 0:
+            labels[w] = labels[v]
+            offer(w)
+    return np.where(labels > 0, labels, segments)
+
+
+@pytest.mark.parametrize("seed, levels", itertools.product(range(4), (4, 256)))
+def test_growing_over_equals_a_heap_flood_in_the_documented_order(seed, levels):
+    from pipeline.kernels.watershed import grow_over
+
+    rng = np.random.default_rng(seed)
+    shape = (6, 9, 11)
+    # few levels: many offers tie, and the order among them decides
+    affs = (rng.integers(0, levels, (3, *shape)) * (255 // (levels - 1))).astype(np.uint8)
+    segments = rng.integers(1, 12, shape).astype(np.uint64)
+    segments[rng.random(shape) < 0.1] = 0  # neither seed nor hole: the flood goes around
+    holes = (np.isin(segments, [3, 4, 5]) | (rng.random(shape) < 0.3)) & (segments > 0)
+    grown = grow_over(segments, holes, affs)
+    assert grown.dtype == segments.dtype
+    np.testing.assert_array_equal(grown, flood_reference(segments, holes, affs))
+    # only holes change
+    assert (grown[~holes] == segments[~holes]).all()

@@ -9,6 +9,7 @@ import numpy as np
 from scipy import ndimage
 
 from pipeline.kernels.compiled import waterz
+from pipeline.kernels.compiled.flood import seeded_flood
 
 # waterz's float view of an affinity byte v: float32(v) / 255, as the
 # workers used to pass it, and its 256-level discretization of that
@@ -85,19 +86,19 @@ def _seeded(inside: np.ndarray, sampling) -> np.ndarray:
 
 
 def grow_over(segments: np.ndarray, holes: np.ndarray, affs: np.ndarray) -> np.ndarray:
-    """`segments` with the voxels of `holes` taken by the segments around
-    them: a seeded watershed from every other labelled voxel over the
-    boundary map (1 - the mean nearest-neighbour affinity, uint8 `affs`), so
-    a hole goes to the segments it is least cut off from. A hole that no
-    seed reaches (no other segment in the array) keeps its labels."""
-    from skimage.segmentation import watershed
-
-    seeds = np.where(holes, 0, segments)
+    """`segments` (Z, Y, X) with the voxels of `holes` taken by the segments
+    around them: a seeded watershed from every other labelled voxel over the
+    nearest-neighbour affinity graph, strongest edges first
+    (pipeline/kernels/compiled/flood.py), so a hole goes to the segment it
+    is most strongly bound to, and a hole that spans a boundary splits
+    along it. `affs[:3]` are uint8 affinities of the offsets -z, -y, -x
+    (`config.offsets_error` makes every 3D model's first three so). A hole
+    that no seed reaches (no other segment in the array) keeps its labels."""
+    seeds = np.where(holes, 0, segments).astype(np.uint64)
     if not seeds.any() or not holes.any():
         return segments
-    boundary = 255 - affs[:3].mean(axis=0)
-    grown = watershed(boundary, seeds.astype(np.int64), mask=(seeds > 0) | holes).astype(segments.dtype)
-    return np.where(grown > 0, grown, segments)
+    seeded_flood(np.ascontiguousarray(affs[:3], dtype=np.uint8), seeds, np.ascontiguousarray(holes))
+    return np.where(seeds > 0, seeds, segments).astype(segments.dtype)
 
 
 def merge_history(affs: np.ndarray, fragments: np.ndarray, scoring: str) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,9 @@ and each is tested against a slow reference:
   `mwatershed.cluster`;
 - `grid_mutex`: an image's mutex-watershed edges dealt into the graph
   kernel's buckets (in place of `mwatershed.agglom`), tested against
-  `mwatershed.agglom` and `mwatershed.cluster`.
+  `mwatershed.agglom` and `mwatershed.cluster`;
+- `flood`: a seeded watershed over the nearest-neighbour affinity graph
+  (growing segments over removed ones), tested against a heap-based loop.
 
 Python-level callers live in pipeline/kernels/{lut,rag,watershed,graph_mutex,mutex}.py.
 `cache=True` keeps the machine code beside these files, so a new process
