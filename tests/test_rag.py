@@ -117,3 +117,32 @@ def test_compact_fragments_equals_sorting_the_ids():
         expected_ids, inverse = np.unique(block, return_inverse=True)
         np.testing.assert_array_equal(ids, expected_ids[1:])
         np.testing.assert_array_equal(labels, inverse.reshape(block.shape))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_linked_edges_equal_a_loop_over_voxel_pairs(seed):
+    from pipeline.kernels.rag import linked_edges
+
+    rng = np.random.default_rng(seed)
+    shape = (5, 17, 19)
+    # many labels: the kernel's hash table and arrays grow several times
+    labels = rng.integers(0, 400 if seed else 5, shape).astype(np.uint64)
+    offsets = [(-1, 0, 0), (0, -1, 0), (0, 0, -1), (-2, 0, 0), (0, -3, 0), (0, 4, -5)]
+    affs = rng.integers(0, 256, (len(offsets), *shape)).astype(np.uint8)
+    expected: dict = {}
+    for c, offset in enumerate(offsets):
+        for i in np.ndindex(shape):
+            j = tuple(a + o for a, o in zip(i, offset))
+            if not all(0 <= a < s for a, s in zip(j, shape)):
+                continue
+            a, b = int(labels[i]), int(labels[j])
+            if a == b or a == 0 or b == 0:
+                continue
+            count, total = expected.setdefault((min(a, b), max(a, b)), (np.zeros(len(offsets), int), np.zeros(len(offsets))))
+            count[c] += 1
+            total[c] += affs[c][i]
+    u, v, counts, sums = linked_edges(labels, affs, offsets)
+    assert list(zip(u.tolist(), v.tolist())) == sorted(expected)
+    for e, pair in enumerate(sorted(expected)):
+        np.testing.assert_array_equal(counts[e], expected[pair][0])
+        np.testing.assert_array_equal(sums[e], expected[pair][1])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.kernels.compiled.rag import edge_sums
+from pipeline.kernels.compiled.rag import edge_sums, linked_sums
 
 
 def offset_pairs(shape, offset) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
@@ -42,21 +42,14 @@ def linked_edges(labels: np.ndarray, affs: np.ndarray, offsets) -> tuple[np.ndar
     """Every pair of labels u < v that some voxel pair (i, i + offsets[c])
     links, touching or not (long-range offsets link fragments apart), with
     per offset the number of such pairs and the sum of their affinities:
-    (u, v, counts (E, C) int64, sums (E, C) float64)."""
+    (u, v, counts (E, C) int64, sums (E, C) float64), edges sorted by (u, v).
+    One compiled pass for all offsets (`linked_sums`)."""
     stride = np.int64(int(labels.max()) + 1 if labels.size else 1)
-    keys = []
-    for offset in offsets:
-        here, there = offset_pairs(labels.shape, offset)
-        a, b = labels[here].astype(np.int64), labels[there].astype(np.int64)
-        apart = (a != b) & (a > 0) & (b > 0)
-        a, b = a[apart], b[apart]
-        keys.append(np.unique(np.minimum(a, b) * stride + np.maximum(a, b)))
-    edge_keys = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
     offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 3)
-    counts = np.zeros((len(offsets), len(edge_keys)), dtype=np.int64)
-    sums = np.zeros((len(offsets), len(edge_keys)), dtype=np.float64)
-    edge_sums(labels, affs, offsets, stride, edge_keys, counts, sums)
-    return edge_keys // stride, edge_keys % stride, counts.T.copy(), sums.T.copy()
+    keys, counts, sums = linked_sums(labels, affs, offsets, stride)
+    order = np.argsort(keys)
+    keys = keys[order]
+    return keys // stride, keys % stride, counts[:, order].T.copy(), sums[:, order].T.copy()
 
 
 def first_join_scores(n: int, history: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
