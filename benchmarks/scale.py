@@ -1,7 +1,7 @@
 """Rates and memory the Kasthuri15 projection needs, measured on this machine,
 and the projection itself.
 
-    python benchmarks/scale.py [--edges N] [--graph-edges N] [--mutex-edges N] [--bench-run DIR]
+    python benchmarks/scale.py [--edges N] [--graph-edges N] [--mutex-edges N] [--bench-run DIR] [--mutex-run DIR]
         [--only mutex]
         [--gpu-voxels-per-s R] [--gpus G] [--cores C]
 
@@ -40,12 +40,15 @@ does not see).
 
 Projection: Kasthuri15 (10747 x 12895 x 1850 voxels) on G GPUs and C cores
 (default 8 and 256), from the rates above and from a `make bench` run
-(--bench-run, default runs/bench_postprocess/run: each post-processing
+(--bench-run, default runs/bench_postprocess/waterz: each post-processing
 step's voxels per CPU second, the fragments and edges per voxel, the bytes
 per voxel of each dataset on disk), with predict at R voxels/s per GPU
 (default 17.8e6: the mean of four runs of benchmarks/predict_phases.py with
 the worker's 3 lanes on an H100, the bundled model; README). Prints the time of each step, the largest being what limits
-the run.
+the run. The mutex path's rows (`partition: "mutex_3d"`) come from the
+same bench's mutex run (--mutex-run, default runs/bench_postprocess/mutex_3d):
+its block steps, and the graph mutex watershed over its graph (long-range
+edges too: more edges per voxel than waterz's).
 """
 
 from __future__ import annotations
@@ -350,8 +353,8 @@ def report_mutex(r: dict) -> None:
           f"(32 B per fragment): {r['bytes_per_edge']:.1f} B per edge")
 
 
-def project(bench_run: Path, stores: dict, edge_bytes: float, node_bytes: float, luts: dict, mutex: dict,
-            gpu_rate: float, gpus: int, cores: int) -> None:
+def project(bench_run: Path, mutex_run: Path, stores: dict, edge_bytes: float, node_bytes: float, luts: dict,
+            mutex: dict, gpu_rate: float, gpus: int, cores: int) -> None:
     """Kasthuri15's steps, each on its own: hours, and the resources."""
     import json
 
@@ -380,16 +383,31 @@ def project(bench_run: Path, stores: dict, edge_bytes: float, node_bytes: float,
     memory = (28 * fragments + luts["bytes_per_edge"] * edges) / 2**30
     rows.append(("look-up tables (master)", 0, f"{luts['edges_per_s'] / 1e6:.1f} M edges/s, {memory:.0f} GiB",
                  edges / luts["edges_per_s"] / 3600))
-    # the mutex path's graph holds long-range edges too: the same edge count
-    # is a lower bound for it; the rate is the random graph's, the worst case
-    memory = (32 * fragments + mutex["bytes_per_edge"] * edges) / 2**30
-    rows.append(("graph mutex watershed (master)", 0,
-                 f"{mutex['edges_per_s'] / 1e6:.1f} M edges/s, {memory:.0f} GiB", edges / mutex["edges_per_s"] / 3600))
-    print(f"{'step':<40}{'rate or work':>28}{'hours':>9}")
+    if (mutex_run / "report.json").exists():
+        # the mutex path at its own graph's density; the graph kernel's rate
+        # is the random graph's, its worst case
+        mutex_report = json.loads((mutex_run / "report.json").read_text())
+        m_scale = KASTHURI15 / mutex_report["volume_voxels"]
+        for step in ("mutex_fragments", "mutex_graph", "mutex_relabel"):
+            core_h = mutex_report["steps"][step]["cpu_s"] * m_scale / 3600
+            rows.append((f"mutex_3d: {step}", core_h, f"{core_h:.0f} core h", core_h / cores))
+        m_fragments, m_edges = mutex_report["graph"]["fragments"] * m_scale, mutex_report["graph"]["edges"] * m_scale
+        memory = (32 * m_fragments + mutex["bytes_per_edge"] * m_edges) / 2**30
+        rows.append((f"mutex_3d: graph mutex watershed ({m_edges:.2g} edges)", 0,
+                     f"{mutex['edges_per_s'] / 1e6:.1f} M edges/s, {memory:.0f} GiB", m_edges / mutex["edges_per_s"] / 3600))
+    else:
+        print(f"(no mutex_3d rows: {mutex_run} holds no make bench run)")
+    print(f"{'step':<52}{'rate or work':>28}{'hours':>9}")
     for name, _, work, hours in rows:
-        print(f"{name:<40}{work:>28}{hours:>9.2f}")
-    limit = max(rows, key=lambda r: r[3])
-    print(f"limiting: {limit[0]}, {limit[3]:.2f} h ({limit[3]:.1f}x the one-hour goal)")
+        print(f"{name:<52}{work:>28}{hours:>9.2f}")
+    # the two partitioners are alternatives: each path's own steps, and what they share
+    waterz_steps = ("fragments", "agglomerate", "relabel", "look-up tables (master)")
+    for path, mine in (("waterz", lambda name: not name.startswith("mutex_3d:")),
+                       ("mutex_3d", lambda name: name not in waterz_steps)):
+        if path == "mutex_3d" and not any(name.startswith("mutex_3d:") for name, *_ in rows):
+            continue
+        limit = max((r for r in rows if mine(r[0])), key=lambda r: r[3])
+        print(f"limiting ({path} path): {limit[0]}, {limit[3]:.2f} h ({limit[3]:.1f}x the one-hour goal)")
     mongodb_load(report, edges, edge_bytes, cores)
     print("storage:")
     for dataset in ("affs", "fragments", "segmentation"):
@@ -419,8 +437,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--edges", type=float, default=1e8, help="synthetic RAG edges (default 1e8)")
     parser.add_argument("--graph-edges", type=float, default=1e7, help="edges written to and read from each store (default 1e7)")
-    parser.add_argument("--bench-run", default=str(Path(__file__).resolve().parent.parent / "runs/bench_postprocess/run"),
-                        help="a make bench run directory, for the projection (skipped if absent)")
+    parser.add_argument("--bench-run", default=str(Path(__file__).resolve().parent.parent / "runs/bench_postprocess/waterz"),
+                        help="make bench's waterz run directory, for the projection (skipped if absent)")
+    parser.add_argument("--mutex-run", default=str(Path(__file__).resolve().parent.parent / "runs/bench_postprocess/mutex_3d"),
+                        help="make bench's mutex_3d run directory, for the projection's mutex rows")
     parser.add_argument("--gpu-voxels-per-s", type=float, default=17.8e6, help="predict rate per GPU (default: the H100's)")
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--cores", type=int, default=256)
@@ -468,8 +488,8 @@ def main() -> None:
     mutex = measure_mutex(int(args.mutex_edges), "random")
     report_mutex(mutex)
     if (Path(args.bench_run) / "report.json").exists():
-        project(Path(args.bench_run), stores, edge_bytes, node_bytes, r, mutex, args.gpu_voxels_per_s, args.gpus,
-                args.cores)
+        project(Path(args.bench_run), Path(args.mutex_run), stores, edge_bytes, node_bytes, r, mutex,
+                args.gpu_voxels_per_s, args.gpus, args.cores)
     else:
         print(f"no projection: {args.bench_run} holds no make bench run")
 
