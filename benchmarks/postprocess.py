@@ -1,6 +1,6 @@
 """Post-processing throughput and memory on the bundled 160 x 250 x 250 sample.
 
-    python benchmarks/postprocess.py [--workers N] [--block Z Y X] [--partition both|waterz|mutex_3d]
+    python benchmarks/postprocess.py [--workers N] [--block Z Y X] [--partition both|waterz|mutex_3d] [--one-block]
 
 Runs the real main job (predict.py, local workers, SQLite) over the whole
 sample with the bundled model, then the mutex_3d path on the same
@@ -14,7 +14,10 @@ are read together. Design target: >= 1 Mvoxel/s per core.
 
 It also prints the graph step's store time per block: each block's edges,
 read back from the run's store, written again as its worker wrote them (a
-replace, so the graph stays as it was).
+replace, so the graph stays as it was). With --one-block, each
+partitioner runs again in one block over the whole sample on the same
+affinities, and the ARAND between the two segmentations is printed: how
+much the block-wise result depends on the blocks.
 """
 
 from __future__ import annotations
@@ -82,10 +85,11 @@ def store_time_per_block(run: Path, partition: str) -> tuple[float, float]:
     return seconds / len(blocks), sum(map(len, graph)) / len(blocks)
 
 
-def run_job(run_dir: Path, partition: str, args, voxel: int, affinities: Path | None) -> dict:
-    """The main job over the sample with `partition`; from `affinities`
-    (the waterz run's, so both paths partition the same ones) or predicted."""
-    block = [b * voxel for b in args.block]
+def run_job(run_dir: Path, partition: str, args, voxel: int, affinities: Path | None, block=None) -> dict:
+    """The main job over the sample with `partition` in blocks of `block`
+    voxels (default --block); from `affinities` (the waterz run's, so both
+    paths partition the same ones) or predicted."""
+    block = [b * voxel for b in (block or args.block)]
     # about 1/8 of the block as context on each side, as in the design (the
     # mutex path's graph step reaches the longest offset by itself)
     config = {
@@ -148,6 +152,9 @@ def main() -> None:
     parser.add_argument("--run-dir", default=str(REPO / "runs/bench_postprocess"), help="scratch run directory (replaced)")
     parser.add_argument("--partition", choices=("both", "waterz", "mutex_3d"), default="both",
                         help="the partitioners to run (default both: mutex_3d on waterz's predicted affinities)")
+    parser.add_argument("--one-block", action="store_true",
+                        help="then each partitioner again in one block over the whole sample, on the same "
+                             "affinities, and the ARAND between the block-wise and the one-block segmentation")
     args = parser.parse_args()
 
     out = Path(args.run_dir)
@@ -160,6 +167,24 @@ def main() -> None:
         report = run_job(run_dir, partition, args, 10, affinities)
         print_report(report, partition, run_dir, args)
         affinities = affinities or run_dir / "volumes.zarr" / "affs"
+        if args.one_block:
+            compare_one_block(run_dir, partition, args, affinities)
+
+
+def compare_one_block(run_dir: Path, partition: str, args, affinities: Path) -> None:
+    """The ARAND between `run_dir`'s segmentation and the same job's in one
+    block over the whole sample (waterz: at its relabel threshold)."""
+    import numpy as np
+    from funlib.persistence import open_ds
+
+    from pipeline.evaluation.metrics import evaluate_arrays
+
+    whole = open_ds(affinities).shape[1:]
+    one = run_dir.with_name(run_dir.name + "_one_block")
+    run_job(one, partition, args, 10, affinities, block=whole)
+    blockwise, single = (open_ds(r / "volumes.zarr" / "segmentation") for r in (run_dir, one))
+    arand = evaluate_arrays(np.asarray(blockwise[blockwise.roi]), np.asarray(single[single.roi]))["arand"]
+    print(f"{partition}: one block of {tuple(whole)} voxels against the block-wise run: ARAND {arand:.4f}")
 
 
 if __name__ == "__main__":
