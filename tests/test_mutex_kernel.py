@@ -12,7 +12,7 @@ import mwatershed
 import numpy as np
 import pytest
 
-from pipeline.kernels.mutex import long_range_strides, mutex_watershed, stride_mask
+from pipeline.kernels.mutex import edge_order, long_range_strides, mutex_watershed, stride_mask
 from pipeline.kernels.rag import offset_pairs
 
 OFFSETS = {
@@ -33,29 +33,35 @@ def keep_masks(shape, offsets, strides) -> list[np.ndarray]:
             for o, s in zip(offsets, strides or [None] * len(offsets))]
 
 
-def reference(affs, offsets, biases, keep, foreground) -> np.ndarray:
-    """Mutex watershed of the graph that holds the kept edges between
-    foreground voxels and nothing else, by `mwatershed.cluster` edge by
-    edge: strongest |affs / 255 - bias| first, repulsion before attraction
-    at equal strength, else channel by channel and voxels in C order
-    (ordered here by a sort, not by the kernel's buckets)."""
+def cluster_reference(affs, offsets, biases, strides, foreground, tie_seed=0) -> np.ndarray:
     shape = affs.shape[1:]
+    keep = keep_masks(shape, offsets, strides)
     ids = np.arange(np.prod(shape)).reshape(shape)
     inside = np.ones(shape, bool) if foreground is None else foreground
-    weights, us, vs = [], [], []
+    strengths, us, vs = [], [], []
     for c, offset in enumerate(offsets):
         here, there = offset_pairs(shape, offset)
         use = keep[c][here] & inside[here] & inside[there]
-        weights.append((affs[c][here] / 255.0 - biases[c])[use])
+        strengths.append(np.rint((affs[c][here] / 255.0 - biases[c])[use] * 510).astype(np.int64))
         us.append(ids[here][use])
         vs.append(ids[there][use])
-    weight, u, v = (np.concatenate(x) for x in (weights, us, vs))
-    # biases are multiples of 1/510 here: 510 * weight is an exact integer
-    strength = np.rint(weight * 510).astype(np.int64)
-    order = np.lexsort((np.arange(len(strength)), strength > 0, -np.abs(strength)))
+    strength, u, v = (np.concatenate(x) for x in (strengths, us, vs))
+    kept = strength != 0  # biases are multiples of 1/510 here: exact integers
+    strength, u, v = strength[kept], u[kept], v[kept]
+    pairs, bounds = edge_order(affs, offsets, biases, strides, None, foreground, tie_seed)
+    # the same edges, each in the bucket of its strength: strongest first,
+    # repulsion before attraction at equal strength
+    expected = sorted(zip((-np.abs(strength)).tolist(), (strength > 0).tolist(), u.tolist(), v.tolist()))
+    got = []
+    for k in range(len(bounds) - 1):
+        magnitude, attracts = 510 - k // 2, k % 2 == 1
+        got += sorted((-magnitude, attracts, a, b) for a, b in pairs[bounds[k] : bounds[k + 1]].tolist())
+    assert got == expected
     labels = ids.ravel().copy()
-    edges = [(bool(strength[i] > 0), int(u[i]), int(v[i])) for i in order if strength[i] != 0]
-    for node, segment in mwatershed.cluster(edges):
+    attracting = np.zeros(len(pairs), bool)
+    for k in range(len(bounds) - 1):
+        attracting[bounds[k] : bounds[k + 1]] = k % 2 == 1
+    for node, segment in mwatershed.cluster([(bool(a), int(x), int(y)) for a, (x, y) in zip(attracting, pairs.tolist())]):
         labels[node] = segment
     return np.where(inside, labels.reshape(shape) + 1, 0)
 
@@ -70,7 +76,7 @@ def test_equals_mwatershed_cluster_in_the_kernels_order(dims, masked, strided):
     strides = long_range_strides(offsets, (2,) * (dims - 1) + (3,)) if strided else None
     foreground = rng.random(shape) < 0.8 if masked else None
     labels = mutex_watershed(affs, offsets, biases, strides, foreground=foreground)
-    assert same_partition(labels, reference(affs, offsets, biases, keep_masks(shape, offsets, strides), foreground))
+    assert same_partition(labels, cluster_reference(affs, offsets, biases, strides, foreground))
     if masked:
         assert (labels[~foreground] == 0).all() and (labels[foreground] > 0).all()
 
@@ -84,7 +90,28 @@ def test_at_equal_strength_repulsion_goes_first(dims):
     affs = rng.choice(np.array([0, 50, 100, 155, 205, 255], dtype=np.uint8), (len(offsets), *shape))
     biases = [0.5] * len(offsets)
     labels = mutex_watershed(affs, offsets, biases)
-    assert same_partition(labels, reference(affs, offsets, biases, keep_masks(shape, offsets, None), None))
+    assert same_partition(labels, cluster_reference(affs, offsets, biases, None, None))
+
+
+def test_ties_are_taken_in_an_order_drawn_from_the_seed():
+    rng = np.random.default_rng(5)
+    offsets, shape = OFFSETS[3], SHAPES[3]
+    affs = rng.choice(np.array([0, 100, 200, 255], dtype=np.uint8), (len(offsets), *shape))
+    biases = [0.5] * len(offsets)
+    first, bounds = edge_order(affs, offsets, biases, tie_seed=7)
+    again, _ = edge_order(affs, offsets, biases, tie_seed=7)
+    other, other_bounds = edge_order(affs, offsets, biases, tie_seed=8)
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_array_equal(bounds, other_bounds)
+    for k in range(len(bounds) - 1):
+        run = slice(bounds[k], bounds[k + 1])
+        # each strength's edges, in another order
+        assert sorted(map(tuple, first[run].tolist())) == sorted(map(tuple, other[run].tolist()))
+    largest = int(np.argmax(np.diff(bounds)))
+    run = first[bounds[largest] : bounds[largest + 1]]
+    assert (first != other).any() and not (np.diff(run[:, 0]) >= 0).all()  # shuffled, not in C order
+    assert same_partition(mutex_watershed(affs, offsets, biases, tie_seed=7),
+                          cluster_reference(affs, offsets, biases, None, None, tie_seed=7))
 
 
 def distinct_affinities(rng, shape, offsets, keep) -> np.ndarray:

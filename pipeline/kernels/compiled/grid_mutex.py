@@ -49,3 +49,23 @@ def grid_edges(affs, offsets, bias2, keep, foreground, cursor, pairs, scatter) -
                         pairs[at, 0] = row + x
                         pairs[at, 1] = row + x + step
                     cursor[key] += 1
+
+
+@njit(cache=True, nogil=True)
+def shuffle_buckets(pairs, bounds, seed) -> None:
+    """Each bucket's pairs (pairs[bounds[k]:bounds[k + 1]]) in a random
+    order of their own, in place: Fisher-Yates with splitmix64 from `seed`,
+    the same order for the same seed on any machine."""
+    state = np.uint64(seed)
+    for k in range(len(bounds) - 1):
+        low, high = bounds[k], bounds[k + 1]
+        for i in range(high - 1, low, -1):
+            state += np.uint64(0x9E3779B97F4A7C15)
+            z = state
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            z = z ^ (z >> np.uint64(31))
+            j = low + np.int64(z % np.uint64(i - low + 1))
+            a, b = pairs[i, 0], pairs[i, 1]
+            pairs[i, 0], pairs[i, 1] = pairs[j, 0], pairs[j, 1]
+            pairs[j, 0], pairs[j, 1] = a, b
