@@ -102,11 +102,12 @@ def sparse_copy(config: SparseNucleiConfig, fraction: float) -> dict:
     return {"raw": config.raw, "labels": str(labels), "labels_mask": str(mask), "roi": config.train_roi.model_dump()}
 
 
-def train(cell: Path, base: Path, changes: dict) -> tuple[Path, float]:
+def train(cell: Path, base: Path, changes: dict) -> tuple[Path, float | None]:
     """Trains (or resumes) the cell's model; (model file, training wall
-    seconds summed over every invocation that trained). A cell whose
-    changes are the config's own values trains in the config's
-    experiment_dir (the bundled CRAC model is the 10% cell's)."""
+    seconds summed over every invocation that trained, None if one was
+    interrupted: its time is unknown). A cell whose changes are the config's
+    own values trains in the config's experiment_dir (the bundled CRAC model
+    is the 10% cell's)."""
     data = load_json(str(base))
     config = base
     # compared as parsed configs: paths are made absolute there
@@ -120,11 +121,14 @@ def train(cell: Path, base: Path, changes: dict) -> tuple[Path, float]:
     walls = json.loads(ledger.read_text()) if ledger.exists() else []
     model = experiment / "model.pt"
     if not model.exists():
+        # null until this invocation ends: a killed one stays null
+        ledger.parent.mkdir(parents=True, exist_ok=True)
+        ledger.write_text(json.dumps(walls + [None]))
         started = time.time()
         subprocess.run([sys.executable, "pipeline/train.py", str(config)], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
         walls.append(round(time.time() - started))
         ledger.write_text(json.dumps(walls))
-    return model, float(sum(walls))
+    return model, None if None in walls else float(sum(walls))
 
 
 def score(config: SparseNucleiConfig, name: str, model: Path, column: Column) -> dict:
@@ -222,7 +226,8 @@ def tables(config: SparseNucleiConfig, results: dict[str, dict]) -> str:
     for label, name in [("as configured (seed 0)", f"{head} seed 0")] + [(k, f"{head} {k}") for k in config.ablations]:
         if name in results:
             r = results[name]
-            ablation.append(f"| {label} | {r['aji']:.3f} | {r['pq']:.3f} | {r['sbd']:.3f} | {r['bias']:g} | {r['train_s']:.0f} |")
+            train_s = "—" if r["train_s"] is None else f"{r['train_s']:.0f}"
+            ablation.append(f"| {label} | {r['aji']:.3f} | {r['pq']:.3f} | {r['sbd']:.3f} | {r['bias']:g} | {train_s} |")
     walls = ["| cell | chosen on validation | AJI | PQ | SBD | training s | machine, date |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in results.items():
