@@ -55,6 +55,13 @@ def partition(which: str, affs: np.ndarray, offsets) -> np.ndarray:
 
 
 def child(which: str, block_file: str, rounds: int, out_file: str) -> None:
+    if which.startswith("affseg"):
+        import pipeline.kernels.mutex as kernel
+
+        # "affseg:N": ties shuffled in runs of N edges (0: not shuffled)
+        run = int(which.split(":")[1])
+        kernel.TIE_RUN = run if run > 0 else 2**62
+        which = "affseg"
     data = np.load(block_file)
     affs, offsets = data["affs"], data["offsets"].tolist()
     partition(which, affs, offsets)  # compile or load the kernels, untimed
@@ -73,6 +80,9 @@ def main() -> None:
     parser.add_argument("--block", type=int, nargs=3, default=(100, 155, 155), metavar=("Z", "Y", "X"),
                         help="voxels (default 100 155 155: the bench's block and context)")
     parser.add_argument("--rounds", type=int, default=3, help="timed calls per implementation (best counts)")
+    parser.add_argument("--tie-runs", type=int, nargs="+", default=[8], metavar="N",
+                        help="affseg's kernel with ties shuffled in runs of N edges, one row each (0: unshuffled; "
+                             "default 8, the kernel's TIE_RUN)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -99,7 +109,7 @@ def main() -> None:
         block_file = f"{scratch}/block.npz"
         np.savez(block_file, affs=affs, offsets=np.array(offsets))
         labels = {}
-        for which in ("mwatershed", "affseg"):
+        for which in ["mwatershed"] + [f"affseg:{run}" for run in args.tie_runs]:
             out_file = f"{scratch}/{which}.npy"
             result = subprocess.run([sys.executable, __file__, "--rounds", str(args.rounds), "--child", which,
                                      block_file, out_file], capture_output=True, text=True)
@@ -107,15 +117,17 @@ def main() -> None:
                 sys.exit(f"mutex_kernel: the {which} run failed:\n{result.stderr[-2000:]}")
             figures = json.loads(result.stdout.strip().splitlines()[-1])
             labels[which] = np.load(out_file)
-            print(f"{which:<11} {figures['seconds']:7.2f} s  {voxels / figures['seconds'] / 1e6:6.2f} Mvoxel/s  "
+            print(f"{which:<14} {figures['seconds']:7.2f} s  {voxels / figures['seconds'] / 1e6:6.2f} Mvoxel/s  "
                   f"peak RSS {figures['peak_rss_mb']:6.0f} MB  {len(np.unique(labels[which]))} segments")
     # mwatershed labels every voxel that joined no other 0: each its own segment
     theirs = labels["mwatershed"].astype(np.int64)
     alone = theirs == 0
     theirs[alone] = -np.arange(1, alone.sum() + 1)
-    table = Contingency()
-    table.add(labels["affseg"], theirs - theirs.min() + 1)
-    print(f"ARAND between the two partitions: {scores(table)['arand']:.4f}")
+    for which in labels:
+        if which.startswith("affseg"):
+            table = Contingency()
+            table.add(labels[which], theirs - theirs.min() + 1)
+            print(f"ARAND between {which} and mwatershed: {scores(table)['arand']:.4f}")
 
 
 if __name__ == "__main__":

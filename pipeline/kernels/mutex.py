@@ -27,6 +27,9 @@ def stride_mask(shape, offset, stride, rng: np.random.Generator | None = None) -
     return keep
 
 
+TIE_RUN = 8
+
+
 def mutex_watershed(affs: np.ndarray, offsets, biases, strides=None, rng: np.random.Generator | None = None,
                     foreground: np.ndarray | None = None, tie_seed: int = 0) -> np.ndarray:
     """Labels 1..n of an image of up to three dimensions (2D sections and
@@ -65,10 +68,12 @@ def edge_order(affs: np.ndarray, offsets, biases, strides=None, rng: np.random.G
     and order of affs / 255 - bias exactly for any bias on a 1/510 grid (0,
     0.1, ..., 1 are; pipeline/kernels/compiled/grid_mutex.py); strongest
     first, repulsion before attraction at equal strength. Within a strength
-    the order is random, drawn from `tie_seed`: uint8 affinities tie
-    everywhere, and a fixed order (channel by channel, voxels in C order)
-    joined all the z edges of a strength before any y edge, which on the
-    held-out fib25 sections cost 0.3 in VOI against a shuffled order."""
+    the order is random, drawn from `tie_seed`: runs of TIE_RUN edges
+    (consecutive in channel-by-channel, C order) taken in a shuffled order.
+    uint8 affinities tie everywhere, and the fixed order joined all the z
+    edges of a strength before any y edge, which on the held-out fib25
+    sections cost 0.4 in VOI against the shuffled runs
+    (docs/performance.md, "The order of ties")."""
     affs = np.asarray(affs)
     if affs.dtype != np.uint8:
         raise TypeError(f"mutex_watershed takes uint8 affinities (0..255, as stored), not {affs.dtype}")
@@ -96,7 +101,7 @@ def edge_order(affs: np.ndarray, offsets, biases, strides=None, rng: np.random.G
     bounds = np.concatenate([[0], np.cumsum(counts[: 2 * LEVELS])])  # strength 0 is no edge
     pairs = np.empty((bounds[-1], 2), dtype=index_type)
     grid_edges(affs, offsets3, bias2, keep, inside, bounds[:-1].copy(), pairs, True)
-    shuffle_buckets(pairs, bounds, np.uint64(tie_seed))
+    shuffle_buckets(pairs, bounds, np.uint64(tie_seed), TIE_RUN)
     return pairs, bounds
 
 

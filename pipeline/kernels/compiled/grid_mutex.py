@@ -52,20 +52,37 @@ def grid_edges(affs, offsets, bias2, keep, foreground, cursor, pairs, scatter) -
 
 
 @njit(cache=True, nogil=True)
-def shuffle_buckets(pairs, bounds, seed) -> None:
+def _splitmix(state):
+    state += np.uint64(0x9E3779B97F4A7C15)
+    z = state
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return state, z ^ (z >> np.uint64(31))
+
+
+@njit(cache=True, nogil=True)
+def shuffle_buckets(pairs, bounds, seed, run) -> None:
     """Each bucket's pairs (pairs[bounds[k]:bounds[k + 1]]) in a random
-    order of their own, in place: Fisher-Yates with splitmix64 from `seed`,
-    the same order for the same seed on any machine."""
+    order of their own, in place, as runs of `run` consecutive pairs taken
+    in a random order (Fisher-Yates with splitmix64 from `seed`: the same
+    order for the same seed on any machine). A run keeps neighbouring
+    voxels together, which the union-find's memory needs."""
     state = np.uint64(seed)
+    scratch = np.empty_like(pairs[: max(1, np.max(np.diff(bounds)))])
     for k in range(len(bounds) - 1):
         low, high = bounds[k], bounds[k + 1]
-        for i in range(high - 1, low, -1):
-            state += np.uint64(0x9E3779B97F4A7C15)
-            z = state
-            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-            z = z ^ (z >> np.uint64(31))
-            j = low + np.int64(z % np.uint64(i - low + 1))
-            a, b = pairs[i, 0], pairs[i, 1]
-            pairs[i, 0], pairs[i, 1] = pairs[j, 0], pairs[j, 1]
-            pairs[j, 0], pairs[j, 1] = a, b
+        runs = (high - low + run - 1) // run
+        if runs < 2:
+            continue
+        order = np.arange(runs)
+        for i in range(runs - 1, 0, -1):
+            state, z = _splitmix(state)
+            j = np.int64(z % np.uint64(i + 1))
+            order[i], order[j] = order[j], order[i]
+        at = 0
+        for r in order:
+            start = low + r * run
+            stop = min(high, start + run)
+            scratch[at : at + stop - start] = pairs[start:stop]
+            at += stop - start
+        pairs[low:high] = scratch[: high - low]
