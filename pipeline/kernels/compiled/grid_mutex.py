@@ -11,7 +11,9 @@ affs / 255 - bias exactly, for every bias that is a multiple of 1/510
 (0, 0.1, ..., 0.5, ..., 1 all are). Strength 0 is no edge. Buckets as the
 graph kernel's (`bucket_of`): the strongest first, repulsion before
 attraction at equal strength, voxel pairs within a bucket channel by
-channel, voxels in C order. Tested against mwatershed (tests/test_mutex_kernel.py)."""
+channel, voxels in C order, until `shuffle_buckets` takes runs of them in
+a seeded random order (pipeline/kernels/mutex.py `edge_order` says why).
+Tested against mwatershed (tests/test_mutex_kernel.py)."""
 
 from __future__ import annotations
 
