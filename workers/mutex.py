@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import numpy as np
 from funlib.persistence import open_ds
 
-from pipeline.kernels.mutex import clean_foreground, long_range_strides, merge_small_segments, mutex_watershed, tie_seed
+from pipeline.kernels.mutex import clean_foreground, long_range_strides, merge_small_segments, mutex_watershed, block_tie_seed
 from pipeline.orchestration.run_layout import affinities_path
 from pipeline.storage.volumes import open_volume, read_affinities, read_roi, split_path
 from workers.loop import ProcessBlock, WorkerRun, run_worker
@@ -45,7 +45,7 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
                 mask = clean_foreground(probability[z], options.foreground_threshold, options.foreground_min_size)
             # a section's random strides and tie order depend on the seed and its index only
             rng = np.random.default_rng([options.seed, int(first + z)]) if options.randomized_strides else None
-            labels = mutex_watershed(data[:, z], offsets, biases, strides, rng, mask, tie_seed(options.seed, int(first + z)))
+            labels = mutex_watershed(data[:, z], offsets, biases, strides, rng, mask, block_tie_seed(options.seed, int(first + z)))
             labels = merge_small_segments(labels, options.merge_small)
             out[z] = np.where(labels > 0, labels + np.uint64(count) + bump, 0)
             count += int(labels.max())

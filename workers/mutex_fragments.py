@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import numpy as np
 from funlib.persistence import open_ds
 
-from pipeline.kernels.mutex import long_range_strides, mutex_watershed, tie_seed
+from pipeline.kernels.mutex import long_range_strides, mutex_watershed, block_tie_seed
 from pipeline.orchestration.run_layout import affinities_path, run_store
 from pipeline.storage.volumes import open_volume, read_affinities, split_path
 from workers.fragments import store_fragments
@@ -35,7 +35,7 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
             index = layout.block_index(block.write_roi)
             # a block's random strides and tie order depend on the seed and its index only
             rng = np.random.default_rng([options.seed, index]) if options.randomized_strides else None
-            labels = mutex_watershed(data, layout.offsets, biases, strides, rng, tie_seed=tie_seed(options.seed, index))
+            labels = mutex_watershed(data, layout.offsets, biases, strides, rng, tie_seed=block_tie_seed(options.seed, index))
             store_fragments(labels, block, layout, fragments, store)
 
         yield process_block

@@ -105,7 +105,7 @@ def edge_order(affs: np.ndarray, offsets, biases, strides=None, rng: np.random.G
     return pairs, bounds
 
 
-def tie_seed(seed: int, index: int) -> int:
+def block_tie_seed(seed: int, index: int) -> int:
     """The tie order's seed of a block or section: from the run's
     `mutex.seed` and the block's (or section's) index only."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0])

@@ -3,8 +3,9 @@ growing segments over removed ones (pipeline/kernels/watershed.grow_over).
 It replaced skimage.segmentation.watershed on a voxel boundary map (1 - the
 mean of each voxel's three nearest-neighbour affinities), which kept every
 voxel of block + context in a binary heap of floats although only the
-removed segments' voxels are filled (2.4 s of mutex_relabel's 2.5 s per
-block of the bench sample), and which had no reason to give a voxel on a
+removed segments' voxels are filled (on a 2.4 Mvoxel bench block, 4% of
+it filled: 1.49 s against this kernel's 0.10 s, one process, best of
+three), and which had no reason to give a voxel on a
 boundary to either side: a voxel's own mean affinity does not say which
 neighbour it is bound to.
 
@@ -32,7 +33,7 @@ LEVELS = 256
 def _neighbours(v, shape, out, edge) -> None:
     """out <- v's six neighbours (flat indices; -z, +z, -y, +y, -x, +x),
     NONE where one lies outside the volume; edge <- the flat index at which
-    `lower` (flood_affinities) holds their edge's affinity, and the axis."""
+    `lower[k // 2]` (seeded_flood) holds the affinity of v and neighbour k."""
     depth, height, width = shape
     plane = height * width
     z, rest = divmod(v, plane)
