@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -102,10 +103,10 @@ def sparse_copy(config: SparseNucleiConfig, fraction: float) -> dict:
     return {"raw": config.raw, "labels": str(labels), "labels_mask": str(mask), "roi": config.train_roi.model_dump()}
 
 
-def train(cell: Path, base: Path, changes: dict) -> tuple[Path, float | None]:
+def train(cell: Path, base: Path, changes: dict) -> tuple[Path, float | None, float | None]:
     """Trains (or resumes) the cell's model; (model file, training wall
-    seconds summed over every invocation that trained, None if one was
-    interrupted: its time is unknown). A cell whose changes are the config's
+    seconds and CPU seconds, each summed over every invocation that
+    trained, None if one was interrupted or not measured: unknown). A cell whose changes are the config's
     own values trains in the config's experiment_dir (the bundled CRAC model
     is the 10% cell's)."""
     data = load_json(str(base))
@@ -117,18 +118,30 @@ def train(cell: Path, base: Path, changes: dict) -> tuple[Path, float | None]:
         cell.mkdir(parents=True, exist_ok=True)
         config.write_text(json.dumps(data, indent=2))
     experiment = Path(TrainConfig(**load_json(str(config))).experiment_dir)
-    ledger = experiment / "wall_s.json"
+    ledger, cpu_ledger = experiment / "wall_s.json", experiment / "cpu_s.json"
     walls = json.loads(ledger.read_text()) if ledger.exists() else []
+    cpus = json.loads(cpu_ledger.read_text()) if cpu_ledger.exists() else [None] * len(walls)
     model = experiment / "model.pt"
     if not model.exists():
         # null until this invocation ends: a killed one stays null
         ledger.parent.mkdir(parents=True, exist_ok=True)
         ledger.write_text(json.dumps(walls + [None]))
-        started = time.time()
+        cpu_ledger.write_text(json.dumps(cpus + [None]))
+        started, cpu_started = time.time(), children_cpu_s()
         subprocess.run([sys.executable, "pipeline/train.py", str(config)], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
         walls.append(round(time.time() - started))
+        cpus.append(round(children_cpu_s() - cpu_started))
         ledger.write_text(json.dumps(walls))
-    return model, None if None in walls else float(sum(walls))
+        cpu_ledger.write_text(json.dumps(cpus))
+    return model, None if None in walls else float(sum(walls)), None if None in cpus else float(sum(cpus))
+
+
+def children_cpu_s() -> float:
+    """CPU seconds of the finished child processes (training's), which,
+    unlike its wall time, neither other work on the machine nor a pause
+    (SIGSTOP) of the training stretches."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def score(config: SparseNucleiConfig, name: str, model: Path, column: Column) -> dict:
@@ -176,8 +189,8 @@ def run_cell(config: SparseNucleiConfig, name: str, fraction, column_name: str, 
     if changes:
         method = load_json(str(column.train))["method"]
         overrides["method"] = {**method, **changes}
-    model, wall = train(cell, Path(column.train), overrides)
-    return {"name": name, **score(config, name, model, column), "train_s": wall, **measured()}
+    model, wall, cpu = train(cell, Path(column.train), overrides)
+    return {"name": name, **score(config, name, model, column), "train_s": wall, "train_cpu_s": cpu, **measured()}
 
 
 def machine() -> str:
@@ -228,14 +241,15 @@ def tables(config: SparseNucleiConfig, results: dict[str, dict]) -> str:
             r = results[name]
             train_s = "—" if r["train_s"] is None else f"{r['train_s']:.0f}"
             ablation.append(f"| {label} | {r['aji']:.3f} | {r['pq']:.3f} | {r['sbd']:.3f} | {r['bias']:g} | {train_s} |")
-    walls = ["| cell | chosen on validation | AJI | PQ | SBD | training s | machine, date |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    walls = ["| cell | chosen on validation | AJI | PQ | SBD | training s | training CPU s | machine, date |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in results.items():
         train_s = "—" if r["train_s"] is None else f"{r['train_s']:.0f}"
+        train_cpu_s = "—" if r.get("train_cpu_s") is None else f"{r['train_cpu_s']:.0f}"
         where = f"{r['machine']}, {r['date']}" if "machine" in r else "not recorded"
         representation = r.get("representation", "default")
         chosen = f"bias {r['bias']:g}" + ("" if representation == "default" else f", {representation}")
-        walls.append(f"| {name} | {chosen} | {r['aji']:.3f} | {r['pq']:.3f} | {r['sbd']:.3f} | {train_s} | {where} |")
+        walls.append(f"| {name} | {chosen} | {r['aji']:.3f} | {r['pq']:.3f} | {r['sbd']:.3f} | {train_s} | {train_cpu_s} | {where} |")
     return "\n\n".join(["\n".join(lines), "\n".join(ablation), "\n".join(walls)])
 
 
