@@ -26,7 +26,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from pipeline.kernels.compiled.graph_mutex import EMPTY, attract, repel, resolve, strength_buckets
+from pipeline.kernels.compiled.graph_mutex import (EMPTY, LENGTH, LIST_FIELDS, NONE, attract, repel, resolve,
+                                                   strength_buckets)
 from pipeline.kernels.compiled.lut import scatter_edges
 from pipeline.kernels.lut import FragmentIndex, LookUpTable
 
@@ -83,8 +84,8 @@ def mutex_clusters(n: int, buckets: list[list[np.ndarray]], repulsive: int, inde
     # entry indices: two mutex entries per repulsive edge at most
     entry_type = np.int32 if 2 * repulsive < 2**31 else np.int64
     parent = np.arange(n, dtype=index_type)
-    head, tail = np.full(n, -1, dtype=entry_type), np.full(n, -1, dtype=entry_type)
-    length = np.zeros(n, dtype=entry_type)
+    lists = np.full((n, LIST_FIELDS), NONE, dtype=entry_type)  # per node: head, tail (none), length
+    lists[:, LENGTH] = 0
     other, following = np.empty(0, dtype=index_type), np.empty(0, dtype=entry_type)
     used = 0
     table, counts = np.full(16, EMPTY, dtype=np.int64), np.zeros(2, dtype=np.int64)
@@ -96,10 +97,10 @@ def mutex_clusters(n: int, buckets: list[list[np.ndarray]], repulsive: int, inde
                     size = max(used + 2 * len(pairs), len(other) * 3 // 2)
                     other = np.concatenate([other[:used], np.empty(size - used, dtype=index_type)])
                     following = np.concatenate([following[:used], np.empty(size - used, dtype=entry_type)])
-                used, table = repel(parent, pairs, head, tail, length, other, following, used, table, counts)
+                used, table = repel(parent, pairs, lists, other, following, used, table, counts)
             else:
-                table = attract(parent, pairs, head, tail, length, other, following, table, counts)
+                table = attract(parent, pairs, lists, other, following, table, counts)
         buckets[k] = []  # taken: free it
-    del table, other, following, head, tail, length
+    del table, other, following, lists
     resolve(parent, np.empty_like(parent))
     return parent

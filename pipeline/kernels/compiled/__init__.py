@@ -13,7 +13,9 @@ and each is tested against a slow reference:
   kernel's buckets (in place of `mwatershed.agglom`), tested against
   `mwatershed.agglom` and `mwatershed.cluster`;
 - `flood`: a seeded watershed over the nearest-neighbour affinity graph
-  (growing segments over removed ones), tested against a heap-based loop.
+  (growing segments over removed ones), tested against a heap-based loop;
+- `prefetch`: a cache prefetch hint (LLVM's), which the graph kernel issues
+  for the edges it takes next.
 
 Python-level callers live in pipeline/kernels/{lut,rag,watershed,graph_mutex,mutex}.py.
 `cache=True` keeps the machine code beside these files, so a new process
