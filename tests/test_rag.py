@@ -119,16 +119,9 @@ def test_compact_fragments_equals_sorting_the_ids():
         np.testing.assert_array_equal(labels, inverse.reshape(block.shape))
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_linked_edges_equal_a_loop_over_voxel_pairs(seed):
-    from pipeline.kernels.rag import linked_edges
-
-    rng = np.random.default_rng(seed)
-    shape = (5, 17, 19)
-    # many labels: the kernel's hash table and arrays grow several times
-    labels = rng.integers(0, 400 if seed else 5, shape).astype(np.uint64)
-    offsets = [(-1, 0, 0), (0, -1, 0), (0, 0, -1), (-2, 0, 0), (0, -3, 0), (0, 4, -5)]
-    affs = rng.integers(0, 256, (len(offsets), *shape)).astype(np.uint8)
+def linked_by_loop(labels, affs, offsets) -> dict:
+    """{(a, b): (counts per offset, sums per offset)} by a loop over every voxel pair."""
+    shape = labels.shape
     expected: dict = {}
     for c, offset in enumerate(offsets):
         for i in np.ndindex(shape):
@@ -141,8 +134,49 @@ def test_linked_edges_equal_a_loop_over_voxel_pairs(seed):
             count, total = expected.setdefault((min(a, b), max(a, b)), (np.zeros(len(offsets), int), np.zeros(len(offsets))))
             count[c] += 1
             total[c] += affs[c][i]
-    u, v, counts, sums = linked_edges(labels, affs, offsets)
+    return expected
+
+
+OFFSETS = [(-1, 0, 0), (0, -1, 0), (0, 0, -1), (-2, 0, 0), (0, -3, 0), (0, 4, -5)]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_linked_edges_equal_a_loop_over_voxel_pairs(seed):
+    from pipeline.kernels.rag import linked_edges
+
+    rng = np.random.default_rng(seed)
+    shape = (5, 17, 19)
+    # many labels: the kernel's hash table and arrays grow several times
+    labels = rng.integers(0, 400 if seed else 5, shape).astype(np.uint64)
+    affs = rng.integers(0, 256, (len(OFFSETS), *shape)).astype(np.uint8)
+    expected = linked_by_loop(labels, affs, OFFSETS)
+    u, v, counts, sums = linked_edges(labels, affs, OFFSETS)
     assert list(zip(u.tolist(), v.tolist())) == sorted(expected)
     for e, pair in enumerate(sorted(expected)):
         np.testing.assert_array_equal(counts[e], expected[pair][0])
         np.testing.assert_array_equal(sums[e], expected[pair][1])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_window_keeps_every_edge_of_the_labels_inside_it_whole(seed):
+    """A graph block counts only the voxel pairs near its own fragments:
+    each edge of a label inside the window has all its pairs, however far
+    the offset reaches out of the window; pairs among labels outside it
+    alone are mostly skipped."""
+    from pipeline.kernels.rag import linked_edges
+
+    rng = np.random.default_rng(seed)
+    shape = (9, 17, 19)
+    window = (slice(3, 7), slice(4, 12), slice(5, 14))
+    labels = rng.integers(1, 60, shape).astype(np.uint64)
+    # the labels inside the window are theirs alone, as a block's fragments
+    labels[window] = rng.integers(100, 160, labels[window].shape)
+    affs = rng.integers(0, 256, (len(OFFSETS), *shape)).astype(np.uint8)
+    expected = linked_by_loop(labels, affs, OFFSETS)
+    inside = [pair for pair in sorted(expected) if pair[1] >= 100]
+    u, v, counts, sums = linked_edges(labels, affs, OFFSETS, window)
+    found = {(a, b): e for e, (a, b) in enumerate(zip(u.tolist(), v.tolist()))}
+    assert len(found) < len(expected)
+    for pair in inside:
+        np.testing.assert_array_equal(counts[found[pair]], expected[pair][0])
+        np.testing.assert_array_equal(sums[found[pair]], expected[pair][1])

@@ -66,10 +66,12 @@ def block_edges(affs: np.ndarray, labels: np.ndarray, ids: np.ndarray, offsets, 
 
 
 @contextmanager
-def edges_setup(run: WorkerRun, edges_of: Callable[[np.ndarray, np.ndarray, np.ndarray], Edges]) -> Iterator[ProcessBlock]:
+def edges_setup(run: WorkerRun, edges_of: Callable[[np.ndarray, np.ndarray, np.ndarray, tuple[slice, ...]], Edges]
+                ) -> Iterator[ProcessBlock]:
     """A graph step's worker: for each block, `edges_of(uint8 affinities,
-    labels, ids)` over block + context (the fragments as `compact_fragments`
-    gives them), of which the block keeps the edges it owns."""
+    labels, ids, the block's window in them)` over block + context (the
+    fragments as `compact_fragments` gives them), of which the block keeps
+    the edges it owns (those of its own fragments)."""
     layout = run.layout
     affs_path = affinities_path(run.config, run.run_dir)
     affs = open_volume(*split_path(affs_path), field="affinities")
@@ -79,7 +81,7 @@ def edges_setup(run: WorkerRun, edges_of: Callable[[np.ndarray, np.ndarray, np.n
         def process_block(block) -> None:
             data = read_affinities(affs, block.read_roi, affs_path, fill_value=0)
             labels, ids = compact_fragments(read_roi(fragments, block.read_roi, "fragments", fill_value=0), block.read_roi, layout)
-            edges = edges_of(data, labels, ids)
+            edges = edges_of(data, labels, ids, layout.window(block.write_roi, block.read_roi))
             index = layout.block_index(block.write_roi)
             store.write_edges(index, edges.select(layout.block_of_fragment(edges.u) == index))
 
@@ -88,7 +90,8 @@ def edges_setup(run: WorkerRun, edges_of: Callable[[np.ndarray, np.ndarray, np.n
 
 def setup(run: WorkerRun) -> AbstractContextManager[ProcessBlock]:
     scoring = run.config.agglomerate.scoring
-    return edges_setup(run, lambda affs, labels, ids: block_edges(affs, labels, ids, run.layout.offsets, scoring))
+    # the merge scores come from agglomerating block + context whole: no window
+    return edges_setup(run, lambda affs, labels, ids, window: block_edges(affs, labels, ids, run.layout.offsets, scoring))
 
 
 def main() -> None:

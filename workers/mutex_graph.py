@@ -19,10 +19,11 @@ from workers.agglomerate import edges_setup
 from workers.loop import ProcessBlock, WorkerRun, run_worker
 
 
-def block_graph(affs: np.ndarray, labels: np.ndarray, ids: np.ndarray, offsets) -> Edges:
+def block_graph(affs: np.ndarray, labels: np.ndarray, ids: np.ndarray, offsets, window: tuple[slice, ...]) -> Edges:
     """The linked edges of consecutive `labels` 1..n (fragment ids `ids`,
-    sorted), `affs` uint8."""
-    u, v, counts, sums = linked_edges(labels, affs, offsets)
+    sorted), `affs` uint8; whole for the fragments inside `window` (the
+    block's), which own their edges."""
+    u, v, counts, sums = linked_edges(labels, affs, offsets, window)
     linked = counts > 0
     with np.errstate(invalid="ignore", divide="ignore"):
         means = np.where(linked, np.rint(sums / np.maximum(counts, 1)), 0).astype(np.uint8)
@@ -30,7 +31,7 @@ def block_graph(affs: np.ndarray, labels: np.ndarray, ids: np.ndarray, offsets) 
 
 
 def setup(run: WorkerRun) -> AbstractContextManager[ProcessBlock]:
-    return edges_setup(run, lambda affs, labels, ids: block_graph(affs, labels, ids, run.layout.offsets))
+    return edges_setup(run, lambda affs, labels, ids, window: block_graph(affs, labels, ids, run.layout.offsets, window))
 
 
 def main() -> None:

@@ -38,15 +38,25 @@ def edge_means(labels: np.ndarray, affs: np.ndarray, offsets, u: np.ndarray, v: 
         return np.where(counts > 0, sums / counts, np.nan).astype(np.float32).T.copy()
 
 
-def linked_edges(labels: np.ndarray, affs: np.ndarray, offsets) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def linked_edges(labels: np.ndarray, affs: np.ndarray, offsets,
+                 window: tuple[slice, ...] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Every pair of labels u < v that some voxel pair (i, i + offsets[c])
     links, touching or not (long-range offsets link fragments apart), with
     per offset the number of such pairs and the sum of their affinities:
     (u, v, counts (E, C) int64, sums (E, C) float64), edges sorted by (u, v).
-    One compiled pass for all offsets (`linked_sums`)."""
+    One compiled pass for all offsets (`linked_sums`).
+
+    With `window` (slices of `labels`), only the edges of the labels that
+    lie inside it are sure to be whole (the pairs that neither end in it
+    are mostly skipped): a block's own fragments' edges, without the pairs
+    among the context's alone (on the bench's graph blocks, whose context
+    reaches the longest offset: 0.26 to 0.38 s a block against 0.54 to
+    0.81 s, the same edges for the block's fragments)."""
     stride = np.int64(int(labels.max()) + 1 if labels.size else 1)
     offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 3)
-    keys, counts, sums = linked_sums(labels, affs, offsets, stride)
+    window = window or tuple(slice(0, s) for s in labels.shape)
+    box = np.array([b for w, s in zip(window, labels.shape) for b in w.indices(s)[:2]], dtype=np.int64)
+    keys, counts, sums = linked_sums(labels, affs, offsets, stride, box)
     order = np.argsort(keys)
     keys = keys[order]
     return keys // stride, keys % stride, counts[:, order].T.copy(), sums[:, order].T.copy()

@@ -27,6 +27,13 @@ def _pair_box(shape, offsets, c):
 
 
 @njit(cache=True, nogil=True)
+def _near(start, stop, w0, w1, offset):
+    # of the voxels i in [start, stop), those with i or i + offset in
+    # [w0, w1) along one axis (the bounds of the union of the two ranges)
+    return max(start, min(w0, w0 - offset)), min(stop, max(w1, w1 - offset))
+
+
+@njit(cache=True, nogil=True)
 def _pair_key(labels, z, y, x, dz, dy, dx, stride):
     # min(a, b) * stride + max(a, b) of the labels at (z, y, x) and one
     # offset on, or -1 where they are equal or one is 0 (no edge)
@@ -98,9 +105,12 @@ def _hash_table(keys, n, bits):
 
 
 @njit(cache=True, nogil=True)
-def linked_sums(labels, affs, offsets, stride):
+def linked_sums(labels, affs, offsets, stride, window):
     """Every pair of labels a < b, both > 0, that some voxel pair (i, i +
-    offsets[c]) links, found in one pass over the block for all offsets:
+    offsets[c]) links, found in one pass over the block for all offsets,
+    where i or i + offsets[c] lies in `window` (z0, z1, y0, y1, x0, x1; per
+    axis, so a few pairs beyond it too: the edges of a label inside the
+    window are whole, others may be partial):
     (keys a * stride + b in the order found, counts (C, E) int64, sums
     (C, E) float64 of affs[c][i] over those voxel pairs). The keys go into
     a hash table as they are met, which grows by doubling. Against np.unique
@@ -118,6 +128,9 @@ def linked_sums(labels, affs, offsets, stride):
     last, e = np.int64(-1), np.int64(-1)
     for c in range(channels):
         dz, dy, dx, z0, z1, y0, y1, x0, x1 = _pair_box(labels.shape, offsets, c)
+        z0, z1 = _near(z0, z1, window[0], window[1], dz)
+        y0, y1 = _near(y0, y1, window[2], window[3], dy)
+        x0, x1 = _near(x0, x1, window[4], window[5], dx)
         for z in range(z0, z1):
             for y in range(y0, y1):
                 for x in range(x0, x1):
