@@ -180,3 +180,27 @@ def test_a_window_keeps_every_edge_of_the_labels_inside_it_whole(seed):
     for pair in inside:
         np.testing.assert_array_equal(counts[found[pair]], expected[pair][0])
         np.testing.assert_array_equal(sums[found[pair]], expected[pair][1])
+
+
+@pytest.mark.parametrize("offsets", [OFFSETS, [(-1, 0, 0), (0, -27, 0), (0, 0, -9)], [(2, 0, -3), (0, 5, 1)]])
+def test_the_graph_step_reads_the_affinity_of_every_pair_with_an_end_in_its_block(offsets):
+    """workers/mutex_graph.pair_anchors: a pair (i, i + offset) keeps its
+    affinity at i; every such i of a pair that meets the block lies in the
+    ROI the step reads affinities from."""
+    from funlib.geometry import Coordinate, Roi
+
+    from workers.mutex_graph import pair_anchors
+
+    voxel = Coordinate(2, 3, 4)
+    read = Roi((0, 0, 0), Coordinate(12, 40, 30) * voxel)
+    write = Roi(Coordinate(3, 12, 9) * voxel, Coordinate(5, 14, 11) * voxel)
+    part = pair_anchors(offsets, voxel)(write, read)
+    inside = lambda roi, p: all(b <= x < e for b, x, e in zip(roi.begin / voxel, p, roi.end / voxel))  # noqa: E731
+    needed = 0
+    for offset in offsets:
+        for i in np.ndindex(tuple(read.shape / voxel)):
+            j = tuple(a + o for a, o in zip(i, offset))
+            if inside(read, j) and (inside(write, i) or inside(write, j)):
+                needed += 1
+                assert inside(part, i), (offset, i)
+    assert needed and part.size < read.size

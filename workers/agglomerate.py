@@ -66,12 +66,14 @@ def block_edges(affs: np.ndarray, labels: np.ndarray, ids: np.ndarray, offsets, 
 
 
 @contextmanager
-def edges_setup(run: WorkerRun, edges_of: Callable[[np.ndarray, np.ndarray, np.ndarray, tuple[slice, ...]], Edges]
-                ) -> Iterator[ProcessBlock]:
+def edges_setup(run: WorkerRun, edges_of: Callable[[np.ndarray, np.ndarray, np.ndarray, tuple[slice, ...]], Edges],
+                anchors: Callable[[Roi, Roi], Roi] | None = None) -> Iterator[ProcessBlock]:
     """A graph step's worker: for each block, `edges_of(uint8 affinities,
     labels, ids, the block's window in them)` over block + context (the
     fragments as `compact_fragments` gives them), of which the block keeps
-    the edges it owns (those of its own fragments)."""
+    the edges it owns (those of its own fragments). `anchors(write ROI,
+    read ROI)`: the part of the read ROI whose affinities `edges_of` reads
+    (the rest is 0); default all of it."""
     layout = run.layout
     affs_path = affinities_path(run.config, run.run_dir)
     affs = open_volume(*split_path(affs_path), field="affinities")
@@ -79,7 +81,13 @@ def edges_setup(run: WorkerRun, edges_of: Callable[[np.ndarray, np.ndarray, np.n
     with run_store(run.config, run.run_dir) as store:
 
         def process_block(block) -> None:
-            data = read_affinities(affs, block.read_roi, affs_path, fill_value=0)
+            if anchors is None:
+                data = read_affinities(affs, block.read_roi, affs_path, fill_value=0)
+            else:
+                part = anchors(block.write_roi, block.read_roi)
+                # np.zeros maps untouched pages lazily: only the part read is written
+                data = np.zeros((len(layout.offsets), *(block.read_roi.shape / layout.voxel_size)), dtype=np.uint8)
+                data[(slice(None), *layout.window(part, block.read_roi))] = read_affinities(affs, part, affs_path, fill_value=0)
             labels, ids = compact_fragments(read_roi(fragments, block.read_roi, "fragments", fill_value=0), block.read_roi, layout)
             edges = edges_of(data, labels, ids, layout.window(block.write_roi, block.read_roi))
             index = layout.block_index(block.write_roi)
