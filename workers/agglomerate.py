@@ -22,7 +22,7 @@ from pipeline.orchestration.run_layout import RunLayout, affinities_path, run_st
 from pipeline.storage.graph_records import Edges
 from pipeline.kernels.watershed import merge_history, relabel_consecutive
 from pipeline.storage.volumes import open_volume, read_affinities, read_roi, split_path
-from workers.loop import ProcessBlock, WorkerRun, run_worker
+from workers.loop import ProcessBlock, WorkerRun, run_worker, sample_block
 
 
 def compact_fragments(fragments: np.ndarray, roi: Roi, layout: RunLayout) -> tuple[np.ndarray, np.ndarray]:
@@ -78,18 +78,22 @@ def edges_setup(run: WorkerRun, edges_of: Callable[[np.ndarray, np.ndarray, np.n
     affs_path = affinities_path(run.config, run.run_dir)
     affs = open_volume(*split_path(affs_path), field="affinities")
     fragments = open_ds(run.run_dir.volumes / "fragments")
+    sample, labels = sample_block(layout.offsets)
+    edges_of(sample, labels, np.arange(1, labels.max() + 1, dtype=np.uint64), (slice(None),) * 3)  # loads the kernels
     with run_store(run.config, run.run_dir) as store:
 
         def process_block(block) -> None:
+            # block + context where there are fragments (beyond them all would be 0)
+            roi = block.read_roi.intersect(layout.roi)
             if anchors is None:
-                data = read_affinities(affs, block.read_roi, affs_path, fill_value=0)
+                data = read_affinities(affs, roi, affs_path, fill_value=0)
             else:
-                part = anchors(block.write_roi, block.read_roi)
+                part = anchors(block.write_roi, roi)
                 # np.zeros maps untouched pages lazily: only the part read is written
-                data = np.zeros((len(layout.offsets), *(block.read_roi.shape / layout.voxel_size)), dtype=np.uint8)
-                data[(slice(None), *layout.window(part, block.read_roi))] = read_affinities(affs, part, affs_path, fill_value=0)
-            labels, ids = compact_fragments(read_roi(fragments, block.read_roi, "fragments", fill_value=0), block.read_roi, layout)
-            edges = edges_of(data, labels, ids, layout.window(block.write_roi, block.read_roi))
+                data = np.zeros((len(layout.offsets), *(roi.shape / layout.voxel_size)), dtype=np.uint8)
+                data[(slice(None), *layout.window(part, roi))] = read_affinities(affs, part, affs_path, fill_value=0)
+            labels, ids = compact_fragments(read_roi(fragments, roi, "fragments"), roi, layout)
+            edges = edges_of(data, labels, ids, layout.window(block.write_roi, roi))
             index = layout.block_index(block.write_roi)
             store.write_edges(index, edges.select(layout.block_of_fragment(edges.u) == index))
 

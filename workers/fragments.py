@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
+from funlib.geometry import Roi
 from funlib.persistence import Array, open_ds
 
 from pipeline.config import FragmentsConfig
@@ -24,7 +25,7 @@ from pipeline.kernels.watershed import (
     relabel_consecutive,
 )
 from pipeline.storage.volumes import open_volume, read_affinities, split_path
-from workers.loop import ProcessBlock, WorkerRun, run_worker
+from workers.loop import ProcessBlock, WorkerRun, run_worker, sample_block
 
 
 def block_fragments(affs: np.ndarray, options: FragmentsConfig, scoring: str, voxel_size) -> np.ndarray:
@@ -46,21 +47,22 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     affs.lazy_op(np.s_[0:3])
     fragments = open_ds(run.run_dir.volumes / "fragments", mode="r+")
     vs = layout.voxel_size
+    block_fragments(sample_block(layout.offsets)[0][:3], options, run.config.agglomerate.scoring, vs)  # loads the kernels
     with run_store(run.config, run.run_dir) as store:
 
         def process_block(block) -> None:
             data = read_affinities(affs, block.read_roi, affs_path, fill_value=0)
             labels = block_fragments(data, options, run.config.agglomerate.scoring, vs)
-            store_fragments(labels, block, layout, fragments, store)
+            store_fragments(labels, block.read_roi, block, layout, fragments, store)
 
         yield process_block
 
 
-def store_fragments(labels: np.ndarray, block, layout: RunLayout, fragments: Array, store: GraphStore) -> None:
-    """The part of `labels` (block + context) inside the block as the
-    block's fragments, ids `first_id + 1..n`, into `fragments`, and one node
-    each into the store. Every fragments step ends here."""
-    local, _ = relabel_consecutive(labels[layout.window(block.write_roi, block.read_roi)])
+def store_fragments(labels: np.ndarray, roi: Roi, block, layout: RunLayout, fragments: Array, store: GraphStore) -> None:
+    """The part of `labels` (of `roi`: block + context) inside the block as
+    the block's fragments, ids `first_id + 1..n`, into `fragments`, and one
+    node each into the store. Every fragments step ends here."""
+    local, _ = relabel_consecutive(labels[layout.window(block.write_roi, roi)])
     n = int(local.max())
     if n > layout.voxels_per_block:
         raise AssertionError("more fragments than voxels in a block")

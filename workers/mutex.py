@@ -16,7 +16,7 @@ from funlib.persistence import open_ds
 from pipeline.kernels.mutex import clean_foreground, long_range_strides, merge_small_segments, mutex_watershed, block_tie_seed
 from pipeline.orchestration.run_layout import affinities_path
 from pipeline.storage.volumes import open_volume, read_affinities, read_roi, split_path
-from workers.loop import ProcessBlock, WorkerRun, run_worker
+from workers.loop import ProcessBlock, WorkerRun, run_worker, sample_block
 
 
 @contextmanager
@@ -31,6 +31,8 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     strides = long_range_strides(offsets, stride)
     # a model with a foreground output: segment inside it only
     foreground = open_ds(run.run_dir.volumes / "foreground") if any(e[0] == "foreground" for e in layout.extras) else None
+    # load the kernels: one section of a sample block
+    merge_small_segments(mutex_watershed(sample_block(layout.offsets)[0][:, 0], offsets, biases, strides), options.merge_small)
 
     def process_block(block) -> None:
         data = read_affinities(affs, block.write_roi, affs_path)

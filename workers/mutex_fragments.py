@@ -16,7 +16,7 @@ from pipeline.kernels.mutex import long_range_strides, mutex_watershed, block_ti
 from pipeline.orchestration.run_layout import affinities_path, run_store
 from pipeline.storage.volumes import open_volume, read_affinities, split_path
 from workers.fragments import store_fragments
-from workers.loop import ProcessBlock, WorkerRun, run_worker
+from workers.loop import ProcessBlock, WorkerRun, run_worker, sample_block
 
 
 @contextmanager
@@ -27,16 +27,21 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     fragments = open_ds(run.run_dir.volumes / "fragments", mode="r+")
     biases = options.channel_biases(len(layout.offsets))
     strides = long_range_strides(layout.offsets, options.long_range_stride)
+    mutex_watershed(sample_block(layout.offsets)[0], layout.offsets, biases, strides)  # loads the kernels
     with run_store(run.config, run.run_dir) as store:
 
         def process_block(block) -> None:
-            # outside the volume: affinity 0, an edge that repels (or, at bias 0, is no edge)
-            data = read_affinities(affs, block.read_roi, affs_path, fill_value=0)
+            # block + context where there are affinities: beyond them there
+            # are no voxels (read as 0, such voxels' long-range pairs would
+            # be the strongest repulsions, and a fifth of a corner block's
+            # time on the bench)
+            roi = block.read_roi.intersect(affs.roi)
+            data = read_affinities(affs, roi, affs_path)
             index = layout.block_index(block.write_roi)
             # a block's random strides and tie order depend on the seed and its index only
             rng = np.random.default_rng([options.seed, index]) if options.randomized_strides else None
             labels = mutex_watershed(data, layout.offsets, biases, strides, rng, tie_seed=block_tie_seed(options.seed, index))
-            store_fragments(labels, block, layout, fragments, store)
+            store_fragments(labels, roi, block, layout, fragments, store)
 
         yield process_block
 

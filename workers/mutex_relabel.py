@@ -20,7 +20,7 @@ from pipeline.kernels.watershed import grow_over
 from pipeline.orchestration.run_layout import affinities_path
 from pipeline.orchestration.segments import small_segments
 from pipeline.storage.volumes import open_volume, read_affinities, read_roi, split_path
-from workers.loop import ProcessBlock, WorkerRun, run_worker
+from workers.loop import ProcessBlock, WorkerRun, run_worker, sample_block
 
 
 @contextmanager
@@ -37,12 +37,19 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     # the watershed reads the 3 nearest-neighbour channels only
     affs.lazy_op(np.s_[0:3])
 
+    sample, labels = sample_block(layout.offsets)
+    # load the kernels (sample_block)
+    table.map(np.zeros((1, 1, 1), np.uint64))
+    grow_over(labels, labels == 1, sample)
+
     def process_block(block) -> None:
-        segments = table.map(read_roi(fragments, block.read_roi, "fragments", fill_value=0))
+        # block + context where there are fragments
+        roi = block.read_roi.intersect(layout.roi)
+        segments = table.map(read_roi(fragments, roi, "fragments"))
         holes = np.isin(segments, small)
         if holes.any():
-            segments = grow_over(segments, holes, read_affinities(affs, block.read_roi, affs_path, fill_value=0))
-        segmentation[block.write_roi] = segments[layout.window(block.write_roi, block.read_roi)]
+            segments = grow_over(segments, holes, read_affinities(affs, roi, affs_path, fill_value=0))
+        segmentation[block.write_roi] = segments[layout.window(block.write_roi, roi)]
 
     yield process_block
 

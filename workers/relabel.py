@@ -9,6 +9,7 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 from funlib.persistence import open_ds
 
 from pipeline.kernels.lut import LookUpTable
@@ -22,6 +23,7 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     table = LookUpTable.open(run.run_dir.lut(json.loads(run.run_dir.relabel_target.read_text())["table"]))
     fragments = open_ds(run.run_dir.volumes / "fragments")
     segmentation = open_ds(run.run_dir.volumes / "segmentation", mode="r+")
+    table.map(np.zeros((1, 1, 1), np.uint64))  # loads the kernel (workers/loop.py sample_block)
 
     def process_block(block) -> None:
         segmentation[block.write_roi] = table.map(read_roi(fragments, block.write_roi, "fragments"))

@@ -24,10 +24,15 @@ from pipeline.errors import UserError
 # zstd compresses EM intensities and label volumes well at a modest cost;
 # bit-shuffle helps the wide integer label types most.
 COMPRESSOR = Blosc(cname="zstd", clevel=5, shuffle=Blosc.BITSHUFFLE)
-# Predictions are written as fast as a GPU makes them and compress little
-# (the bundled model's affinities: 1.20x at level 5, 1.16x at level 1), and
-# level 1 compresses 4.4x faster (README, "GPU prediction")
-PREDICTION_COMPRESSOR = Blosc(cname="zstd", clevel=1, shuffle=Blosc.BITSHUFFLE)
+# Predictions are written as fast as a GPU makes them, read by every
+# post-processing step, and compress little (the bundled model's affinities:
+# 1.14x with zstd level 1 and bit-shuffle, 1.02x with lz4): lz4 without a
+# shuffle encodes 5x and decodes 12x faster than zstd level 1 with one
+# (2.1 against 0.42, 8.2 against 0.67 GB/s on a 2-core EPYC VM), which
+# made the mutex path's three block steps 1.15x faster on the bench
+# (docs/performance.md, "Reading the affinities"); background compresses
+# well either way
+PREDICTION_COMPRESSOR = Blosc(cname="lz4", clevel=1, shuffle=Blosc.NOSHUFFLE)
 
 
 def split_path(path: str | Path) -> tuple[Path, str]:
