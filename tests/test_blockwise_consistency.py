@@ -10,6 +10,7 @@ end to end in test_main_job.py.
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 
 import daisy
@@ -96,3 +97,27 @@ def test_the_3d_mutex_watershed_in_eight_blocks_equals_one_block(tmp_path, label
     (row,) = eight
     assert evaluate_arrays(eight[row], one[row])["arand"] < 0.02
     assert evaluate_arrays(one[row], truth)["arand"] < 0.05
+
+
+def test_the_3d_mutex_fragments_see_no_voxels_beyond_the_affinities(tmp_path, labels):
+    """A block's context reaching beyond the affinities (here: the run's
+    ROI is a slab of the volume, and the predicted affinities cover the ROI
+    only) adds no voxels: one block over the ROI with a context has the
+    fragments of the mutex watershed of the ROI's affinities alone. Read
+    as affinity 0, such voxels' long-range pairs were the strongest
+    repulsions of the block and cut the bodies along the slab's faces."""
+    from pipeline.kernels.mutex import block_tie_seed, long_range_strides, mutex_watershed
+    from pipeline.kernels.watershed import relabel_consecutive
+
+    offsets = [[-1, 0, 0], [0, -1, 0], [0, 0, -1], [-3, 0, 0], [0, -3, 0], [0, 0, -3], [-9, 0, 0], [0, -9, 0], [0, 0, -9]]
+    settings = {"partition": "mutex_3d", "mutex": {"biases": [0.0] * 3 + [1.0] * 6},
+                "model": {"checkpoint": str(Path(__file__).parent.parent / "models/fib25_mala.pt"), "offsets": offsets}}
+    postprocess(tmp_path / "one", labels, [400, 1600, 1600], (90, 90, 90), **settings)
+    config = RunConfig(**json.loads((tmp_path / "one" / "config.json").read_text()))
+    affs = open_ds(tmp_path / "one" / "volumes.zarr" / "affs")
+    fragments = open_ds(tmp_path / "one" / "volumes.zarr" / "fragments")
+    assert fragments.roi == affs.roi  # the slab: context beyond it on every side
+    alone = mutex_watershed(affs[affs.roi], offsets, config.mutex.channel_biases(len(offsets)),
+                            long_range_strides(offsets, config.mutex.long_range_stride),
+                            tie_seed=block_tie_seed(config.mutex.seed, 0))
+    np.testing.assert_array_equal(relabel_consecutive(fragments[fragments.roi])[0], relabel_consecutive(alone)[0])
