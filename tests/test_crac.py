@@ -185,7 +185,7 @@ def test_a_run_chooses_the_representation_and_records_it(tmp_path):
     checkpoint = tmp_path / "crac.pt"
     save_model(checkpoint, method, BACKBONE, OFFSETS, model.state_dict())
     loaded = load_model(checkpoint)
-    assert loaded.representation == "embedding" and "embedding" in loaded.outputs()
+    assert loaded.representation == "embedding" and "embedding" in loaded.outputs(OFFSETS)
     raw = torch.rand((1, 1, 1, 48, 48))
     with torch.no_grad():
         implicit = loaded.affinities(loaded(raw), OFFSETS)
@@ -194,7 +194,7 @@ def test_a_run_chooses_the_representation_and_records_it(tmp_path):
         expected = loaded.explicit.affinities(loaded.explicit(raw), OFFSETS)
     assert torch.equal(explicit, expected) and not torch.allclose(implicit, explicit)
     assert loaded.offsets_error([(0, -7, 0)]) is not None and loaded.reach(OFFSETS) == (0, 0, 0)
-    assert "embedding" not in loaded.outputs()
+    assert "embedding" not in loaded.outputs(OFFSETS)
 
 
 def _nuclei_run(tmp_path, nuclei, checkpoint, representation=None) -> RunConfig:

@@ -14,7 +14,7 @@ from funlib.geometry import Coordinate, Roi
 from funlib.persistence import open_ds
 
 from pipeline.config import RunConfig
-from pipeline.methods import affinity, build_model, crac, embedding, load_model, save_model
+from pipeline.methods import affinity, build_model, crac, embedding, latent_masks, load_model, save_model
 from pipeline.orchestration.job import open_run
 from pipeline.orchestration.tasks import blockwise_geometry
 from tests.conftest import RAW
@@ -33,6 +33,9 @@ METHODS = {
     "embedding": (embedding.Settings(name="embedding", dim=6, ccm=None, epm=None), ADAPTIVE, None),
     "crac-embedding": (CRAC, ADAPTIVE, None),
     "crac-explicit": (CRAC, None, "explicit"),
+    # MaskAggr's affinities and uncertainty: masks centred up to the window's half beyond a block
+    "latent_masks": (latent_masks.Settings(name="latent_masks", latent_dim=4, window=(3, 5, 5), levels=1,
+                                           decoder_maps=4), None, None),
 }
 
 
@@ -41,14 +44,18 @@ def blockwise_run(tmp_path, method: str):
     settings, run_offsets, representation = METHODS[method]
     checkpoint = tmp_path / "net.pt"
     model = build_model(settings, MALA, OFFSETS)
-    if hasattr(model, "embed"):
+    head = getattr(model, "embed", None) or (model.latent[0] if hasattr(model, "latent") else None)
+    if head is not None:
         # an untrained network's features barely vary around their mean, so
-        # all cosines are about 1; a head centred on that mean spreads them
+        # all cosines are about 1 and all masks alike; a head centred on that
+        # mean spreads them (and for the masks, a decoder whose logits vary)
         raw = open_ds(RAW)
         crop = torch.from_numpy(raw[Roi((500, 300, 200), (760, 760, 760))].astype(np.float32) / 255.0)[None, None]
         with torch.no_grad():
-            mean = model.backbone(crop).mean(dim=(0, 2, 3, 4))
-        model.embed.bias.data = -model.embed.weight.data.flatten(1) @ mean
+            features = model.backbone(crop)
+            head.bias.data = -head.weight.data.flatten(1) @ features.mean(dim=(0, 2, 3, 4))
+            if head is not getattr(model, "embed", None):
+                _spread_masks(model, head(features))
     save_model(checkpoint, settings, MALA, OFFSETS, model.state_dict())
     # an ROI that is not a multiple of the block, so edge blocks overhang
     config = RunConfig(
@@ -72,6 +79,18 @@ def blockwise_run(tmp_path, method: str):
     if representation is not None:
         model.representation = representation
     return model, layout, run_dir
+
+
+def _spread_masks(model, codes: torch.Tensor) -> None:
+    """Scale and centre the mask decoder's last layer so that its logits
+    vary across `codes` (B, Q, ...) with a spread of about 2 per position."""
+    decoder = model.decoder
+    x = torch.relu(decoder.expand(codes.movedim(1, -1).reshape(-1, codes.shape[1]) * 100))
+    x = x.view(len(x), decoder.maps, *decoder.window)
+    x = torch.relu(x + decoder.conv2(torch.relu(decoder.conv1(x))))
+    decoder.expand.weight.data *= 100
+    decoder.out.weight.data *= 2 / float(decoder.out(x).flatten(1).std(0).mean())
+    decoder.out.bias.data -= float(decoder.out(x).mean())
 
 
 @pytest.mark.parametrize("method", list(METHODS))

@@ -117,7 +117,7 @@ def test_pea_trains_on_independent_2d_images_with_an_isotropic_voxel_size(tmp_pa
     snapshot = zarr.open(str(next((experiment / "snapshots").iterdir())), "r")
     assert snapshot["prediction"].shape[1:] == (len(OFFSETS_2D), 1, 64, 64)
     model = load_model(training.export())
-    assert model.method.name == "embedding" and set(model.outputs()) == {"embedding", "foreground"}
+    assert model.method.name == "embedding" and set(model.outputs(model.offsets)) == {"embedding", "foreground"}
 
 
 def test_pea_with_an_embedding_pyramid_trains_a_3d_residual_unet(tmp_path, labels):

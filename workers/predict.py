@@ -73,12 +73,10 @@ def infer(model: MethodModel, data: np.ndarray, roi: Roi, layout: RunLayout, dev
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=True) if device.startswith("cuda") else nullcontext()
     with torch.inference_mode(), autocast:
         outputs = {k: v.float() for k, v in model(tensor).items()}
-        affs = model.affinities(outputs, layout.offsets)
+        outputs |= model.predict(outputs, layout.offsets)
     inner = (slice(None), slice(None), *layout.window(roi, roi.grow(margin, margin)))
-    result = {"affs": _stored(affs[inner][0], "uint8")}
-    for name, _, dtype in layout.extras:
-        result[name] = _stored(outputs[name][inner][0], dtype)
-    return result
+    return {name: _stored(outputs[name][inner][0], dtype)
+            for name, dtype in [("affs", "uint8"), *((name, dtype) for name, _, dtype in layout.extras)]}
 
 
 def predict_lanes(device: str) -> int:

@@ -17,13 +17,14 @@ from pydantic import Field
 from torch import nn
 
 from networks.models import baseline_model, build_backbone
-from pipeline.methods import affinity, crac, embedding
+from pipeline.methods import affinity, crac, embedding, latent_masks
 from pipeline.methods.base import MethodModel, MethodStep
 
-METHODS = {"affinity": affinity, "embedding": embedding, "crac": crac}
+METHODS = {"affinity": affinity, "embedding": embedding, "crac": crac, "latent_masks": latent_masks}
 
 # the `method` section of a training config
-MethodConfig = Annotated[affinity.Settings | embedding.Settings | crac.Settings, Field(discriminator="name")]
+MethodConfig = Annotated[affinity.Settings | embedding.Settings | crac.Settings | latent_masks.Settings,
+                         Field(discriminator="name")]
 
 CHECKPOINT_FORMAT = "affseg-model-2"
 # before methods: the affinity method, the head inside the backbone

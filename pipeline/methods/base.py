@@ -102,6 +102,13 @@ class MethodModel(nn.Module, ABC):
         """Affinities in [0, 1] for `offsets` (B, len(offsets), z, y, x); a
         pair whose partner lies outside the outputs gets 0."""
 
+    def predict(self, outputs: dict[str, torch.Tensor], offsets) -> dict[str, torch.Tensor]:
+        """What the predict step stores for the run's `offsets`: "affs"
+        (`affinities`) and the outputs derived from the network's with
+        them (the latent-mask model's uncertainty); the network's own
+        outputs are `forward`'s."""
+        return {"affs": self.affinities(outputs, offsets)}
+
     def reach(self, offsets) -> tuple[int, int, int]:
         """Voxels of outputs needed beyond a block on each side to give
         every affinity of `offsets` inside it."""
@@ -111,9 +118,10 @@ class MethodModel(nn.Module, ABC):
         """Why this model cannot give affinities for `offsets`, or None."""
         return None
 
-    def outputs(self) -> dict[str, tuple[int, str]]:
-        """Datasets the predict step can write besides the affinities:
-        name -> (channels, dtype: uint8 for values in [0, 1], or float16)."""
+    def outputs(self, offsets) -> dict[str, tuple[int, str]]:
+        """Datasets the predict step can write besides the affinities of the
+        run's `offsets` (`forward`'s and `predict`'s): name -> (channels,
+        dtype: uint8 for values in [0, 1], or float16)."""
         return {"foreground": (1, "uint8")} if self.foreground is not None else {}
 
     def needed_outputs(self) -> tuple[str, ...]:

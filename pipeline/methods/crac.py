@@ -199,10 +199,10 @@ class Model(MethodModel):
             return self.explicit.offsets_error(offsets)
         return embedding_offsets_error(self.planar, offsets)
 
-    def outputs(self) -> dict[str, tuple[int, str]]:
+    def outputs(self, offsets) -> dict[str, tuple[int, str]]:
         if self.representation == EXPLICIT:
-            return self.explicit.outputs()
-        return {"embedding": (self.settings.dim, "float16"), **super().outputs()}
+            return self.explicit.outputs(offsets)
+        return {"embedding": (self.settings.dim, "float16"), **super().outputs(offsets)}
 
 
 class TrainingStep(MethodStep):

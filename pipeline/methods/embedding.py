@@ -231,8 +231,8 @@ class Model(MethodModel):
     def offsets_error(self, offsets) -> str | None:
         return embedding_offsets_error(self.planar, offsets)
 
-    def outputs(self) -> dict[str, tuple[int, str]]:
-        return {"embedding": (self.settings.dim, "float16"), **super().outputs()}
+    def outputs(self, offsets) -> dict[str, tuple[int, str]]:
+        return {"embedding": (self.settings.dim, "float16"), **super().outputs(offsets)}
 
 
 class TrainingStep(MethodStep):

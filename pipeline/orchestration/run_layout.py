@@ -265,7 +265,7 @@ class RunLayout:
     def _predicted(cls, config: RunConfig, network, vs: Coordinate, roi: Roi, offsets, block_shape: Coordinate,
                    partition: PartitionName) -> RunLayout:
         """The predict step's geometry: the network's shapes and context."""
-        available = network.outputs()
+        available = network.outputs(offsets)
         unknown = [name for name in config.predict.extra_outputs if name not in available]
         if unknown:
             raise UserError(f"predict.extra_outputs: this model has no output {unknown[0]!r}; it has {sorted(available)}")

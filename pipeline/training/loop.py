@@ -50,7 +50,7 @@ def check_shapes(model, input_shape: Coordinate, output_shape: Coordinate) -> No
     pipeline will request into exactly the output the targets will have."""
     with torch.no_grad():
         was_training = model.training
-        out = model.affinities(model.eval()(torch.zeros((1, model.in_channels, *input_shape))), model.offsets)
+        out = model.predict(model.eval()(torch.zeros((1, model.in_channels, *input_shape))), model.offsets)["affs"]
         model.train(was_training)
     if tuple(out.shape[2:]) != tuple(output_shape):
         raise UserError(

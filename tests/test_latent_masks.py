@@ -1,0 +1,161 @@
+"""Latent single-instance masks (pipeline/methods/latent_masks.py): the
+decoder's target masks against a crop of the labels, the sampled centres,
+a training run and its predict-time outputs (affinities and uncertainty
+through MaskAggr), the representations, and bad settings in one line."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.methods import build_model, load_model, save_model
+from pipeline.methods.latent_masks import Settings, dice_loss, sample_centres, target_masks
+from pipeline.methods.mask_aggregation import window_positions
+from pipeline.training.loop import Training
+from tests.conftest import assert_one_line_error, run_cli
+from tests.test_training_loop import BACKBONE, OFFSETS_2D, nuclei_config
+
+OFFSETS = [tuple(o) for o in OFFSETS_2D]
+
+
+def settings(**changes) -> Settings:
+    return Settings(**{"name": "latent_masks", "latent_dim": 8, "window": [1, 5, 5], "samples_per_level": 40,
+                       "decoder_maps": 4, "foreground": {}, **changes})
+
+
+def brute_force_targets(labels, annotated, centres, window, margin):
+    """Per centre, the window crop of the labels: 1 where the centre's
+    label, unless some voxel within `margin` (in-plane for depth 1) of the
+    centre, inside the crop and annotated, has another label; valid where
+    inside and annotated."""
+    half = np.array(window) // 2
+    reach = np.array([margin if s > 1 else 0 for s in window])
+    shape = np.array(labels.shape[1:])
+    targets, valid = [], []
+    for b, *u in centres:
+        own = labels[b, u[0], u[1], u[2]]
+        boundary = False
+        for d in itertools.product(*(range(-r, r + 1) for r in reach)):
+            q = np.array(u) + d
+            if (q >= 0).all() and (q < shape).all() and annotated[b, q[0], q[1], q[2]] and labels[b, q[0], q[1], q[2]] != own:
+                boundary = True
+        row_t, row_v = [], []
+        for d in itertools.product(*(range(-h, h + 1) for h in half)):
+            q = np.array(u) + d
+            inside = (q >= 0).all() and (q < shape).all()
+            row_v.append(bool(inside and annotated[b, q[0], q[1], q[2]]))
+            row_t.append(float(inside and not boundary and labels[b, q[0], q[1], q[2]] == own))
+        targets.append(row_t)
+        valid.append(row_v)
+    return np.array(targets), np.array(valid)
+
+
+@pytest.mark.parametrize("window, margin", [((1, 5, 5), 2), ((3, 5, 5), 1), ((1, 3, 7), 0)])
+def test_target_masks_are_a_crop_of_the_labels_with_the_boundary_rule(window, margin):
+    rng = np.random.default_rng(0)
+    # blocky labels (objects of 3 x 3 voxels and background), a tenth unannotated
+    labels = np.kron(rng.integers(0, 4, (2, 3, 4, 4)), np.ones((1, 1, 3, 3), dtype=np.int64))[:, :, :11, :12]
+    annotated = rng.random(labels.shape) > 0.1
+    centres = np.array([(b, z, y, x) for b, z, y, x in np.ndindex(*labels.shape)
+                        if labels[b, z, y, x] and annotated[b, z, y, x]])
+    targets, valid = target_masks(torch.tensor(labels), torch.tensor(annotated), torch.tensor(centres), window, margin)
+    expected_targets, expected_valid = brute_force_targets(labels, annotated, centres, window, margin)
+    np.testing.assert_array_equal(targets.numpy(), expected_targets)
+    np.testing.assert_array_equal(valid.numpy(), expected_valid)
+    # both kinds occur: empty targets at boundaries, and full interiors
+    empty = expected_targets.sum(1) == 0
+    assert empty.any() and (~empty).any() if margin else True
+
+
+def test_sampled_centres_are_labelled_annotated_and_on_a_grid():
+    labels = torch.zeros((2, 1, 60, 60), dtype=torch.int64)
+    labels[:, :, 10:50, 5:40] = 3
+    annotated = torch.ones_like(labels)
+    annotated[1, :, :, 20:] = 0
+    centres = sample_centres(labels, annotated, 120, torch.Generator().manual_seed(0))
+    assert len(centres) > 10
+    assert (labels[tuple(centres.T)] == 3).all() and (annotated[tuple(centres.T)] == 1).all()
+    steps = {int(d) for d in torch.diff(centres[centres[:, 0] == 0][:, 3].unique())}
+    assert steps == {8}  # sqrt(3600 / 60) rounded: a strided grid
+
+
+def test_dice_loss_counts_empty_targets():
+    prediction = torch.tensor([[0.5, 0.5], [0.5, 0.0]], requires_grad=True)
+    target = torch.tensor([[1.0, 1.0], [0.0, 0.0]])  # the second mask empty
+    loss = dice_loss(prediction, target, torch.ones_like(target, dtype=torch.bool))
+    loss.backward()
+    assert prediction.grad[1, 0] > 0  # an empty target pulls its mask down
+    assert loss.item() == pytest.approx(1 - 2 * 1.0 / (0.75 + 2.0))
+
+
+def test_training_and_the_predict_outputs(tmp_path, nuclei):
+    method = settings(affinity_heads=True).model_dump(mode="json")
+    training = Training(nuclei_config(tmp_path, nuclei, method=method, iterations=3), "cpu")
+    training.run(3)
+    terms = training.history[-1]
+    assert {"masks_0", "masks_1", "affinity", "foreground"} <= set(terms) and np.isfinite(terms["loss"])
+    model = load_model(training.export())
+    assert model.representations == ("maskaggr", "centre_mask", "affinities") and model.representation == "maskaggr"
+    raw = torch.rand((1, 1, 1, 48, 48))
+    offsets = OFFSETS + [(0, -4, 4)]  # any offset the windows reach, not only the training ones
+    with torch.no_grad():
+        outputs = model(raw)
+        predicted = model.predict(outputs, offsets)
+    assert set(predicted) == {"affs", "uncertainty"} and predicted["affs"].shape == (1, 5, 1, 32, 32)
+    assert (predicted["uncertainty"] >= 0).all() and predicted["uncertainty"].max() > 0
+    assert set(model.outputs(offsets)) == {"uncertainty", "foreground"} and model.outputs(offsets)["uncertainty"][0] == 5
+    assert model.reach(offsets) == (0, 4, 4)  # a 5 x 5 window at 1/2
+    # two voxels 4 apart fit a 5 x 5 window; 8 at 1/2
+    assert model.offsets_error([(0, -8, 8)]) is None
+    assert model.offsets_error([(0, -9, 0)]) is not None and model.offsets_error([(1, 0, 0)]) is not None
+    model.representation = "centre_mask"
+    with torch.no_grad():
+        centre = model.predict(model(raw), [(0, -1, 0), (0, 2, -2)])
+    assert set(centre) == {"affs"} and model.offsets_error([(0, -2, 2)]) is None
+    assert model.offsets_error([(0, -3, 0)]) is not None  # from the centre of the finest 5 x 5 window
+
+
+def test_bad_latent_mask_settings_are_one_line(tmp_path, nuclei):
+    base = nuclei_config(tmp_path, nuclei, method=settings().model_dump(mode="json")).model_dump(mode="json")
+    for method, message in (
+        ({"name": "latent_masks", "window": [1, 4, 5]}, "odd sizes"),
+        ({"name": "latent_masks", "window": [3, 5, 5]}, "a 2D network's masks are in-plane"),
+        ({"name": "latent_masks", "levels": 4}, "method.levels: 4 levels, but the backbone has 2"),
+        ({"name": "latent_masks", "latent_dim": 0}, "latent_dim"),
+    ):
+        path = tmp_path / "bad.json"
+        path.write_text(json.dumps({**base, "method": method}))
+        assert_one_line_error(run_cli("pipeline/train.py", str(path)), message)
+
+
+def test_the_block_wise_job_writes_the_uncertainty(tmp_path, nuclei):
+    """A latent-mask model segments nuclei pages through the main job: the
+    affinities and their uncertainty (one channel per offset) from MaskAggr,
+    and the run record holds the representation."""
+    from pipeline.config import RunConfig
+    from pipeline.orchestration.run_layout import RunDir
+
+    method = settings(foreground=None)  # untrained: a foreground head would call it all background
+    checkpoint = tmp_path / "latent.pt"
+    torch.manual_seed(0)
+    save_model(checkpoint, method, BACKBONE, OFFSETS, build_model(method, BACKBONE, OFFSETS).state_dict())
+    raw, _ = nuclei
+    config = RunConfig(run_dir=str(tmp_path / "run"), raw=raw, roi={"offset": [50, 0, 0], "shape": [2, 520, 696]},
+                       model={"checkpoint": str(checkpoint)}, predict={"device": "cpu", "output_shape": [1, 128, 128]},
+                       postprocess={"block_shape": [1, 520, 696], "context": [0, 0, 0]})
+    path = tmp_path / "run.json"
+    path.write_text(config.model_dump_json())
+    result = run_cli("pipeline/predict.py", str(path))
+    assert result.returncode == 0, result.stderr
+    from funlib.persistence import open_ds
+
+    uncertainty = open_ds(tmp_path / "run" / "volumes.zarr" / "uncertainty")
+    assert uncertainty.shape == (len(OFFSETS), 2, 520, 696) and uncertainty.dtype == np.float16
+    values = uncertainty[uncertainty.roi]
+    assert np.isfinite(values).all() and (values >= 0).all() and values.max() > 0
+    assert RunDir(tmp_path / "run").read_layout().representation == "maskaggr"
+    assert open_ds(tmp_path / "run" / "volumes.zarr" / "segmentation")[uncertainty.roi].max() > 0
