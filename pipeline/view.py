@@ -1,6 +1,8 @@
 """Look at a run in neuroglancer: the raw volume and every dataset of the run
 (affinities, fragments, segmentation, and what a method adds, such as
-foreground or embedding), served from this machine.
+foreground, embedding or uncertainty), served from this machine; for a
+model with an uncertainty, the top of its proofreading list as a layer of
+points (a click goes to the next doubtful place).
 
     python pipeline/view.py CONFIG [--port 8080] [--bind 127.0.0.1]
 
@@ -21,6 +23,8 @@ The server listens on 127.0.0.1 only unless --bind says otherwise.
 from __future__ import annotations
 
 import argparse
+import csv
+import itertools
 import sys
 import threading
 from pathlib import Path
@@ -82,9 +86,32 @@ def layer(name: str, path: Path, units: str) -> tuple[neuroglancer.Layer, neurog
     return neuroglancer.ImageLayer(source=volume), volume
 
 
+# points of the proofreading list shown: the most uncertain segments and contacts
+PROOFREADING_POINTS = 50
+
+
+def proofreading_points(run_dir: RunDir, top: int = PROOFREADING_POINTS) -> list[neuroglancer.PointAnnotation]:
+    """The top of the run's proofreading list (pipeline/proofreading.py) as
+    points in world units: the most uncertain segments at their centres,
+    then the most uncertain contacts; none for a run without one."""
+    points = []
+    for name, describe in (("segments", lambda r: (f"segment {r['segment']}", f"{r['voxels']} voxels")),
+                           ("edges", lambda r: (f"contact {r['segment_a']} / {r['segment_b']}", f"{r['pairs']} pairs"))):
+        path = run_dir.proofreading / f"{name}.csv"
+        if not path.exists():
+            continue
+        with open(path, newline="") as f:
+            for row in itertools.islice(csv.DictReader(f), top):
+                what, size = describe(row)
+                points.append(neuroglancer.PointAnnotation(
+                    id=f"{name} {len(points)}", point=[float(row[k]) for k in ("z", "y", "x")],
+                    description=f"{what}: uncertainty {float(row['uncertainty']):.3g}, {size}"))
+    return points
+
+
 def run_datasets(run_dir: RunDir) -> list[tuple[str, Path]]:
     """The run's datasets, in the order of the job's steps."""
-    order = ["affs", "foreground", "embedding", "fragments", "segmentation"]
+    order = ["affs", "uncertainty", "foreground", "embedding", "fragments", "segmentation"]
     found = [p for p in run_dir.volumes.iterdir() if (p / ".zarray").exists()] if run_dir.volumes.exists() else []
     return sorted(((p.name, p) for p in found), key=lambda item: (order.index(item[0]) if item[0] in order else len(order), item[0]))
 
@@ -103,11 +130,20 @@ def serve(config: RunConfig, bind: str, port: int) -> tuple[neuroglancer.Viewer,
         given = [("affs", Path(config.affinities.dataset))] if config.affinities is not None else []
         for name, path in [("raw", Path(config.raw)), *given, *run_datasets(run_dir)]:
             state.layers[name], volumes[name] = layer(name, path, units="nm")
+        points = proofreading_points(run_dir)
+        if points:
+            # world units (nm), so a click on a point goes to the place
+            state.layers["proofreading"] = neuroglancer.LocalAnnotationLayer(
+                dimensions=neuroglancer.CoordinateSpace(names=["z", "y", "x"], units="nm", scales=[1, 1, 1]),
+                annotations=points)
         state.layout = "xy"
     for name, volume in volumes.items():
         # the layer's source names the volume as the server knows it
         token = viewer.state.layers[name].source[0].url.removeprefix("python://volume/")
         lines.append(f"  {name:<13} {volume.data_type:<8} {tuple(volume.shape)}  {base}/neuroglancer/info/{token}")
+    if points:
+        lines.append(f"  proofreading  {len(points)} points: the most uncertain segments and contacts "
+                     f"({run_dir.proofreading}/segments.csv, edges.csv)")
     return viewer, lines
 
 

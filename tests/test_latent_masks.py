@@ -5,6 +5,7 @@ through MaskAggr), the representations, and bad settings in one line."""
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 
@@ -136,26 +137,50 @@ def test_the_block_wise_job_writes_the_uncertainty(tmp_path, nuclei):
     """A latent-mask model segments nuclei pages through the main job: the
     affinities and their uncertainty (one channel per offset) from MaskAggr,
     and the run record holds the representation."""
+    from funlib.persistence import open_ds
+
     from pipeline.config import RunConfig
     from pipeline.orchestration.run_layout import RunDir
+    from tests.test_predict_invariant import _spread_masks
 
     method = settings(foreground=None)  # untrained: a foreground head would call it all background
     checkpoint = tmp_path / "latent.pt"
     torch.manual_seed(0)
-    save_model(checkpoint, method, BACKBONE, OFFSETS, build_model(method, BACKBONE, OFFSETS).state_dict())
+    model = build_model(method, BACKBONE, OFFSETS)
     raw, _ = nuclei
+    # an untrained network's masks are all alike: spread them (as tests/test_predict_invariant.py does)
+    page = torch.from_numpy(open_ds(raw)[open_ds(raw).roi][50:51, :128, :128].astype(np.float32) / 255)[None, None]
+    with torch.no_grad():
+        codes, features = model.codes(page)
+        head = model.latent[0]
+        head.bias.data = -head.weight.data.flatten(1) @ features.mean(dim=(0, 2, 3, 4))
+        _spread_masks(model, head(features))
+    save_model(checkpoint, method, BACKBONE, OFFSETS, model.state_dict())
     config = RunConfig(run_dir=str(tmp_path / "run"), raw=raw, roi={"offset": [50, 0, 0], "shape": [2, 520, 696]},
                        model={"checkpoint": str(checkpoint)}, predict={"device": "cpu", "output_shape": [1, 128, 128]},
+                       mutex={"biases": [0.0, 0.0, 1.0, 1.0], "merge_small": []},
                        postprocess={"block_shape": [1, 520, 696], "context": [0, 0, 0]})
     path = tmp_path / "run.json"
     path.write_text(config.model_dump_json())
     result = run_cli("pipeline/predict.py", str(path))
     assert result.returncode == 0, result.stderr
-    from funlib.persistence import open_ds
-
     uncertainty = open_ds(tmp_path / "run" / "volumes.zarr" / "uncertainty")
     assert uncertainty.shape == (len(OFFSETS), 2, 520, 696) and uncertainty.dtype == np.float16
     values = uncertainty[uncertainty.roi]
     assert np.isfinite(values).all() and (values >= 0).all() and values.max() > 0
     assert RunDir(tmp_path / "run").read_layout().representation == "maskaggr"
-    assert open_ds(tmp_path / "run" / "volumes.zarr" / "segmentation")[uncertainty.roi].max() > 0
+    segmentation = open_ds(tmp_path / "run" / "volumes.zarr" / "segmentation")[uncertainty.roi]
+    assert segmentation.max() > 0
+    # the proofreading list: sorted, most uncertain first, of segments that exist
+    with open(tmp_path / "run" / "proofreading" / "segments.csv") as f:
+        rows = list(csv.DictReader(f))
+    values = [float(r["uncertainty"]) for r in rows]
+    assert len(rows) > 10 and values == sorted(values, reverse=True) and values[0] > 0
+    present = set(np.unique(segmentation).tolist()) - {0}
+    assert {int(r["segment"]) for r in rows} == present
+    assert sum(int(r["voxels"]) for r in rows) == int((segmentation > 0).sum())
+    with open(tmp_path / "run" / "proofreading" / "edges.csv") as f:
+        edges = list(csv.DictReader(f))
+    assert edges and all(int(e["segment_a"]) in present and int(e["segment_b"]) in present for e in edges)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["proofreading"]["segments"][0]["segment"] == int(rows[0]["segment"])

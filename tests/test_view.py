@@ -82,3 +82,21 @@ def test_viewing_a_run_that_does_not_exist_is_one_line(tmp_path, run_config):
     assert result.stderr.strip().splitlines() == [
         f"affseg: error: run_dir: {tmp_path / 'run'} holds no run; run pipeline/predict.py first"
     ]
+
+
+def test_the_proofreading_list_is_a_layer_of_points(tmp_path, run_config):
+    """The top of a run's proofreading list, in world units, most uncertain first."""
+    from pipeline.view import serve
+
+    config = RunConfig(**load_json(run_config(tmp_path / "config.json")))
+    _, run_dir = open_run(config)
+    run_dir.proofreading.mkdir()
+    (run_dir.proofreading / "segments.csv").write_text(
+        "segment,voxels,z,y,x,boundary_pairs,uncertainty\n7,100,1210.0,30.5,44.0,40,0.2\n9,50,1300.0,10.0,20.0,8,0.1\n")
+    (run_dir.proofreading / "edges.csv").write_text("segment_a,segment_b,z,y,x,pairs,uncertainty\n7,9,1250.0,20.0,30.0,6,0.15\n")
+    viewer, lines = serve(config, "127.0.0.1", 0)
+    layer = viewer.state.layers["proofreading"]
+    assert [list(a.point) for a in layer.annotations] == [[1210.0, 30.5, 44.0], [1300.0, 10.0, 20.0], [1250.0, 20.0, 30.0]]
+    assert layer.annotations[0].description == "segment 7: uncertainty 0.2, 100 voxels"
+    assert layer.annotations[2].description == "contact 7 / 9: uncertainty 0.15, 6 pairs"
+    assert lines[-1].startswith("  proofreading  3 points")

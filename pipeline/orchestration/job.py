@@ -18,6 +18,7 @@ from daisy import logging as daisy_logging
 
 from pipeline.config import RunConfig
 from pipeline.evaluate import evaluate_run
+from pipeline.proofreading import proofread_run
 from pipeline.orchestration.daisy_run import report_finished, run_daisy
 from pipeline.orchestration.devices import choose_device
 from pipeline.orchestration.master_lock import master_lock
@@ -116,6 +117,8 @@ def _run(config: RunConfig, config_source: str, held: ExitStack) -> dict:
     if pipeline is not None:
         run_daisy(pipeline, progress, report, run_dir.logs)
     partitioner.finish(config, layout, run_dir, progress, report, done)
+    if layout.uncertain:
+        report["proofreading"] = proofread_run(config, layout, run_dir, progress, report)
     if config.ground_truth:
         report["scores"] = evaluate_run(config, layout, run_dir, progress, report)
     report["wall_s"] = round(time.time() - started, 2)

@@ -71,6 +71,10 @@ def load_network(config: RunConfig):
     return network
 
 
+# block-wise steps redone whole on every run of the job, without done markers
+REDONE_STEPS = ("proofread", "evaluate")
+
+
 @dataclass(frozen=True)
 class RunLayout:
     voxel_size: Coordinate
@@ -114,17 +118,24 @@ class RunLayout:
         return PARTITIONERS[self.partition]
 
     def steps(self, evaluated: bool) -> tuple[str, ...]:
-        """The run's steps, in order (the master's steps included); evaluate
-        only when `evaluated` (the config names ground truth)."""
+        """The run's steps, in order (the master's steps included); the
+        proofreading list for a model with an uncertainty; evaluate only
+        when `evaluated` (the config names ground truth)."""
         first = ("predict",) if self.predicted else ()
-        last = ("evaluate",) if evaluated else ()
+        last = ("proofread",) * self.uncertain + ("evaluate",) * evaluated
         return (*first, *self.partitioner.steps, *last)
+
+    @property
+    def uncertain(self) -> bool:
+        """Whether the model gives an uncertainty (the predict step writes it)."""
+        return any(name == "uncertainty" for name, _, _ in self.extras)
 
     @property
     def block_steps(self) -> tuple[str, ...]:
         """The steps daisy runs block by block and resumes by done markers
-        (evaluate, redone whole each time, is not among them)."""
-        return tuple(step for step in self.steps(evaluated=False) if step not in self.partitioner.master_steps)
+        (proofread and evaluate, redone whole each time, are not among them)."""
+        return tuple(step for step in self.steps(evaluated=False)
+                     if step not in self.partitioner.master_steps and step not in REDONE_STEPS)
 
     @property
     def voxels_per_block(self) -> int:
@@ -381,6 +392,8 @@ class RunDir:
     evaluation = property(lambda self: self.path / "evaluation")
     # the ground truth and thresholds of the evaluation in progress
     evaluation_target = property(lambda self: self.path / "evaluation" / "target.json")
+    # the proofreading list of a model with an uncertainty (pipeline/proofreading.py)
+    proofreading = property(lambda self: self.path / "proofreading")
 
     def tracking(self, step: str) -> Path:
         return self.path / "tracking" / step

@@ -33,6 +33,9 @@ def step_geometry(layout: RunLayout, step: str) -> tuple[Roi, Roi, Roi, str]:
     # mutex: a section depends only on its own affinities; relabel and
     # evaluate map each voxel on its own: no context
     context = layout.context if step in CONTEXT_STEPS else Coordinate(0, 0, 0)
+    if step == "proofread":
+        # a boundary pair's partner lies one voxel beyond the block
+        context = layout.voxel_size
     if step == "mutex_graph":
         # the block sees every voxel pair of its fragments, whatever the
         # offset, so an edge's evidence is the same in every block that
@@ -80,6 +83,13 @@ def chain(config: RunConfig, layout: RunLayout, run_dir: RunDir, done: Collectio
     for task in tasks[1:]:
         pipeline = pipeline + task
     return pipeline
+
+
+def proofread_task(config: RunConfig, layout: RunLayout, run_dir: RunDir) -> daisy.Task:
+    """The proofreading list's sums block by block (workers/proofread.py),
+    redone whole each time as evaluation is."""
+    shutil.rmtree(run_dir.tracking("proofread"), ignore_errors=True)
+    return step_task("proofread", config, layout, run_dir)
 
 
 def evaluate_task(config: RunConfig, layout: RunLayout, run_dir: RunDir) -> daisy.Task:
