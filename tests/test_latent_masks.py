@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pipeline.methods import build_model, load_model, save_model
-from pipeline.methods.latent_masks import Settings, dice_loss, sample_centres, target_masks
+from pipeline.methods.latent_masks import Settings, dice_loss, level_margin, sample_centres, target_masks
 from pipeline.methods.mask_aggregation import window_positions
 from pipeline.training.loop import Training
 from tests.conftest import assert_one_line_error, run_cli
@@ -30,11 +30,11 @@ def settings(**changes) -> Settings:
 
 def brute_force_targets(labels, annotated, centres, window, margin):
     """Per centre, the window crop of the labels: 1 where the centre's
-    label, unless some voxel within `margin` (in-plane for depth 1) of the
-    centre, inside the crop and annotated, has another label; valid where
-    inside and annotated."""
+    label, unless some voxel within `margin` (per axis) of the centre,
+    inside the crop and annotated, has another label; valid where inside
+    and annotated."""
     half = np.array(window) // 2
-    reach = np.array([margin if s > 1 else 0 for s in window])
+    reach = np.array(margin)
     shape = np.array(labels.shape[1:])
     targets, valid = [], []
     for b, *u in centres:
@@ -55,7 +55,8 @@ def brute_force_targets(labels, annotated, centres, window, margin):
     return np.array(targets), np.array(valid)
 
 
-@pytest.mark.parametrize("window, margin", [((1, 5, 5), 2), ((3, 5, 5), 1), ((1, 3, 7), 0)])
+@pytest.mark.parametrize("window, margin", [((1, 5, 5), (0, 2, 2)), ((3, 5, 5), (1, 1, 1)), ((1, 3, 7), (0, 0, 0)),
+                                            ((3, 5, 5), (1, 2, 1))])
 def test_target_masks_are_a_crop_of_the_labels_with_the_boundary_rule(window, margin):
     rng = np.random.default_rng(0)
     # blocky labels (objects of 3 x 3 voxels and background), a tenth unannotated
@@ -69,7 +70,15 @@ def test_target_masks_are_a_crop_of_the_labels_with_the_boundary_rule(window, ma
     np.testing.assert_array_equal(valid.numpy(), expected_valid)
     # both kinds occur: empty targets at boundaries, and full interiors
     empty = expected_targets.sum(1) == 0
-    assert empty.any() and (~empty).any() if margin else True
+    assert empty.any() and (~empty).any() if any(margin) else True
+
+
+def test_the_boundary_margin_is_in_voxels_of_the_finest_level():
+    assert level_margin(2, (1, 9, 9), (1, 1, 1)) == (0, 2, 2)
+    assert level_margin(2, (1, 9, 9), (1, 2, 2)) == (0, 1, 1)
+    assert level_margin(2, (1, 9, 9), (1, 4, 4)) == (0, 1, 1)
+    assert level_margin(3, (5, 7, 7), (1, 2, 2)) == (3, 2, 2)
+    assert level_margin(0, (5, 7, 7), (2, 2, 2)) == (0, 0, 0)
 
 
 def test_sampled_centres_are_labelled_annotated_and_on_a_grid():

@@ -13,7 +13,8 @@ into an uncertainty.
 Training decodes only sampled voxels (`samples_per_level` per batch and
 level, on a strided grid with a random offset): the target of voxel u is
 the window's voxels with u's label, empty where u lies within
-`boundary_margin` voxels of a voxel of another label; voxels of label 0 or
+`boundary_margin` voxels (of the finest level) of a voxel of another
+label; voxels of label 0 or
 unannotated are not sampled, and window voxels outside the crop or
 unannotated are ignored. The loss is the Sørensen-Dice loss over all of a
 level's decoded masks together (one mask alone with an empty target would
@@ -57,6 +58,8 @@ class Settings(Strict):
     # heads on the finest output and levels - 1 coarser decoder levels
     levels: Annotated[int, Field(ge=1, le=4)] = 2
     samples_per_level: Annotated[int, Field(ge=1)] = 120
+    # voxels of the finest level: a centre this close to another label gets
+    # an empty target (`level_margin` on the coarser levels)
     boundary_margin: Annotated[int, Field(ge=0)] = 2
     decoder_maps: Annotated[int, Field(ge=1)] = 16
     # affinity heads at the training offsets beside the masks (SNB + ENB)
@@ -191,16 +194,24 @@ def sample_centres(labels: torch.Tensor, annotated: torch.Tensor, count: int,
     return points[chosen]
 
 
-def target_masks(labels: torch.Tensor, annotated: torch.Tensor, centres: torch.Tensor, window, margin: int
+def level_margin(margin: int, window, factor) -> tuple[int, int, int]:
+    """The boundary margin (voxels of the finest level) in a level's
+    voxels, per axis, at least one where it is not 0; none along an axis
+    the window does not extend. In the level's own voxels, the 1/4 level's
+    margin of 2 was 8 pixels: on the nuclei nearly every centre's target
+    was empty there (the smoke run of docs/latent_masks.md)."""
+    return tuple(-(-margin // f) if s > 1 else 0 for s, f in zip(window, factor))
+
+
+def target_masks(labels: torch.Tensor, annotated: torch.Tensor, centres: torch.Tensor, window, margin
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(targets, valid), each (N, K) for (N, 4) `centres` of (B, z, y, x)
     labels: the window's voxels that carry the centre's label, all 0 where
-    a voxel within `margin` of the centre (per axis, in-plane for a window
-    of depth 1) inside the crop carries another label (0 included); valid:
-    the window voxels inside the crop and annotated."""
+    a voxel within `margin` (z, y, x voxels) of the centre inside the crop
+    carries another label (0 included); valid: the window voxels inside
+    the crop and annotated."""
     positions = torch.tensor(window_positions(window), device=labels.device)
-    reach = [margin if s > 1 else 0 for s in window]
-    near = torch.cartesian_prod(*(torch.arange(-r, r + 1, device=labels.device) for r in reach)).reshape(-1, 3)
+    near = torch.cartesian_prod(*(torch.arange(-r, r + 1, device=labels.device) for r in margin)).reshape(-1, 3)
     own = labels[tuple(centres.T)]
 
     def gather(deltas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -247,7 +258,8 @@ class TrainingStep(MethodStep):
                 # nothing labelled at this level in this batch: a term without gradient
                 losses[f"masks_{level}"] = code.sum() * 0
                 continue
-            targets, valid = target_masks(labels, annotated, centres, model.window, s.boundary_margin)
+            margin = level_margin(s.boundary_margin, model.window, factor)
+            targets, valid = target_masks(labels, annotated, centres, model.window, margin)
             masks = model.decoder(code.movedim(1, -1)[tuple(centres.T)])
             losses[f"masks_{level}"] = dice_loss(masks, targets, valid)
             metrics[f"empty_targets_{level}"] = float((targets.sum(1) == 0).float().mean())
