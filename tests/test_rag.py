@@ -204,3 +204,34 @@ def test_the_graph_step_reads_the_affinity_of_every_pair_with_an_end_in_its_bloc
                 needed += 1
                 assert inside(part, i), (offset, i)
     assert needed and part.size < read.size
+
+
+def test_the_mutex_graph_gives_each_edge_its_uncertainty():
+    """workers/mutex_graph.block_graph with a model's uncertainty: each
+    edge's mean over the nearest-neighbour voxel pairs that link it (NaN
+    for an edge only a long-range offset links), against a loop."""
+    from workers.mutex_graph import block_graph
+
+    rng = np.random.default_rng(3)
+    offsets = [(-1, 0, 0), (0, -1, 0), (0, 0, -1), (0, -4, 0), (0, 0, 4)]
+    labels = np.kron(rng.integers(1, 9, (3, 4, 4)), np.ones((2, 2, 3), dtype=np.int64)).astype(np.uint64)
+    labels[:, :, 5] = 9  # a column whose label touches others only across it
+    labels = (np.unique(labels, return_inverse=True)[1].reshape(labels.shape) + 1).astype(np.uint64)  # 1..n
+    affs = rng.integers(0, 256, (len(offsets), *labels.shape), dtype=np.uint8)
+    uncertainty = rng.random((len(offsets), *labels.shape)).astype(np.float16)
+    ids = np.arange(1, labels.max() + 1, dtype=np.uint64) * 10
+    edges = block_graph(affs, labels, ids, offsets, tuple(slice(0, s) for s in labels.shape), uncertainty)
+    expected = {}
+    for c, o in enumerate(offsets[:3]):
+        for i in np.ndindex(*labels.shape):
+            j = tuple(np.array(i) + o)
+            if min(j) >= 0 and labels[i] != labels[j]:
+                key = (int(min(labels[i], labels[j])) * 10, int(max(labels[i], labels[j])) * 10)
+                expected.setdefault(key, []).append(float(uncertainty[(c, *i)]))
+    found = {(int(a), int(b)): float(x) for a, b, x in zip(edges.u, edges.v, edges["uncertainty"])}
+    assert set(expected) <= set(found) and len(found) > len(expected)  # long-range-only edges too
+    for key, value in found.items():
+        if key in expected:
+            assert value == pytest.approx(np.mean(expected[key]), rel=1e-5)
+        else:
+            assert np.isnan(value)

@@ -66,20 +66,24 @@ def block_edges(affs: np.ndarray, labels: np.ndarray, ids: np.ndarray, offsets, 
 
 
 @contextmanager
-def edges_setup(run: WorkerRun, edges_of: Callable[[np.ndarray, np.ndarray, np.ndarray, tuple[slice, ...]], Edges],
-                anchors: Callable[[Roi, Roi], Roi] | None = None) -> Iterator[ProcessBlock]:
+def edges_setup(run: WorkerRun, edges_of: Callable[..., Edges], anchors: Callable[[Roi, Roi], Roi] | None = None,
+                volumes: tuple[str, ...] = ()) -> Iterator[ProcessBlock]:
     """A graph step's worker: for each block, `edges_of(uint8 affinities,
-    labels, ids, the block's window in them)` over block + context (the
-    fragments as `compact_fragments` gives them), of which the block keeps
-    the edges it owns (those of its own fragments). `anchors(write ROI,
-    read ROI)`: the part of the read ROI whose affinities `edges_of` reads
-    (the rest is 0); default all of it."""
+    labels, ids, the block's window in them, *the run volumes named in
+    `volumes`)` over block + context (the fragments as `compact_fragments`
+    gives them), of which the block keeps the edges it owns (those of its
+    own fragments). `anchors(write ROI, read ROI)`: the part of the read
+    ROI whose affinities `edges_of` reads (the rest is 0); default all of
+    it."""
     layout = run.layout
     affs_path = affinities_path(run.config, run.run_dir)
     affs = open_volume(*split_path(affs_path), field="affinities")
     fragments = open_ds(run.run_dir.volumes / "fragments")
+    others = [open_ds(run.run_dir.volumes / name) for name in volumes]
     sample, labels = sample_block(layout.offsets)
-    edges_of(sample, labels, np.arange(1, labels.max() + 1, dtype=np.uint64), (slice(None),) * 3)  # loads the kernels
+    # loads the kernels
+    edges_of(sample, labels, np.arange(1, labels.max() + 1, dtype=np.uint64), (slice(None),) * 3,
+             *(np.zeros((*volume.shape[: volume.channel_dims], *labels.shape), volume.dtype) for volume in others))
     with run_store(run.config, run.run_dir) as store:
 
         def process_block(block) -> None:
@@ -93,7 +97,8 @@ def edges_setup(run: WorkerRun, edges_of: Callable[[np.ndarray, np.ndarray, np.n
                 data = np.zeros((len(layout.offsets), *(roi.shape / layout.voxel_size)), dtype=np.uint8)
                 data[(slice(None), *layout.window(part, roi))] = read_affinities(affs, part, affs_path, fill_value=0)
             labels, ids = compact_fragments(read_roi(fragments, roi, "fragments"), roi, layout)
-            edges = edges_of(data, labels, ids, layout.window(block.write_roi, roi))
+            edges = edges_of(data, labels, ids, layout.window(block.write_roi, roi),
+                             *(read_roi(volume, roi, name) for volume, name in zip(others, volumes)))
             index = layout.block_index(block.write_roi)
             store.write_edges(index, edges.select(layout.block_of_fragment(edges.u) == index))
 

@@ -21,15 +21,29 @@ from workers.agglomerate import edges_setup
 from workers.loop import ProcessBlock, WorkerRun, run_worker
 
 
-def block_graph(affs: np.ndarray, labels: np.ndarray, ids: np.ndarray, offsets, window: tuple[slice, ...]) -> Edges:
+def block_graph(affs: np.ndarray, labels: np.ndarray, ids: np.ndarray, offsets, window: tuple[slice, ...],
+                uncertainty: np.ndarray | None = None) -> Edges:
     """The linked edges of consecutive `labels` 1..n (fragment ids `ids`,
     sorted), `affs` uint8; whole for the fragments inside `window` (the
-    block's), which own their edges."""
+    block's), which own their edges. With a model's `uncertainty` (one
+    channel per offset), each edge's mean uncertainty over the
+    nearest-neighbour voxel pairs that link it (NaN: none do)."""
     u, v, counts, sums = linked_edges(labels, affs, offsets, window)
     linked = counts > 0
     with np.errstate(invalid="ignore", divide="ignore"):
         means = np.where(linked, np.rint(sums / np.maximum(counts, 1)), 0).astype(np.uint8)
-    return Edges(ids[u - 1], ids[v - 1], {"linked": linked, "affinities": means, "pairs": counts.astype(np.uint32)})
+    attributes = {"linked": linked, "affinities": means, "pairs": counts.astype(np.uint32)}
+    if uncertainty is not None:
+        nearest = [c for c, o in enumerate(offsets) if sum(abs(x) for x in o) == 1]
+        near_u, near_v, near_counts, near_sums = linked_edges(
+            labels, np.ascontiguousarray(uncertainty[nearest], dtype=np.float32), [offsets[c] for c in nearest], window)
+        # the nearest neighbours' edges are among all offsets' edges, both sorted by (u, v)
+        stride = np.uint64(int(labels.max()) + 1)
+        keys = u.astype(np.uint64) * stride + v.astype(np.uint64)
+        at = np.searchsorted(keys, near_u.astype(np.uint64) * stride + near_v.astype(np.uint64))
+        attributes["uncertainty"] = np.full(len(u), np.nan, dtype=np.float32)
+        attributes["uncertainty"][at] = near_sums.sum(axis=1) / near_counts.sum(axis=1)
+    return Edges(ids[u - 1], ids[v - 1], attributes)
 
 
 def pair_anchors(offsets, voxel_size) -> Callable[[Roi, Roi], Roi]:
@@ -49,8 +63,11 @@ def pair_anchors(offsets, voxel_size) -> Callable[[Roi, Roi], Roi]:
 
 def setup(run: WorkerRun) -> AbstractContextManager[ProcessBlock]:
     layout = run.layout
-    return edges_setup(run, lambda affs, labels, ids, window: block_graph(affs, labels, ids, layout.offsets, window),
-                       pair_anchors(layout.offsets, layout.voxel_size))
+    # a model with an uncertainty: each edge's, from the uncertainty volume
+    volumes = ("uncertainty",) if layout.uncertain else ()
+    return edges_setup(run, lambda affs, labels, ids, window, *uncertainty:
+                       block_graph(affs, labels, ids, layout.offsets, window, *uncertainty),
+                       pair_anchors(layout.offsets, layout.voxel_size), volumes)
 
 
 def main() -> None:

@@ -57,6 +57,9 @@ EDGE_ATTRIBUTES: dict[str, Attribute] = {
                             per_offset=True, where="linked"),
     "pairs": Attribute(np.uint32, "the number of voxel pairs that link u and v (partition mutex_3d)",
                        per_offset=True, where="linked"),
+    "uncertainty": Attribute(np.float32, "a model's mean uncertainty (the latent-mask method's MaskAggr variance) "
+                                         "over the nearest-neighbour voxel pairs that link u and v; NaN: none do "
+                                         "(partition mutex_3d)"),
 }
 
 
