@@ -4,6 +4,7 @@ block equal to one block and to a loop over every boundary pair."""
 from __future__ import annotations
 
 import itertools
+import re
 
 import numpy as np
 
@@ -80,3 +81,24 @@ def test_a_block_without_boundaries_adds_nothing_but_its_segment():
     one = block_statistics(np.full((2, 4, 4), 7, dtype=np.uint64), np.ones((4, 2, 4, 4), dtype=np.float16), OFFSETS,
                            (slice(0, 2), slice(0, 4), slice(0, 4)), (0, 0, 0), (1, 1, 1))
     assert merge([one]) == ([(7, 32, 0.5, 1.5, 1.5, 0, 0.0)], [])
+
+
+def test_an_uncertainty_with_nan_or_out_of_range_values_is_refused_naming_them(tmp_path):
+    import pytest
+    from funlib.geometry import Coordinate, Roi
+
+    from pipeline.storage.volumes import VolumeReadError, prepare_volume, read_uncertainty
+
+    roi = Roi((0, 0, 0), (2, 8, 8))
+    volume = prepare_volume(tmp_path / "run.zarr", "uncertainty", roi, Coordinate(1, 1, 1), "float16",
+                            Coordinate(2, 8, 8), channels=2)
+    values = np.full((2, 2, 8, 8), 0.1, dtype=np.float16)
+    values[1, 1, 7, 7] = 0.25  # the largest variance of values in [0, 1]
+    volume[roi] = values
+    np.testing.assert_array_equal(read_uncertainty(volume, roi, "uncertainty"), values)
+    for bad, shown in ((np.nan, "holds nan (1 values"), (-0.5, "holds -0.5 (1 values"), (0.5, "holds 0.5 (1 values")):
+        damaged = values.copy()
+        damaged[0, 0, 3, 3] = bad
+        volume[roi] = damaged
+        with pytest.raises(VolumeReadError, match=r"uncertainty at .* " + re.escape(shown) + r" outside \[0, 0.25\]"):
+            read_uncertainty(volume, roi, "uncertainty")

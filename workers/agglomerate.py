@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 
 import numpy as np
 from funlib.geometry import Roi
-from funlib.persistence import open_ds
+from funlib.persistence import Array, open_ds
 
 from pipeline.kernels.rag import edge_means, first_join_scores
 from pipeline.orchestration.run_layout import RunLayout, affinities_path, run_store
@@ -23,6 +24,10 @@ from pipeline.storage.graph_records import Edges
 from pipeline.kernels.watershed import merge_history, relabel_consecutive
 from pipeline.storage.volumes import open_volume, read_affinities, read_roi, split_path
 from workers.loop import ProcessBlock, WorkerRun, run_worker, sample_block
+
+
+# reads a run volume over a ROI, checking its values: (volume, roi, name for errors)
+VolumeReader = Callable[[Array, Roi, Path], np.ndarray]
 
 
 def compact_fragments(fragments: np.ndarray, roi: Roi, layout: RunLayout) -> tuple[np.ndarray, np.ndarray]:
@@ -67,19 +72,20 @@ def block_edges(affs: np.ndarray, labels: np.ndarray, ids: np.ndarray, offsets, 
 
 @contextmanager
 def edges_setup(run: WorkerRun, edges_of: Callable[..., Edges], anchors: Callable[[Roi, Roi], Roi] | None = None,
-                volumes: tuple[str, ...] = ()) -> Iterator[ProcessBlock]:
+                volumes: tuple[tuple[str, VolumeReader], ...] = ()) -> Iterator[ProcessBlock]:
     """A graph step's worker: for each block, `edges_of(uint8 affinities,
-    labels, ids, the block's window in them, *the run volumes named in
+    labels, ids, the block's window in them, *the run volumes of
     `volumes`)` over block + context (the fragments as `compact_fragments`
     gives them), of which the block keeps the edges it owns (those of its
-    own fragments). `anchors(write ROI, read ROI)`: the part of the read
-    ROI whose affinities `edges_of` reads (the rest is 0); default all of
-    it."""
+    own fragments). `volumes`: (name in volumes.zarr, the reader that
+    checks its values). `anchors(write ROI, read ROI)`: the part of the
+    read ROI whose affinities `edges_of` reads (the rest is 0); default all
+    of it."""
     layout = run.layout
     affs_path = affinities_path(run.config, run.run_dir)
     affs = open_volume(*split_path(affs_path), field="affinities")
     fragments = open_ds(run.run_dir.volumes / "fragments")
-    others = [open_ds(run.run_dir.volumes / name) for name in volumes]
+    others = [open_ds(run.run_dir.volumes / name) for name, _ in volumes]
     sample, labels = sample_block(layout.offsets)
     # loads the kernels
     edges_of(sample, labels, np.arange(1, labels.max() + 1, dtype=np.uint64), (slice(None),) * 3,
@@ -98,7 +104,7 @@ def edges_setup(run: WorkerRun, edges_of: Callable[..., Edges], anchors: Callabl
                 data[(slice(None), *layout.window(part, roi))] = read_affinities(affs, part, affs_path, fill_value=0)
             labels, ids = compact_fragments(read_roi(fragments, roi, "fragments"), roi, layout)
             edges = edges_of(data, labels, ids, layout.window(block.write_roi, roi),
-                             *(read_roi(volume, roi, name) for volume, name in zip(others, volumes)))
+                             *(read(volume, roi, run.run_dir.volumes / name) for volume, (name, read) in zip(others, volumes)))
             index = layout.block_index(block.write_roi)
             store.write_edges(index, edges.select(layout.block_of_fragment(edges.u) == index))
 

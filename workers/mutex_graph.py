@@ -17,6 +17,7 @@ from funlib.geometry import Coordinate, Roi
 
 from pipeline.kernels.rag import linked_edges
 from pipeline.storage.graph_records import Edges
+from pipeline.storage.volumes import read_uncertainty
 from workers.agglomerate import edges_setup
 from workers.loop import ProcessBlock, WorkerRun, run_worker
 
@@ -64,7 +65,7 @@ def pair_anchors(offsets, voxel_size) -> Callable[[Roi, Roi], Roi]:
 def setup(run: WorkerRun) -> AbstractContextManager[ProcessBlock]:
     layout = run.layout
     # a model with an uncertainty: each edge's, from the uncertainty volume
-    volumes = ("uncertainty",) if layout.uncertain else ()
+    volumes = (("uncertainty", read_uncertainty),) if layout.uncertain else ()
     return edges_setup(run, lambda affs, labels, ids, window, *uncertainty:
                        block_graph(affs, labels, ids, layout.offsets, window, *uncertainty),
                        pair_anchors(layout.offsets, layout.voxel_size), volumes)

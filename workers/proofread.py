@@ -14,7 +14,7 @@ from funlib.persistence import open_ds
 
 from pipeline.proofreading import block_statistics
 from pipeline.storage.files import write_atomically
-from pipeline.storage.volumes import read_roi
+from pipeline.storage.volumes import read_roi, read_uncertainty
 from workers.loop import ProcessBlock, WorkerRun, run_worker
 
 
@@ -27,7 +27,8 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     def process_block(block) -> None:
         # a pair's partner beyond the volume is no pair
         roi = block.read_roi.intersect(layout.roi)
-        result = block_statistics(read_roi(segmentation, roi, "segmentation"), read_roi(uncertainty, roi, "uncertainty"),
+        result = block_statistics(read_roi(segmentation, roi, "segmentation"),
+                                  read_uncertainty(uncertainty, roi, run_dir.volumes / "uncertainty"),
                                   layout.offsets, layout.window(block.write_roi, roi), roi.offset, layout.voxel_size)
         buffer = io.BytesIO()
         np.savez(buffer, **result)

@@ -334,6 +334,23 @@ def read_affinities(volume: Array, roi: Roi, name: str | Path, fill_value=None) 
     return as_uint8(data)
 
 
+def read_uncertainty(volume: Array, roi: Roi, name: str | Path) -> np.ndarray:
+    """`read_roi` of a model's uncertainty (the latent-mask method's
+    MaskAggr variance, of values in [0, 1]: within [0, 0.25]). NaN and
+    values outside are refused: a NaN would sort anywhere in the
+    proofreading list and make an edge's mean NaN, a negative one would
+    pass for certainty."""
+    data = read_roi(volume, roi, name)
+    outside = ~((data >= 0) & (data <= 0.25))
+    if outside.any():
+        raise VolumeReadError(
+            f"{name} at {roi} holds {float(data[outside][0]):g} ({np.count_nonzero(outside)} values outside "
+            f"[0, 0.25]): an uncertainty is the variance of values in [0, 1]; the volume is damaged, or not a "
+            f"model's uncertainty"
+        )
+    return data
+
+
 # voxels per chunk axis at most: 64^3 chunks (2 MiB of uint64) let viewers
 # and partial reads fetch little, and keep a block to a few hundred files
 CHUNK_LIMIT = 64
