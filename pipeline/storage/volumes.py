@@ -317,6 +317,17 @@ def as_uint8(values: np.ndarray) -> np.ndarray:
     return np.round(np.clip(values, 0, 1) * 255).astype(np.uint8)
 
 
+def _refuse_outside(data: np.ndarray, high: float, roi: Roi, name: str | Path, advice: str) -> None:
+    """A VolumeReadError naming the first value of `data` outside [0,
+    `high`] (NaN included) and how many there are, followed by `advice`."""
+    outside = ~((data >= 0) & (data <= high))
+    if outside.any():
+        raise VolumeReadError(
+            f"{name} at {roi} holds {float(data[outside][0]):g} ({np.count_nonzero(outside)} values outside "
+            f"[0, {high:g}]): {advice}"
+        )
+
+
 def read_affinities(volume: Array, roi: Roi, name: str | Path, fill_value=None) -> np.ndarray:
     """`read_roi` of an affinity dataset, as uint8 (`as_uint8`). Float
     values outside [0, 1], and NaN, are refused: clipped, affinities on a
@@ -324,13 +335,8 @@ def read_affinities(volume: Array, roi: Roi, name: str | Path, fill_value=None) 
     data = read_roi(volume, roi, name, fill_value)
     if data.dtype == np.uint8:
         return data
-    outside = ~((data >= 0) & (data <= 1))
-    if outside.any():
-        raise VolumeReadError(
-            f"{name} at {roi} holds {float(data[outside][0]):g} ({np.count_nonzero(outside)} values outside [0, 1]): "
-            f"float affinities must be probabilities in [0, 1], without NaN; rescale them (a 0..255 scale: "
-            f"divide by 255) or store them as uint8"
-        )
+    _refuse_outside(data, 1, roi, name, "float affinities must be probabilities in [0, 1], without NaN; rescale "
+                                        "them (a 0..255 scale: divide by 255) or store them as uint8")
     return as_uint8(data)
 
 
@@ -341,13 +347,8 @@ def read_uncertainty(volume: Array, roi: Roi, name: str | Path) -> np.ndarray:
     proofreading list and make an edge's mean NaN, a negative one would
     pass for certainty."""
     data = read_roi(volume, roi, name)
-    outside = ~((data >= 0) & (data <= 0.25))
-    if outside.any():
-        raise VolumeReadError(
-            f"{name} at {roi} holds {float(data[outside][0]):g} ({np.count_nonzero(outside)} values outside "
-            f"[0, 0.25]): an uncertainty is the variance of values in [0, 1]; the volume is damaged, or not a "
-            f"model's uncertainty"
-        )
+    _refuse_outside(data, 0.25, roi, name, "an uncertainty is the variance of values in [0, 1]; the volume is "
+                                           "damaged, or not a model's uncertainty")
     return data
 
 
