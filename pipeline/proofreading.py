@@ -29,7 +29,7 @@ import shutil
 
 import numpy as np
 
-from pipeline.kernels.rag import offset_pairs
+from pipeline.kernels.rag import nearest_channels, offset_pairs
 from pipeline.orchestration.daisy_run import run_daisy
 from pipeline.orchestration.progress import ProgressLog
 from pipeline.orchestration.run_layout import RunDir, RunLayout
@@ -40,11 +40,6 @@ from pipeline.storage.files import write_atomically
 TOP = 10
 SEGMENT_COLUMNS = ("segment", "voxels", "z", "y", "x", "boundary_pairs", "uncertainty")
 EDGE_COLUMNS = ("segment_a", "segment_b", "z", "y", "x", "pairs", "uncertainty")
-
-
-def nearest_channels(offsets) -> list[int]:
-    """The channels of the offsets one voxel long."""
-    return [c for c, o in enumerate(offsets) if sum(abs(x) for x in o) == 1]
 
 
 def block_statistics(segmentation: np.ndarray, uncertainty: np.ndarray, offsets, window: tuple[slice, ...],

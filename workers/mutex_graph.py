@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager
 import numpy as np
 from funlib.geometry import Coordinate, Roi
 
-from pipeline.kernels.rag import linked_edges
+from pipeline.kernels.rag import linked_edges, nearest_channels
 from pipeline.storage.graph_records import Edges
 from pipeline.storage.volumes import read_uncertainty
 from workers.agglomerate import edges_setup
@@ -35,7 +35,7 @@ def block_graph(affs: np.ndarray, labels: np.ndarray, ids: np.ndarray, offsets, 
         means = np.where(linked, np.rint(sums / np.maximum(counts, 1)), 0).astype(np.uint8)
     attributes = {"linked": linked, "affinities": means, "pairs": counts.astype(np.uint32)}
     if uncertainty is not None:
-        nearest = [c for c, o in enumerate(offsets) if sum(abs(x) for x in o) == 1]
+        nearest = nearest_channels(offsets)
         near_u, near_v, near_counts, near_sums = linked_edges(
             labels, np.ascontiguousarray(uncertainty[nearest], dtype=np.float32), [offsets[c] for c in nearest], window)
         # the nearest neighbours' edges are among all offsets' edges, both sorted by (u, v)

@@ -10,6 +10,11 @@ import numpy as np
 from pipeline.kernels.compiled.rag import edge_sums, linked_sums
 
 
+def nearest_channels(offsets) -> list[int]:
+    """The channels of the offsets one voxel long (the nearest neighbours)."""
+    return [c for c, o in enumerate(offsets) if sum(abs(x) for x in o) == 1]
+
+
 def offset_pairs(shape, offset) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
     """Slices of voxels i and i + offset that both lie inside the block."""
     here, there = [], []

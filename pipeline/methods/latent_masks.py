@@ -145,8 +145,11 @@ class Model(MethodModel):
         if self.representation == AFFINITIES:
             channels = [self.offsets.index(tuple(o)) for o in offsets]
             return {"affs": outputs["affinities"][:, channels]}
-        levels = [(self.decode(outputs[f"latent_{level}"]), factor) for level, factor in enumerate(self.factors)]
-        mean, variance = aggregate_masks(levels, self.window, offsets, centre_only=self.representation == CENTRE)
+        centre_only = self.representation == CENTRE
+        # the published code's variant reads the finest level alone: the others are not decoded
+        factors = self.factors[:1] if centre_only else self.factors
+        levels = [(self.decode(outputs[f"latent_{level}"]), factor) for level, factor in enumerate(factors)]
+        mean, variance = aggregate_masks(levels, self.window, offsets, centre_only=centre_only)
         return {"affs": mean} if self.representation == CENTRE else {"affs": mean, "uncertainty": variance}
 
     def reach(self, offsets) -> tuple[int, int, int]:
