@@ -8,7 +8,8 @@ For every experiment in CONFIG:
      change keys of it, e.g. the method's terms for an ablation), or take
      `model`;
   2. run pipeline/predict.py on the validation ROI and pick the threshold
-     with the lowest VOI there (2D models: the mutex bias, one run each;
+     with the lowest VOI there (2D models: the mutex bias, one run each,
+     the first predicting and the others partitioning its predictions;
      `select: "aji"` picks the highest AJI, for images with background);
   3. run pipeline/predict.py on the test ROI and report the scores at that
      threshold, and separately the best threshold in hindsight.
@@ -30,7 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import Field, model_validator
 
@@ -40,7 +41,7 @@ sys.path.insert(0, str(REPO))
 from funlib.geometry import Roi  # noqa: E402
 
 from pipeline.cli import cli_main  # noqa: E402
-from pipeline.config import AbsPath, RoiConfig, RunConfig, Strict, ZarrPath, default_partition, load_json  # noqa: E402
+from pipeline.config import AbsPath, GivenOutput, RoiConfig, RunConfig, Strict, ZarrPath, default_partition, load_json  # noqa: E402
 from pipeline.training.config import TrainConfig  # noqa: E402
 from pipeline.evaluation.instance_metrics import SCORES as INSTANCE_SCORES  # noqa: E402
 from pipeline.evaluation.instance_metrics import mean_instance_scores  # noqa: E402
@@ -107,13 +108,14 @@ def _python(*args: str) -> str:
     return (result.stdout.strip().splitlines() or [""])[-1]
 
 
-def _run(experiment: Experiment, model: Path, roi: RoiConfig, run_dir: Path, run: dict) -> list[dict]:
-    """The main job on `roi`; its score rows."""
-    config = RunConfig(
-        run_dir=str(run_dir), raw=experiment.raw, ground_truth=experiment.ground_truth,
-        roi=roi, model={"checkpoint": str(model), "offsets": experiment.offsets,
-                        "representation": experiment.representation}, **run,
-    )
+def _run(experiment: Experiment, model: Path, roi: RoiConfig, run_dir: Path, run: dict,
+         given: dict | None = None) -> list[dict]:
+    """The main job on `roi` (from the predictions of an earlier run, if
+    `given`: its AffinitiesConfig); its score rows."""
+    source = {"affinities": given} if given is not None else {
+        "model": {"checkpoint": str(model), "offsets": experiment.offsets, "representation": experiment.representation}}
+    config = RunConfig(run_dir=str(run_dir), raw=experiment.raw, ground_truth=experiment.ground_truth, roi=roi,
+                       **source, **run)
     # the benchmark's run dirs are its own scratch: a run made with another
     # model (retrained, resumed) or other settings is started again, where
     # predict.py itself would refuse it
@@ -132,14 +134,29 @@ def _run(experiment: Experiment, model: Path, roi: RoiConfig, run_dir: Path, run
 
 def _scores(experiment: Experiment, model: Path, split: str, roi: RoiConfig, out: Path, partition: str) -> list[dict]:
     """One run of the threshold sweep (waterz); for the mutex watershed one
-    run per bias, because the bias is fixed for a run (its blocks depend on it)."""
+    run per bias, because the bias is fixed for a run (its blocks depend on
+    it): the first predicts, the others partition its predictions (given
+    affinities and outputs), which gives the scores predicting would."""
     if partition == "waterz":
         return _run(experiment, model, roi, out / split, experiment.run)
-    rows = []
+    rows, given = [], None
     for bias in experiment.biases:
         run = {**experiment.run, "mutex": {**experiment.run.get("mutex", {}), "bias": bias}}
-        rows += _run(experiment, model, roi, out / split / f"bias_{bias:.2f}", run)
+        if given is not None:
+            run.pop("predict", None)
+        run_dir = out / split / f"bias_{bias:.2f}"
+        rows += _run(experiment, model, roi, run_dir, run, given)
+        if given is None:
+            given = predictions(RunDir(run_dir))
     return rows
+
+
+def predictions(run_dir: RunDir) -> dict:
+    """A finished run's predictions as given affinities (AffinitiesConfig)."""
+    layout = run_dir.read_layout()
+    return {"dataset": str(run_dir.volumes / "affs"), "offsets": [list(o) for o in layout.offsets],
+            "outputs": {name: str(run_dir.volumes / name) for name, _, _ in layout.extras
+                        if name in get_args(GivenOutput)}}
 
 
 def _train(experiment: Experiment, out: Path) -> tuple[Path, dict]:

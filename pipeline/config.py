@@ -32,6 +32,8 @@ def in_plane(offsets) -> bool:
 # how a run partitions the volume after predict (RunConfig.partition; each
 # is a class in pipeline/orchestration/partitioners.py)
 PartitionName = Literal["waterz", "mutex_2d", "mutex_3d"]
+# a model's outputs besides the affinities that the steps read (AffinitiesConfig.outputs)
+GivenOutput = Literal["foreground", "uncertainty"]
 
 
 def default_partition(offsets) -> PartitionName:
@@ -102,6 +104,13 @@ class AffinitiesConfig(Strict):
     dataset: ZarrPath
     # one per channel, in channel order (z, y, x voxels)
     offsets: list[Triple] = Field(min_length=2)
+    # the other outputs of the model that made them, where the steps read
+    # them: "foreground" (uint8, one channel; mutex_2d segments inside it)
+    # and "uncertainty" (float16, one channel per offset; the proofreading
+    # list and the graph's edge attribute). With an earlier run's
+    # volumes.zarr datasets, a run partitions its predictions again with
+    # other settings (a mutex bias) without predicting them again
+    outputs: dict[GivenOutput, ZarrPath] = {}
 
 
 class PredictConfig(Strict):

@@ -127,7 +127,9 @@ def serve(config: RunConfig, bind: str, port: int) -> tuple[neuroglancer.Viewer,
     base = viewer.get_viewer_url().split("/v/")[0]
     volumes = {}
     with viewer.txn() as state:
-        given = [("affs", Path(config.affinities.dataset))] if config.affinities is not None else []
+        given = [] if config.affinities is None else [
+            ("affs", Path(config.affinities.dataset)),
+            *((name, Path(path)) for name, path in sorted(config.affinities.outputs.items()))]
         for name, path in [("raw", Path(config.raw)), *given, *run_datasets(run_dir)]:
             state.layers[name], volumes[name] = layer(name, path, units="nm")
         points = proofreading_points(run_dir)

@@ -15,7 +15,6 @@ import torch
 
 from pipeline.methods import build_model, load_model, save_model
 from pipeline.methods.latent_masks import Settings, dice_loss, level_margin, sample_centres, target_masks
-from pipeline.methods.mask_aggregation import window_positions
 from pipeline.training.loop import Training
 from tests.conftest import assert_one_line_error, run_cli
 from tests.test_training_loop import BACKBONE, OFFSETS_2D, nuclei_config
@@ -142,36 +141,50 @@ def test_bad_latent_mask_settings_are_one_line(tmp_path, nuclei):
         assert_one_line_error(run_cli("pipeline/train.py", str(path)), message)
 
 
+def latent_run(tmp_path, nuclei, name: str = "run", **changes):
+    """A latent-mask model with a foreground head, its masks and foreground
+    spread (an untrained network's are all alike), segmenting two nuclei
+    pages through the main job; (the run's config, the CLI's result)."""
+    from funlib.persistence import open_ds
+
+    from pipeline.config import RunConfig
+    from tests.test_predict_invariant import _spread_masks
+
+    method = settings()
+    checkpoint = tmp_path / "latent.pt"
+    torch.manual_seed(0)
+    model = build_model(method, BACKBONE, OFFSETS).eval()  # the features the job's loaded model computes
+    raw, _ = nuclei
+    page = torch.from_numpy(open_ds(raw)[open_ds(raw).roi][50:51, :128, :128].astype(np.float32) / 255)[None, None]
+    with torch.no_grad():
+        codes, features = model.codes(page)
+        centred = -features.mean(dim=(0, 2, 3, 4))
+        model.foreground.weight.data *= 20
+        for head in (model.latent[0], model.foreground):
+            head.bias.data = head.weight.data.flatten(1) @ centred
+        # foreground where the (calibrated) probability is above its median: half of the page
+        model.foreground.bias.data[1] -= torch.logit(model.foreground_outputs(features)["foreground"]).median()
+        _spread_masks(model, model.latent[0](features))
+    save_model(checkpoint, method, BACKBONE, OFFSETS, model.state_dict())
+    config = RunConfig(**{"run_dir": str(tmp_path / name), "raw": raw, "roi": {"offset": [50, 0, 0], "shape": [2, 520, 696]},
+                          "model": {"checkpoint": str(checkpoint)},
+                          "predict": {"device": "cpu", "output_shape": [1, 128, 128]},
+                          "mutex": {"biases": [0.0, 0.0, 1.0, 1.0], "merge_small": []},
+                          "postprocess": {"block_shape": [1, 520, 696], "context": [0, 0, 0]}, **changes})
+    path = tmp_path / f"{name}.json"
+    path.write_text(config.model_dump_json())
+    return config, run_cli("pipeline/predict.py", str(path))
+
+
 def test_the_block_wise_job_writes_the_uncertainty(tmp_path, nuclei):
     """A latent-mask model segments nuclei pages through the main job: the
     affinities and their uncertainty (one channel per offset) from MaskAggr,
     and the run record holds the representation."""
     from funlib.persistence import open_ds
 
-    from pipeline.config import RunConfig
     from pipeline.orchestration.run_layout import RunDir
-    from tests.test_predict_invariant import _spread_masks
 
-    method = settings(foreground=None)  # untrained: a foreground head would call it all background
-    checkpoint = tmp_path / "latent.pt"
-    torch.manual_seed(0)
-    model = build_model(method, BACKBONE, OFFSETS)
-    raw, _ = nuclei
-    # an untrained network's masks are all alike: spread them (as tests/test_predict_invariant.py does)
-    page = torch.from_numpy(open_ds(raw)[open_ds(raw).roi][50:51, :128, :128].astype(np.float32) / 255)[None, None]
-    with torch.no_grad():
-        codes, features = model.codes(page)
-        head = model.latent[0]
-        head.bias.data = -head.weight.data.flatten(1) @ features.mean(dim=(0, 2, 3, 4))
-        _spread_masks(model, head(features))
-    save_model(checkpoint, method, BACKBONE, OFFSETS, model.state_dict())
-    config = RunConfig(run_dir=str(tmp_path / "run"), raw=raw, roi={"offset": [50, 0, 0], "shape": [2, 520, 696]},
-                       model={"checkpoint": str(checkpoint)}, predict={"device": "cpu", "output_shape": [1, 128, 128]},
-                       mutex={"biases": [0.0, 0.0, 1.0, 1.0], "merge_small": []},
-                       postprocess={"block_shape": [1, 520, 696], "context": [0, 0, 0]})
-    path = tmp_path / "run.json"
-    path.write_text(config.model_dump_json())
-    result = run_cli("pipeline/predict.py", str(path))
+    _, result = latent_run(tmp_path, nuclei)
     assert result.returncode == 0, result.stderr
     uncertainty = open_ds(tmp_path / "run" / "volumes.zarr" / "uncertainty")
     assert uncertainty.shape == (len(OFFSETS), 2, 520, 696) and uncertainty.dtype == np.float16
@@ -193,3 +206,38 @@ def test_the_block_wise_job_writes_the_uncertainty(tmp_path, nuclei):
     assert edges and all(int(e["segment_a"]) in present and int(e["segment_b"]) in present for e in edges)
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["proofreading"]["segments"][0]["segment"] == int(rows[0]["segment"])
+
+
+def test_a_run_partitions_given_predictions_with_their_foreground_and_uncertainty(tmp_path, nuclei):
+    """An earlier run's affinities, foreground and uncertainty given to a
+    new run (AffinitiesConfig.outputs): the same segmentation and the same
+    proofreading list, without a model; and the run record names them, so
+    one changed is another run."""
+    from funlib.persistence import open_ds
+
+    first, result = latent_run(tmp_path, nuclei)
+    assert result.returncode == 0, result.stderr
+    volumes = tmp_path / "run" / "volumes.zarr"
+    foreground = open_ds(volumes / "foreground")[open_ds(volumes / "foreground").roi]
+    assert 0.2 < (foreground >= 128).mean() < 0.8  # the foreground decides something
+    given = {"model": None, "affinities": {"dataset": str(volumes / "affs"), "offsets": [list(o) for o in OFFSETS],
+                                           "outputs": {"foreground": str(volumes / "foreground"),
+                                                       "uncertainty": str(volumes / "uncertainty")}}}
+    config = first.model_copy(update={"run_dir": str(tmp_path / "given"), "model": None}).model_dump(mode="json")
+    path = tmp_path / "given.json"
+    path.write_text(json.dumps({**config, **given}))
+    result = run_cli("pipeline/predict.py", str(path))
+    assert result.returncode == 0, result.stderr
+    segmentations = [open_ds(tmp_path / name / "volumes.zarr" / "segmentation") for name in ("run", "given")]
+    assert (segmentations[0][segmentations[0].roi] == segmentations[1][segmentations[1].roi]).all()
+    for table in ("segments.csv", "edges.csv"):
+        assert (tmp_path / "given" / "proofreading" / table).read_text() == (tmp_path / "run" / "proofreading" / table).read_text()
+    assert not (tmp_path / "given" / "volumes.zarr" / "uncertainty").exists()  # read where it is, not copied
+    # the given uncertainty changed: the run record refuses the old directory
+    data = open_ds(volumes / "uncertainty", mode="r+")
+    data[data.roi] = np.zeros(data.shape, dtype=np.float16)
+    assert_one_line_error(run_cli("pipeline/predict.py", str(path)), "uncertainty")
+    # a given output of the wrong form is a one-line error before any work
+    wrong = {**given["affinities"], "outputs": {"uncertainty": str(volumes / "foreground")}}
+    path.write_text(json.dumps({**config, "run_dir": str(tmp_path / "wrong"), "model": None, "affinities": wrong}))
+    assert_one_line_error(run_cli("pipeline/predict.py", str(path)), "affinities.outputs.uncertainty")

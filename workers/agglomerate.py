@@ -19,7 +19,7 @@ from funlib.geometry import Roi
 from funlib.persistence import Array, open_ds
 
 from pipeline.kernels.rag import edge_means, first_join_scores
-from pipeline.orchestration.run_layout import RunLayout, affinities_path, run_store
+from pipeline.orchestration.run_layout import RunLayout, prediction_path, run_store
 from pipeline.storage.graph_records import Edges
 from pipeline.kernels.watershed import merge_history, relabel_consecutive
 from pipeline.storage.volumes import open_volume, read_affinities, read_roi, split_path
@@ -82,10 +82,11 @@ def edges_setup(run: WorkerRun, edges_of: Callable[..., Edges], anchors: Callabl
     read ROI whose affinities `edges_of` reads (the rest is 0); default all
     of it."""
     layout = run.layout
-    affs_path = affinities_path(run.config, run.run_dir)
+    affs_path = prediction_path(run.config, run.run_dir)
     affs = open_volume(*split_path(affs_path), field="affinities")
     fragments = open_ds(run.run_dir.volumes / "fragments")
-    others = [open_ds(run.run_dir.volumes / name) for name, _ in volumes]
+    other_paths = [prediction_path(run.config, run.run_dir, name) for name, _ in volumes]
+    others = [open_volume(*split_path(path), field=name) for path, (name, _) in zip(other_paths, volumes)]
     sample, labels = sample_block(layout.offsets)
     # loads the kernels
     edges_of(sample, labels, np.arange(1, labels.max() + 1, dtype=np.uint64), (slice(None),) * 3,
@@ -104,7 +105,7 @@ def edges_setup(run: WorkerRun, edges_of: Callable[..., Edges], anchors: Callabl
                 data[(slice(None), *layout.window(part, roi))] = read_affinities(affs, part, affs_path, fill_value=0)
             labels, ids = compact_fragments(read_roi(fragments, roi, "fragments"), roi, layout)
             edges = edges_of(data, labels, ids, layout.window(block.write_roi, roi),
-                             *(read(volume, roi, run.run_dir.volumes / name) for volume, (name, read) in zip(others, volumes)))
+                             *(read(volume, roi, path) for volume, path, (_, read) in zip(others, other_paths, volumes)))
             index = layout.block_index(block.write_roi)
             store.write_edges(index, edges.select(layout.block_of_fragment(edges.u) == index))
 

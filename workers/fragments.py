@@ -15,7 +15,7 @@ from funlib.geometry import Roi
 from funlib.persistence import Array, open_ds
 
 from pipeline.config import FragmentsConfig
-from pipeline.orchestration.run_layout import RunLayout, affinities_path, run_store
+from pipeline.orchestration.run_layout import RunLayout, prediction_path, run_store
 from pipeline.storage.graph_records import Nodes
 from pipeline.storage.graph_store import GraphStore
 from pipeline.kernels.watershed import (
@@ -41,7 +41,7 @@ def block_fragments(affs: np.ndarray, options: FragmentsConfig, scoring: str, vo
 @contextmanager
 def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     layout, options = run.layout, run.config.fragments
-    affs_path = affinities_path(run.config, run.run_dir)
+    affs_path = prediction_path(run.config, run.run_dir)
     affs = open_volume(*split_path(affs_path), field="affinities")
     # the watershed reads the 3 nearest-neighbour channels only
     affs.lazy_op(np.s_[0:3])

@@ -14,7 +14,7 @@ import numpy as np
 from funlib.persistence import open_ds
 
 from pipeline.kernels.mutex import clean_foreground, long_range_strides, merge_small_segments, mutex_watershed, block_tie_seed
-from pipeline.orchestration.run_layout import affinities_path
+from pipeline.orchestration.run_layout import prediction_path
 from pipeline.storage.volumes import open_volume, read_affinities, read_roi, split_path
 from workers.loop import ProcessBlock, WorkerRun, run_worker, sample_block
 
@@ -22,7 +22,7 @@ from workers.loop import ProcessBlock, WorkerRun, run_worker, sample_block
 @contextmanager
 def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     layout, options = run.layout, run.config.mutex
-    affs_path = affinities_path(run.config, run.run_dir)
+    affs_path = prediction_path(run.config, run.run_dir)
     affs = open_volume(*split_path(affs_path), field="affinities")
     segmentation = open_ds(run.run_dir.volumes / "segmentation", mode="r+")
     offsets = [o[1:] for o in layout.offsets]
@@ -30,13 +30,15 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     stride = None if options.long_range_stride is None else options.long_range_stride[1:]
     strides = long_range_strides(offsets, stride)
     # a model with a foreground output: segment inside it only
-    foreground = open_ds(run.run_dir.volumes / "foreground") if any(e[0] == "foreground" for e in layout.extras) else None
+    foreground_path = prediction_path(run.config, run.run_dir, "foreground")
+    has_foreground = any(e[0] == "foreground" for e in layout.extras)
+    foreground = open_volume(*split_path(foreground_path), field="foreground") if has_foreground else None
     # load the kernels: one section of a sample block
     merge_small_segments(mutex_watershed(sample_block(layout.offsets)[0][:, 0], offsets, biases, strides), options.merge_small)
 
     def process_block(block) -> None:
         data = read_affinities(affs, block.write_roi, affs_path)
-        probability = read_roi(foreground, block.write_roi, "foreground")[0] / 255.0 if foreground is not None else None
+        probability = read_roi(foreground, block.write_roi, foreground_path)[0] / 255.0 if foreground is not None else None
         out = np.zeros(data.shape[1:], dtype=np.uint64)
         bump = np.uint64(layout.first_id(layout.block_index(block.write_roi)))
         count = 0

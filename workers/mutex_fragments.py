@@ -13,7 +13,7 @@ import numpy as np
 from funlib.persistence import open_ds
 
 from pipeline.kernels.mutex import long_range_strides, mutex_watershed, block_tie_seed
-from pipeline.orchestration.run_layout import affinities_path, run_store
+from pipeline.orchestration.run_layout import prediction_path, run_store
 from pipeline.storage.volumes import open_volume, read_affinities, split_path
 from workers.fragments import store_fragments
 from workers.loop import ProcessBlock, WorkerRun, run_worker, sample_block
@@ -22,7 +22,7 @@ from workers.loop import ProcessBlock, WorkerRun, run_worker, sample_block
 @contextmanager
 def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     layout, options = run.layout, run.config.mutex
-    affs_path = affinities_path(run.config, run.run_dir)
+    affs_path = prediction_path(run.config, run.run_dir)
     affs = open_volume(*split_path(affs_path), field="affinities")
     fragments = open_ds(run.run_dir.volumes / "fragments", mode="r+")
     biases = options.channel_biases(len(layout.offsets))

@@ -17,7 +17,7 @@ from funlib.persistence import open_ds
 
 from pipeline.kernels.lut import LookUpTable
 from pipeline.kernels.watershed import grow_over
-from pipeline.orchestration.run_layout import affinities_path
+from pipeline.orchestration.run_layout import prediction_path
 from pipeline.orchestration.segments import small_segments
 from pipeline.storage.volumes import open_volume, read_affinities, read_roi, split_path
 from workers.loop import ProcessBlock, WorkerRun, run_worker, sample_block
@@ -32,7 +32,7 @@ def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     small = np.load(small_segments(run_dir, key))
     fragments = open_ds(run_dir.volumes / "fragments")
     segmentation = open_ds(run_dir.volumes / "segmentation", mode="r+")
-    affs_path = affinities_path(run.config, run_dir)
+    affs_path = prediction_path(run.config, run_dir)
     affs = open_volume(*split_path(affs_path), field="affinities")
     # the watershed reads the 3 nearest-neighbour channels only
     affs.lazy_op(np.s_[0:3])

@@ -14,7 +14,8 @@ from funlib.persistence import open_ds
 
 from pipeline.proofreading import block_statistics
 from pipeline.storage.files import write_atomically
-from pipeline.storage.volumes import read_roi, read_uncertainty
+from pipeline.orchestration.run_layout import prediction_path
+from pipeline.storage.volumes import open_volume, read_roi, read_uncertainty, split_path
 from workers.loop import ProcessBlock, WorkerRun, run_worker
 
 
@@ -22,13 +23,14 @@ from workers.loop import ProcessBlock, WorkerRun, run_worker
 def setup(run: WorkerRun) -> Iterator[ProcessBlock]:
     layout, run_dir = run.layout, run.run_dir
     segmentation = open_ds(run_dir.volumes / "segmentation")
-    uncertainty = open_ds(run_dir.volumes / "uncertainty")
+    uncertainty_path = prediction_path(run.config, run_dir, "uncertainty")
+    uncertainty = open_volume(*split_path(uncertainty_path), field="uncertainty")
 
     def process_block(block) -> None:
         # a pair's partner beyond the volume is no pair
         roi = block.read_roi.intersect(layout.roi)
         result = block_statistics(read_roi(segmentation, roi, "segmentation"),
-                                  read_uncertainty(uncertainty, roi, run_dir.volumes / "uncertainty"),
+                                  read_uncertainty(uncertainty, roi, uncertainty_path),
                                   layout.offsets, layout.window(block.write_roi, roi), roi.offset, layout.voxel_size)
         buffer = io.BytesIO()
         np.savez(buffer, **result)

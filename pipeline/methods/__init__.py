@@ -14,7 +14,6 @@ from typing import Annotated
 
 import torch
 from pydantic import Field
-from torch import nn
 
 from networks.models import baseline_model, build_backbone
 from pipeline.methods import affinity, crac, embedding, latent_masks

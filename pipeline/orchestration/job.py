@@ -35,9 +35,9 @@ def _prepare_volumes(layout: RunLayout, run_dir: RunDir) -> None:
     if layout.predicted:
         prepare_volume(run_dir.volumes, "affs", layout.roi, vs, "uint8", layout.predict_output, channels=len(layout.offsets),
                        compressor=PREDICTION_COMPRESSOR)
-    for name, channels, dtype in layout.extras:
-        prepare_volume(run_dir.volumes, name, layout.roi, vs, dtype, layout.predict_output, channels=channels,
-                       compressor=PREDICTION_COMPRESSOR)
+        for name, channels, dtype in layout.extras:
+            prepare_volume(run_dir.volumes, name, layout.roi, vs, dtype, layout.predict_output, channels=channels,
+                           compressor=PREDICTION_COMPRESSOR)
     for name in layout.partitioner.volumes:
         prepare_volume(run_dir.volumes, name, layout.roi, vs, "uint64", layout.block_shape)
 

@@ -37,6 +37,7 @@ from pipeline.storage.volumes import (
     open_volume,
     read_affinities,
     read_roi,
+    read_uncertainty,
     split_path,
 )
 
@@ -90,7 +91,9 @@ class RunLayout:
     # outputs computed beyond a predict block on each side, world units: an
     # embedding's affinities need the partner's embedding
     predict_margin: Coordinate = Coordinate(0, 0, 0)
-    # datasets the predict step writes besides `affs`: name -> (channels, dtype)
+    # the model's datasets the run has besides `affs`: (name, channels,
+    # dtype); the predict step writes them, or they are given with given
+    # affinities (AffinitiesConfig.outputs)
     extras: tuple[tuple[str, int, str], ...] = ()
     # False for given affinities (RunConfig.affinities): no predict step, and
     # the predict_* fields are unused
@@ -127,7 +130,7 @@ class RunLayout:
 
     @property
     def uncertain(self) -> bool:
-        """Whether the model gives an uncertainty (the predict step writes it)."""
+        """Whether the run has a model's uncertainty (predicted or given)."""
         return any(name == "uncertainty" for name, _, _ in self.extras)
 
     @property
@@ -244,6 +247,7 @@ class RunLayout:
             if error:
                 raise UserError(f"affinities.offsets: {error}")
             _check_given_affinities(config, len(offsets), vs, roi)
+            given = _check_given_outputs(config, offsets, vs, roi)
         else:
             network = network if network is not None else load_network(config)
             channels = raw.shape[0] if raw.channel_dims else 1
@@ -265,7 +269,7 @@ class RunLayout:
         if config.affinities is not None:
             zero = Coordinate(0, 0, 0)
             layout = cls(vs, roi, offsets, predict_output=block_shape, predict_context=zero, block_shape=block_shape,
-                         context=Coordinate(pp.context), partition=partition, predicted=False)
+                         context=Coordinate(pp.context), partition=partition, extras=given, predicted=False)
         else:
             layout = cls._predicted(config, network, vs, roi, offsets, block_shape, partition)
         if int(np.prod(layout.block_grid)) * layout.voxels_per_block >= MAX_ID:
@@ -324,6 +328,35 @@ def _check_given_affinities(config: RunConfig, channels: int, vs: Coordinate, ro
             raise UserError(f"affinities: {e}") from e
 
 
+def given_output_format(name: str, offsets) -> tuple[int, str]:
+    """(channels, dtype) of a model output the steps read, as the predict
+    step writes it (MethodModel.outputs): what a given one must be."""
+    return {"foreground": (1, "uint8"), "uncertainty": (len(offsets), "float16")}[name]
+
+
+def _check_given_outputs(config: RunConfig, offsets, vs: Coordinate, roi: Roi) -> tuple[tuple[str, int, str], ...]:
+    """The given affinities' other outputs, checked as the affinities are:
+    the run's extras."""
+    extras = []
+    for name, path in sorted(config.affinities.outputs.items()):
+        field = f"affinities.outputs.{name}"
+        channels, dtype = given_output_format(name, offsets)
+        volume = open_volume(*split_path(path), field=field, dtypes=(dtype,))
+        if len(volume.shape) != 4 or volume.shape[0] != channels:
+            raise UserError(f"{field}: expected a 4D (channel, z, y, x) dataset with {channels} channel(s), got shape "
+                            f"{volume.shape}")
+        _check_covers(volume, field, vs, roi)
+        check_complete(volume, roi, field)
+        if name == "uncertainty":
+            for sample in sample_rois(volume):
+                try:
+                    read_uncertainty(volume, sample, path)
+                except VolumeReadError as e:
+                    raise UserError(f"{field}: {e}") from e
+        extras.append((name, channels, dtype))
+    return tuple(extras)
+
+
 def check_complete(volume, roi: Roi, field: str, hint: str = "") -> None:
     """Refuse an input volume with a chunk file missing inside `roi`: zarr
     would read it as zeros without a word (one listing, ChunkFiles)."""
@@ -365,11 +398,13 @@ def _check_covers(volume, field: str, vs: Coordinate, roi: Roi) -> None:
         raise UserError(f"{field}: its ROI {volume.roi} does not cover the run's {roi}")
 
 
-def affinities_path(config: RunConfig, run_dir: RunDir) -> Path:
-    """The run's affinities: the given dataset, or the predict step's."""
+def prediction_path(config: RunConfig, run_dir: RunDir, name: str = "affs") -> Path:
+    """Where the run's affinities ("affs") or another of the model's outputs
+    (the layout's extras) are: given with the affinities, or the predict
+    step's."""
     if config.affinities is not None:
-        return Path(config.affinities.dataset)
-    return run_dir.volumes / "affs"
+        return Path(config.affinities.dataset if name == "affs" else config.affinities.outputs[name])
+    return run_dir.volumes / name
 
 
 @dataclass(frozen=True)
@@ -470,7 +505,9 @@ def model_identity(config: RunConfig) -> str | dict:
     retrained into the same file is another model), or the identity of the
     given affinities."""
     if config.affinities is not None:
-        return {"affinities": volume_identity(config.affinities.dataset, "affinities")}
+        given = {name: volume_identity(path, f"affinities.outputs.{name}")
+                 for name, path in sorted(config.affinities.outputs.items())}
+        return {"affinities": volume_identity(config.affinities.dataset, "affinities"), **given}
     if config.model.baseline is not None:
         return f"baseline {config.model.baseline}"
     digest = hashlib.sha256()
