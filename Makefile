@@ -10,7 +10,7 @@ INSTALLED := $(VENV)/.installed
 GROUNDTRUTH := data/fib25_medulla/groundtruth.h5
 LABELS := runs/fib25.zarr/labels
 
-.PHONY: demo test bench accuracy accuracy-mutex nuclei nuclei-crac accuracy-nuclei sparse-nuclei clean
+.PHONY: demo test bench accuracy accuracy-mutex nuclei nuclei-crac accuracy-nuclei sparse-nuclei latent-masks-table clean
 
 $(INSTALLED): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -86,6 +86,11 @@ runs/nuclei_sparse.zarr/mask_10/.zarray: $(INSTALLED)
 		--voxel-size 1 1 1 --chunk-shape 1 520 696 --overwrite
 sparse-nuclei: $(INSTALLED) runs/nuclei.zarr/raw/.zarray runs/nuclei.zarr/labels/.zarray
 	$(BIN)/python benchmarks/sparse_nuclei.py configs/sparse_nuclei.json
+
+# latent masks + MaskAggr against affinity heads, nuclei and fib25, and the
+# uncertainty's AUCs (trains 5 models; resumes, `--only nuclei` for one column)
+latent-masks-table: $(INSTALLED) runs/nuclei.zarr/raw/.zarray runs/nuclei.zarr/labels/.zarray $(LABELS)/.zarray
+	$(BIN)/python benchmarks/latent_masks_table.py configs/latent_masks_table.json
 
 clean:
 	rm -rf runs

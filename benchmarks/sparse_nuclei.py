@@ -29,17 +29,11 @@ came from; the tables go beside it as .md and are printed.
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
-import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
-import time
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -49,10 +43,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.accuracy import Experiment, run_experiment  # noqa: E402
+from benchmarks.cells import measured, table_main, train  # noqa: E402
 from pipeline.cli import cli_main  # noqa: E402
 from pipeline.config import AbsPath, RoiConfig, Strict, ZarrPath, load_json  # noqa: E402
-from pipeline.storage.files import write_atomically  # noqa: E402
-from pipeline.training.config import TrainConfig  # noqa: E402
 
 SCORES = ("aji", "pq", "sbd")
 
@@ -103,47 +96,6 @@ def sparse_copy(config: SparseNucleiConfig, fraction: float) -> dict:
     return {"raw": config.raw, "labels": str(labels), "labels_mask": str(mask), "roi": config.train_roi.model_dump()}
 
 
-def train(cell: Path, base: Path, changes: dict) -> tuple[Path, float | None, float | None]:
-    """Trains (or resumes) the cell's model; (model file, training wall
-    seconds and CPU seconds, each summed over every invocation that
-    trained, None if one was interrupted or not measured: unknown). A cell whose changes are the config's
-    own values trains in the config's experiment_dir (the bundled CRAC model
-    is the 10% cell's)."""
-    data = load_json(str(base))
-    config = base
-    # compared as parsed configs: paths are made absolute there
-    if TrainConfig(**{**data, **changes}) != TrainConfig(**data):
-        data = {**data, **changes, "experiment_dir": str(cell / "train")}
-        config = cell / "train.json"
-        cell.mkdir(parents=True, exist_ok=True)
-        config.write_text(json.dumps(data, indent=2))
-    experiment = Path(TrainConfig(**load_json(str(config))).experiment_dir)
-    ledger, cpu_ledger = experiment / "wall_s.json", experiment / "cpu_s.json"
-    walls = json.loads(ledger.read_text()) if ledger.exists() else []
-    cpus = json.loads(cpu_ledger.read_text()) if cpu_ledger.exists() else [None] * len(walls)
-    model = experiment / "model.pt"
-    if not model.exists():
-        # null until this invocation ends: a killed one stays null
-        ledger.parent.mkdir(parents=True, exist_ok=True)
-        ledger.write_text(json.dumps(walls + [None]))
-        cpu_ledger.write_text(json.dumps(cpus + [None]))
-        started, cpu_started = time.time(), children_cpu_s()
-        subprocess.run([sys.executable, "pipeline/train.py", str(config)], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
-        walls.append(round(time.time() - started))
-        cpus.append(round(children_cpu_s() - cpu_started))
-        ledger.write_text(json.dumps(walls))
-        cpu_ledger.write_text(json.dumps(cpus))
-    return model, None if None in walls else float(sum(walls)), None if None in cpus else float(sum(cpus))
-
-
-def children_cpu_s() -> float:
-    """CPU seconds of the finished child processes (training's), which,
-    unlike its wall time, neither other work on the machine nor a pause
-    (SIGSTOP) of the training stretches."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def score(config: SparseNucleiConfig, name: str, model: Path, column: Column) -> dict:
     """Test scores at the (representation, mutex bias) of the best validation
     AJI; the default representation's runs go under the cell's name."""
@@ -176,10 +128,6 @@ def cells(config: SparseNucleiConfig):
                config.ablation_column, 0, changes)
 
 
-def measured() -> dict:
-    return {"machine": machine(), "date": datetime.date.today().isoformat()}
-
-
 def run_cell(config: SparseNucleiConfig, name: str, fraction, column_name: str, seed, changes) -> dict:
     column = config.columns[column_name]
     cell = Path(config.out_dir) / re.sub(r"[^\w.-]+", "_", name)
@@ -191,20 +139,6 @@ def run_cell(config: SparseNucleiConfig, name: str, fraction, column_name: str, 
         overrides["method"] = {**method, **changes}
     model, wall, cpu = train(cell, Path(column.train), overrides)
     return {"name": name, **score(config, name, model, column), "train_s": wall, "train_cpu_s": cpu, **measured()}
-
-
-def machine() -> str:
-    """The machine a training ran on, in words: wall times of cells trained
-    on different machines are not comparable, so each cell names its own."""
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return f"{os.cpu_count()} cores {cpu}{gpu}"
 
 
 def summary(rows: list[dict]) -> str:
@@ -254,36 +188,10 @@ def tables(config: SparseNucleiConfig, results: dict[str, dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python benchmarks/sparse_nuclei.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", nargs="?", default=str(REPO / "configs/sparse_nuclei.json"))
-    parser.add_argument("--only", nargs="+", metavar="TEXT", help="only the cells whose name holds one of these texts")
-    parser.add_argument("--redo", nargs="+", metavar="TEXT", default=[],
-                        help="score again (and train, where no model is left) the stored cells whose name holds one of these texts")
-    parser.add_argument("--results", type=Path, help="the results file to continue (default OUT_DIR/sparse_nuclei.json)")
-    args = parser.parse_args()
-    config = SparseNucleiConfig(**load_json(args.config))
-    Path(config.out_dir).mkdir(parents=True, exist_ok=True)
-    stored = args.results or Path(config.out_dir) / "sparse_nuclei.json"
-    results = load_json(str(stored)) if stored.exists() else {}
-    started = time.time()
-    for name, fraction, column, seed, changes in cells(config):
-        if args.only and not any(text in name for text in args.only):
-            continue
-        if name in results and not any(text in name for text in args.redo):
-            continue
-        print(f"{name} ...", flush=True)
-        cell = run_cell(config, name, fraction, column, seed, changes)
-        # the file as it is now, plus this cell: a cell takes an hour, and
-        # the file may have been edited (or another cell stored) meanwhile
-        results = {**(load_json(str(stored)) if stored.exists() else {}), name: cell}
-        stored.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(stored, json.dumps(results, indent=2))
-        print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[name].items() if k in SCORES), flush=True)
-    text = tables(config, results)
-    stored.with_suffix(".md").write_text(text + "\n")
-    print(text)
-    print(f"total {time.time() - started:.0f} s; wrote {stored} and {stored.with_suffix('.md')}")
+    table_main("python benchmarks/sparse_nuclei.py", __doc__, "configs/sparse_nuclei.json", SparseNucleiConfig, "sparse_nuclei.json",
+               lambda config: ((name, partial(run_cell, config, name, fraction, column, seed, changes))
+                              for name, fraction, column, seed, changes in cells(config)),
+               tables, SCORES)
 
 
 if __name__ == "__main__":

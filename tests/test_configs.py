@@ -9,6 +9,7 @@ from urllib.parse import urlparse
 import pytest
 
 from benchmarks.accuracy import AccuracyConfig
+from benchmarks.latent_masks_table import TableConfig
 from benchmarks.sparse_nuclei import SparseNucleiConfig
 from pipeline.config import RunConfig
 from pipeline.training.config import TrainConfig
@@ -24,6 +25,14 @@ def test_shipped_config_validates(path: Path):
         model = AccuracyConfig
     elif "fractions" in data:
         model = SparseNucleiConfig
+    elif "rows" in data:
+        table = TableConfig(**data)
+        # each cell's training config with the cell's changes
+        for cells in table.rows.values():
+            for cell in cells.values():
+                if cell.train is not None:
+                    TrainConfig(**{**json.loads(Path(cell.train).read_text()), **cell.changes})
+        return
     else:
         model = TrainConfig if "experiment_dir" in data else RunConfig
     model(**data)
