@@ -241,3 +241,20 @@ def test_a_run_partitions_given_predictions_with_their_foreground_and_uncertaint
     wrong = {**given["affinities"], "outputs": {"uncertainty": str(volumes / "foreground")}}
     path.write_text(json.dumps({**config, "run_dir": str(tmp_path / "wrong"), "model": None, "affinities": wrong}))
     assert_one_line_error(run_cli("pipeline/predict.py", str(path)), "affinities.outputs.uncertainty")
+
+
+def test_decoding_in_cache_sized_calls_gives_every_voxel_its_own_mask(monkeypatch):
+    """`Model.decode` splits the codes into calls of a few hundred; the
+    masks are those of one call over all codes, in voxel order."""
+    from pipeline.methods import latent_masks
+
+    torch.manual_seed(0)
+    model = build_model(settings(foreground=None), BACKBONE, OFFSETS).eval()
+    codes = torch.randn((2, 8, 1, 9, 11))
+    monkeypatch.setattr(latent_masks, "DECODE_CACHE_FLOATS", 7 * model.decoder.maps * 25)  # calls of 7 codes
+    with torch.no_grad():
+        masks = model.decode(codes)
+        whole = model.decoder(codes.movedim(1, -1).reshape(-1, 8))
+    assert masks.shape == (2, 25, 1, 9, 11)
+    assert torch.equal(masks[1, :, 0, 4, 6], whole[(1 * 9 + 4) * 11 + 6])
+    assert torch.allclose(masks.movedim(1, -1).reshape(-1, 25), whole, atol=1e-6)
