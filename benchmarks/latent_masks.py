@@ -41,10 +41,13 @@ def decoder_flops(settings: Settings, window) -> float:
 
 
 def maskaggr_work(window, factors, offsets) -> tuple[float, float]:
-    """(FLOPs, bytes read) of MaskAggr per output voxel: per offset and
-    level, one Welford update (about 12 FLOPs: min, max, and the weighted
-    mean and spread) per mask holding the pair, which reads two mask values
-    and the three running sums and writes those back."""
+    """(FLOPs, bytes from memory) of MaskAggr per output voxel on the CPU
+    (the compiled kernel): per offset and level, one Welford update (about
+    12 FLOPs: min, max, and the weighted mean and spread) per mask holding
+    the pair, on running sums kept in registers; from memory, each level's
+    masks once as the network wrote them, once copied channel-last and
+    read back, and the three running sums read and written once a level.
+    (The torch form, on a GPU, reads and writes the sums at every update.)"""
     positions = set(window_positions(window))
     flops = data = 0.0
     for factor in factors:
@@ -54,9 +57,8 @@ def maskaggr_work(window, factors, offsets) -> tuple[float, float]:
             for phase in phases:
                 step = tuple((r + o) // f for r, o, f in zip(phase, offset, factor))
                 held += sum(tuple(d + s for d, s in zip(delta, step)) in positions for delta in positions)
-            held /= len(phases)
-            flops += 12 * held
-            data += held * (2 + 6) * 4
+            flops += 12 * held / len(phases)
+        data += 3 * len(positions) * 4 / math.prod(factor) + 3 * 2 * len(offsets) * 4
     return flops, data
 
 

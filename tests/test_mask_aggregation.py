@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.methods.mask_aggregation import aggregate_masks, mask_reach, window_positions
+from pipeline.methods.mask_aggregation import (
+    add_level_compiled,
+    add_level_torch,
+    aggregate_masks,
+    held_pairs,
+    mask_reach,
+    window_positions,
+)
 
 
 def brute_force(levels, window, offsets, centre_only=False):
@@ -96,3 +103,19 @@ def test_bad_windows_and_levels_are_refused():
     levels = random_levels(1, (1, 3, 3), (1, 8, 8), [(1, 1, 1)]) + random_levels(1, (1, 3, 3), (1, 4, 4), [(1, 2, 2)])
     with pytest.raises(ValueError, match="cover the same voxels"):
         aggregate_masks(levels, (1, 3, 3), [(0, -1, 0)])
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("centre_only", [False, True])
+def test_the_compiled_kernel_makes_the_torch_updates(case, centre_only):
+    """The CPU kernel (pipeline/kernels/compiled/mask_aggregation.py) and
+    the torch form give the same running sums, level by level."""
+    window, shape, factors, offsets = CASES[case]
+    levels = random_levels(2, window, tuple(s * 2 if s > 1 else s for s in shape), factors, seed=3)
+    stats = {form: torch.zeros((3, 2, len(offsets), *levels[0][0].shape[2:])) for form in ("torch", "compiled")}
+    for masks, factor in levels:
+        pairs = held_pairs(window, factor, offsets, centre_only)
+        add_level_torch(stats["torch"], masks, factor, pairs)
+        add_level_compiled(stats["compiled"], masks, factor, pairs)
+        torch.testing.assert_close(stats["compiled"], stats["torch"], rtol=1e-6, atol=1e-7)
+    assert stats["torch"][0].max() > 0

@@ -19,14 +19,17 @@ f, so the pair (u, u + o) is the level's pair (u // f, (u + o) // f), whose
 offset depends on u's phase u % f. Each phase is one strided view of the
 output, taken with its own offset.
 
-torch throughout, batched over the batch axis; it runs where the masks
-are (the GPU at predict time).
+It runs where the masks are: torch on the GPU, batched over the batch
+axis; on a CPU a compiled kernel that visits each voxel once per level
+(pipeline/kernels/compiled/mask_aggregation.py), tested against the torch
+form.
 """
 
 from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import torch
 
 from pipeline.kernels.rag import offset_pairs
@@ -57,9 +60,10 @@ def aggregate_masks(levels: list[tuple[torch.Tensor, Triple]], window: Triple, o
     affinity of offset o at voxel u is that of the pair (u, u + o); a pair
     that no mask with any evidence holds gets 0 and variance 0.
     `centre_only`: the published code's variant, the mask centred at u of
-    the finest level alone (variance 0)."""
+    the finest level alone (variance 0). On a CPU the compiled kernel
+    (pipeline/kernels/compiled/mask_aggregation.py) does the updates,
+    elsewhere torch (`add_level_torch`), in the same order."""
     positions = window_positions(window)
-    index = {delta: k for k, delta in enumerate(positions)}
     fine = {tuple(s * f for s, f in zip(masks.shape[2:], factor)) for masks, factor in levels}
     if len(fine) != 1 or any(masks.shape[1] != len(positions) for masks, _ in levels):
         raise ValueError("every level's masks must hold the window's positions and cover the same voxels")
@@ -67,18 +71,64 @@ def aggregate_masks(levels: list[tuple[torch.Tensor, Triple]], window: Triple, o
     masks0 = levels[0][0]
     stats = torch.zeros((3, masks0.shape[0], len(offsets), *shape), dtype=torch.float32, device=masks0.device)
     for masks, factor in levels[:1] if centre_only else levels:
-        for phase in itertools.product(*(range(f) for f in factor)):
-            view = stats[(slice(None), slice(None), slice(None), *(slice(r, None, f) for r, f in zip(phase, factor)))]
-            for c, offset in enumerate(offsets):
-                # the level's offset of the pairs that start at this phase
-                step = tuple((r + o) // f for r, o, f in zip(phase, offset, factor))
-                for delta in [(0, 0, 0)] if centre_only else positions:
-                    partner = tuple(d + s for d, s in zip(delta, step))
-                    if partner in index:
-                        _add_mask(view[:, :, c], masks[:, index[delta]], masks[:, index[partner]], delta)
+        pairs = held_pairs(window, factor, offsets, centre_only)
+        if masks.device.type == "cpu":
+            add_level_compiled(stats, masks, factor, pairs)
+        else:
+            add_level_torch(stats, masks, factor, pairs)
     weight, mean, spread = stats
     held = weight > 0
     return mean, torch.where(held, spread / weight.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+
+
+def held_pairs(window: Triple, factor: Triple, offsets, centre_only: bool) -> list[list[list[tuple[int, int, Triple]]]]:
+    """Per phase of the level (C order over the factor's phases) and offset:
+    the masks that hold the pairs starting at that phase, as (the window
+    position of the pair's first voxel, that of its partner, the first
+    voxel's position δ from the mask's centre), in window order."""
+    positions = window_positions(window)
+    index = {delta: k for k, delta in enumerate(positions)}
+    result = []
+    for phase in itertools.product(*(range(f) for f in factor)):
+        per_offset = []
+        for offset in offsets:
+            # the level's offset of the pairs that start at this phase
+            step = tuple((r + o) // f for r, o, f in zip(phase, offset, factor))
+            held = []
+            for delta in [(0, 0, 0)] if centre_only else positions:
+                partner = tuple(d + s for d, s in zip(delta, step))
+                if partner in index:
+                    held.append((index[delta], index[partner], delta))
+            per_offset.append(held)
+        result.append(per_offset)
+    return result
+
+
+def add_level_compiled(stats: torch.Tensor, masks: torch.Tensor, factor: Triple, pairs) -> None:
+    """`add_level_torch` by the compiled kernel, on CPU tensors."""
+    from pipeline.kernels.compiled.mask_aggregation import add_level
+
+    longest = max((len(held) for per_offset in pairs for held in per_offset), default=0)
+    table = np.zeros((len(pairs), len(pairs[0]), max(1, longest), 5), dtype=np.int64)
+    counts = np.zeros((len(pairs), len(pairs[0])), dtype=np.int64)
+    for p, per_offset in enumerate(pairs):
+        for c, held in enumerate(per_offset):
+            counts[p, c] = len(held)
+            for j, (here, there, delta) in enumerate(held):
+                table[p, c, j] = (here, there, *delta)
+    channel_last = np.ascontiguousarray(masks.detach().movedim(1, -1).numpy(), dtype=np.float32)
+    add_level(stats.numpy(), channel_last, np.asarray(factor, dtype=np.int64), table, counts)
+
+
+def add_level_torch(stats: torch.Tensor, masks: torch.Tensor, factor: Triple, pairs) -> None:
+    """One level's masks (B, K, Z / f, Y / f, X / f) into `stats` (weight,
+    mean, spread; (3, B, C, Z, Y, X)), a whole-array update per held pair of
+    each phase and offset (`held_pairs`)."""
+    for phase, per_offset in zip(itertools.product(*(range(f) for f in factor)), pairs):
+        view = stats[(slice(None), slice(None), slice(None), *(slice(r, None, f) for r, f in zip(phase, factor)))]
+        for c, held in enumerate(per_offset):
+            for here, there, delta in held:
+                _add_mask(view[:, :, c], masks[:, here], masks[:, there], delta)
 
 
 def _add_mask(stats: torch.Tensor, here: torch.Tensor, there: torch.Tensor, delta: Triple) -> None:

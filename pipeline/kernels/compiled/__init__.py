@@ -14,10 +14,14 @@ and each is tested against a slow reference:
   `mwatershed.agglom` and `mwatershed.cluster`;
 - `flood`: a seeded watershed over the nearest-neighbour affinity graph
   (growing segments over removed ones), tested against a heap-based loop;
+- `mask_aggregation`: MaskAggr's updates on a CPU, one pass over the
+  voxels per level (in place of whole-array torch updates), tested against
+  the torch form and a loop over the masks;
 - `prefetch`: a cache prefetch hint (LLVM's), which the graph kernel issues
   for the edges it takes next.
 
-Python-level callers live in pipeline/kernels/{lut,rag,watershed,graph_mutex,mutex}.py.
+Python-level callers live in pipeline/kernels/{lut,rag,watershed,graph_mutex,mutex}.py and
+pipeline/methods/mask_aggregation.py.
 `cache=True` keeps the machine code beside these files, so a new process
 does not compile again. numba's cache notices a change to a kernel's own
 file only: a kernel that calls one of another file (grid_mutex calls
