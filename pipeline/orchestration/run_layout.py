@@ -328,7 +328,7 @@ def _check_given_affinities(config: RunConfig, channels: int, vs: Coordinate, ro
             raise UserError(f"affinities: {e}") from e
 
 
-def given_output_format(name: str, offsets) -> tuple[int, str]:
+def _given_output_format(name: str, offsets) -> tuple[int, str]:
     """(channels, dtype) of a model output the steps read, as the predict
     step writes it (MethodModel.outputs): what a given one must be."""
     return {"foreground": (1, "uint8"), "uncertainty": (len(offsets), "float16")}[name]
@@ -340,7 +340,7 @@ def _check_given_outputs(config: RunConfig, offsets, vs: Coordinate, roi: Roi) -
     extras = []
     for name, path in sorted(config.affinities.outputs.items()):
         field = f"affinities.outputs.{name}"
-        channels, dtype = given_output_format(name, offsets)
+        channels, dtype = _given_output_format(name, offsets)
         volume = open_volume(*split_path(path), field=field, dtypes=(dtype,))
         if len(volume.shape) != 4 or volume.shape[0] != channels:
             raise UserError(f"{field}: expected a 4D (channel, z, y, x) dataset with {channels} channel(s), got shape "
