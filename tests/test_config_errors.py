@@ -73,6 +73,10 @@ CASES = {
     ),
     "random strides without a stride": ({"mutex": {"randomized_strides": True}}, "randomized_strides needs long_range_stride"),
     "unknown partitioner": ({"partition": "mutex"}, "partition: Input should be 'waterz', 'mutex_2d' or 'mutex_3d'"),
+    "given output no step reads": (
+        {"model": None, "affinities": {"dataset": str(RAW), "offsets": NEAREST, "outputs": {"embedding": str(RAW)}}},
+        "affinities.outputs.embedding.[key]: Input should be 'foreground' or 'uncertainty'",
+    ),
     "affinities offsets out of order": (
         {"model": None, "affinities": {"dataset": str(RAW), "offsets": NEAREST[::-1]}},
         "affinities.offsets: the first three offsets must be [-1,0,0], [0,-1,0], [0,0,-1]",
