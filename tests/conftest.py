@@ -217,9 +217,40 @@ class MongoServerProcess:
         self.port = int(listening[1])
         pymongo.MongoClient(self.uri, serverSelectionTimeoutMS=10_000).admin.command("ping")
 
+    def freeze(self) -> None:
+        """SIGSTOP, and wait until every thread of the server has stopped:
+        the signal is delivered asynchronously, and on a loaded machine a
+        thread still running could answer one more request (a
+        frozen-server test once saw its write succeed)."""
+        import signal
+        import time
+
+        self.process.send_signal(signal.SIGSTOP)
+        tasks = Path(f"/proc/{self.process.pid}/task")
+        deadline = time.time() + 30
+        while tasks.exists() and not all(_stopped(task) for task in tasks.iterdir()):
+            assert time.time() < deadline, "the server did not stop within 30 s"
+            time.sleep(0.01)
+
+    def thaw(self) -> None:
+        import signal
+
+        self.process.send_signal(signal.SIGCONT)
+
     def kill(self) -> None:
         self.process.kill()
         self.process.wait()
+
+
+def _stopped(task: Path) -> bool:
+    """Whether a thread (/proc/PID/task/TID) is stopped; one that has
+    exited meanwhile counts as stopped."""
+    try:
+        stat = (task / "stat").read_text()
+    except FileNotFoundError:
+        return True
+    # the state follows the command name, which is in parentheses
+    return stat[stat.rindex(")") + 2] in "Tt"
 
 
 @pytest.fixture

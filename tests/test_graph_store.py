@@ -233,15 +233,13 @@ def test_a_full_sqlite_database_says_so(tmp_path):
 
 
 def test_a_frozen_mongodb_server_fails_the_request_instead_of_stalling_it(tmp_path, mongodb_process):
-    import signal
     import time
 
     from pymongo.errors import AutoReconnect
 
-    server = mongodb_process.process
     with open_store(mongodb_process.uri + "frozen", tmp_path, "0" * 32, timeout_s=1) as store:
         store.write_nodes(0, nodes([1], 0))
-        server.send_signal(signal.SIGSTOP)
+        mongodb_process.freeze()
         try:
             started = time.time()
             with pytest.raises(AutoReconnect):  # NetworkTimeout and ServerSelectionTimeoutError are kinds of it
@@ -249,7 +247,7 @@ def test_a_frozen_mongodb_server_fails_the_request_instead_of_stalling_it(tmp_pa
             # five attempts of about a second, with 7.5 s of back-off between them
             assert time.time() - started < 30
         finally:
-            server.send_signal(signal.SIGCONT)
+            mongodb_process.thaw()
         # the server back: the same store works again
         store.write_nodes(1, nodes([2], 1))
         assert store.node_ids().tolist() == [1, 2]
