@@ -15,8 +15,9 @@ name a bundled `model` instead (a reference row).
 
 For a model with an uncertainty, the cell's chosen test run is scored with
 pipeline/evaluation/uncertainty.py: the ROC AUC of the uncertainty for
-wrong affinities (each voxel pair of the run's offsets, thresholded at
-0.5, both voxels labelled), for segments without a ground-truth match at
+wrong affinities (each voxel pair of the run's offsets, both voxels
+labelled, thresholded at the run's mutex bias as its segmentation takes
+them), for segments without a ground-truth match at
 IoU > 0.5, and for contacts that split one object (the proofreading
 list's rows).
 
@@ -97,9 +98,10 @@ class TableConfig(Strict):
         return self
 
 
-def uncertainty_scores(run_dir: RunDir) -> dict | None:
-    """The AUCs of a finished run with an uncertainty and ground truth;
-    None for a run without an uncertainty."""
+def uncertainty_scores(run_dir: RunDir, bias: float) -> dict | None:
+    """The AUCs of a finished run with an uncertainty and ground truth
+    (pairs: the affinities thresholded at the run's mutex `bias`, as its
+    segmentation takes them); None for a run without an uncertainty."""
     layout = run_dir.read_layout()
     if not layout.uncertain:
         return None
@@ -117,7 +119,7 @@ def uncertainty_scores(run_dir: RunDir) -> dict | None:
             tables[name] = list(csv.DictReader(f))
     segments = [(int(r["segment"]), float(r["uncertainty"])) for r in tables["segments"]]
     edges = [(int(r["segment_a"]), int(r["segment_b"]), float(r["uncertainty"])) for r in tables["edges"]]
-    return {"pairs": pair_errors(affs, uncertainty, truth, layout.offsets),
+    return {"pairs": pair_errors(affs, uncertainty, truth, layout.offsets, bias),
             **segment_errors(segmentation, truth, segments, edges, per_section=layout.partitioner.sections_are_images)}
 
 
@@ -138,7 +140,7 @@ def run_cell(config: TableConfig, name: str, row: str, dataset_name: str) -> dic
     # the sweep's first run predicted; the others read its predictions
     first = RunDir(out / experiment.name / "test" / f"bias_{cell.biases[0]:.2f}")
     return {"name": name, "bias": chosen["threshold"], **{k: chosen[k] for k in SCORES[dataset.select]},
-            "uncertainty": uncertainty_scores(test_dir), "train_s": wall, "train_cpu_s": cpu,
+            "uncertainty": uncertainty_scores(test_dir, chosen["threshold"]), "train_s": wall, "train_cpu_s": cpu,
             "test_run_s": json.loads(first.report.read_text())["wall_s"], **measured()}
 
 

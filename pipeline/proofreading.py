@@ -3,17 +3,23 @@ latent-mask method's MaskAggr variance, issue 21): where the model itself
 doubts, for a proofreader to start there.
 
 Block by block (workers/proofread.py), each voxel pair of the run's
-nearest-neighbour offsets that crosses a boundary of the segmentation (two
-different labels) brings the uncertainty of its pair (the variance of that
-offset's channel at its first voxel): to the edge of the two segments, and
-to the boundary of each segment (against the background too). A block
+nearest-neighbour offsets whose voxels lie in two different segments
+brings the uncertainty of its pair (the variance of that offset's channel
+at its first voxel) to the edge of the two segments; a segment's
+uncertainty is that of its edges together (issue 21: segments from the
+edges of their boundary). A segment's border with the background (label
+0) counts for neither: there the foreground decided, not the masks, and on
+the nuclei such borders, where the masks agree, hid the doubt between
+segments (the ROC AUC of the segments' uncertainty for wrong segments was
+0.37 with them, 0.82 without; docs/latent_masks.md). A
 counts the pairs whose first voxel it holds, so each pair counts once, and
 the segments' sizes and centres over its own voxels; its sums go to
 RUN_DIR/proofreading/BLOCK.npz, which the master adds up (as evaluation
 does) into two tables sorted by uncertainty, most doubtful first:
 
 - `proofreading/segments.csv`: segment, voxels, centre z y x (world
-  units), boundary pairs, uncertainty (the mean over its boundary pairs);
+  units), contact pairs (with other segments), uncertainty (their mean; 0
+  for a segment that touches no other);
 - `proofreading/edges.csv`: the two segments, the contact's centre z y x
   (the mean of its pairs' first voxels), pairs, uncertainty (their mean);
 
@@ -38,7 +44,7 @@ from pipeline.storage.files import write_atomically
 
 # rows of each table the report shows
 TOP = 10
-SEGMENT_COLUMNS = ("segment", "voxels", "z", "y", "x", "boundary_pairs", "uncertainty")
+SEGMENT_COLUMNS = ("segment", "voxels", "z", "y", "x", "contact_pairs", "uncertainty")
 EDGE_COLUMNS = ("segment_a", "segment_b", "z", "y", "x", "pairs", "uncertainty")
 
 
@@ -48,8 +54,8 @@ def block_statistics(segmentation: np.ndarray, uncertainty: np.ndarray, offsets,
     Y, X) over the block and a context of a voxel, `window` the block's
     slices in them, `origin` the world position of their first voxel.
     Keys: segment_* (ids, voxels and world position sums over the block's
-    own voxels), boundary_* (ids, pairs, uncertainty sums), edge_* (keys a <
-    b, pairs, uncertainty sums, world position sums of the first voxels)."""
+    own voxels), edge_* (keys a < b, pairs, uncertainty sums, world
+    position sums of the first voxels)."""
     origin, voxel_size = np.asarray(origin, dtype=np.float64), np.asarray(voxel_size, dtype=np.float64)
     start = np.array([w.start for w in window])
     inner = segmentation[window]
@@ -70,15 +76,12 @@ def block_statistics(segmentation: np.ndarray, uncertainty: np.ndarray, offsets,
         first = np.stack(np.nonzero(crossing), axis=1) + [h.start for h in here]
         where.append(first * voxel_size + origin)
     a, b, u, where = (np.concatenate(x) for x in (a, b, u, where))
-    sides, side_u = np.concatenate([a, b]), np.concatenate([u, u])
-    boundary_ids, boundary_pairs, boundary_sums = _add_up(sides[sides > 0], side_u[sides > 0])
     lo, hi = np.minimum(a, b), np.maximum(a, b)
     between = lo > 0
     edge_keys, edge_pairs, edge_sums, edge_positions = _add_up(np.stack([lo[between], hi[between]], axis=1),
                                                                u[between], where[between])
     keep = ids > 0
     return {"segment_ids": ids[keep], "segment_voxels": voxels[keep], "segment_positions": positions[keep],
-            "boundary_ids": boundary_ids, "boundary_pairs": boundary_pairs, "boundary_sums": boundary_sums,
             "edge_keys": edge_keys, "edge_pairs": edge_pairs, "edge_sums": edge_sums, "edge_positions": edge_positions}
 
 
@@ -106,19 +109,18 @@ def merge(blocks: list[dict[str, np.ndarray]]) -> tuple[list[tuple], list[tuple]
 
     ids, voxels, positions = _add_up(stacked("segment_ids"), stacked("segment_positions", (3,)),
                                      counts=stacked("segment_voxels"))
-    boundary_ids, pairs, sums = _add_up(stacked("boundary_ids"), stacked("boundary_sums"),
-                                        counts=stacked("boundary_pairs"))
-    # every boundary voxel belongs to a segment some block counted
-    segment_pairs, segment_sums = np.zeros(len(ids), dtype=np.int64), np.zeros(len(ids))
-    segment_pairs[np.searchsorted(ids, boundary_ids)] = pairs
-    segment_sums[np.searchsorted(ids, boundary_ids)] = sums
-    segments = [(int(i), int(n), *(float(x) for x in where / n), int(p), float(v / p) if p else 0.0)
-                for i, n, where, p, v in zip(ids, voxels, positions, segment_pairs, segment_sums)]
     keys, edge_pairs, edge_sums, edge_positions = _add_up(stacked("edge_keys", (2,)), stacked("edge_sums"),
                                                           stacked("edge_positions", (3,)),
                                                           counts=stacked("edge_pairs"))
     edges = [(int(k[0]), int(k[1]), *(float(x) for x in where / n), int(n), float(v / n))
              for k, n, v, where in zip(keys, edge_pairs, edge_sums, edge_positions)]
+    # each edge's pairs to both its segments (every segment of an edge was
+    # counted by some block)
+    at = np.searchsorted(ids, keys.reshape(-1))
+    segment_pairs = np.bincount(at, weights=np.repeat(edge_pairs, 2), minlength=len(ids)).astype(np.int64)
+    segment_sums = np.bincount(at, weights=np.repeat(edge_sums, 2), minlength=len(ids))
+    segments = [(int(i), int(n), *(float(x) for x in where / n), int(p), float(v / p) if p else 0.0)
+                for i, n, where, p, v in zip(ids, voxels, positions, segment_pairs, segment_sums)]
     segments.sort(key=lambda row: (-row[-1], row[0]))
     edges.sort(key=lambda row: (-row[-1], row[0], row[1]))
     return segments, edges

@@ -1,5 +1,5 @@
 """The proofreading list's sums (pipeline/proofreading.py): block by
-block equal to one block and to a loop over every boundary pair."""
+block equal to one block and to a loop over every pair across two segments."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ OFFSETS = [(-1, 0, 0), (0, -1, 0), (0, 0, -1), (0, -3, 0)]  # the last is not a 
 
 
 def brute_force(segmentation, uncertainty, voxel_size, origin):
-    """Per segment and per edge: every nearest-neighbour pair (i, i + o)
-    inside the volume with two labels, its uncertainty at i."""
+    """Per edge, and per segment over its edges: every nearest-neighbour
+    pair (i, i + o) inside the volume with two labels, neither 0 (a
+    segment's border with the background counts for neither), its
+    uncertainty at i."""
     segments, edges = {}, {}
     for i in np.ndindex(*segmentation.shape):
         s = int(segmentation[i])
@@ -30,12 +32,10 @@ def brute_force(segmentation, uncertainty, voxel_size, origin):
             a, b, u = int(segmentation[i]), int(segmentation[j]), float(uncertainty[(c, *i)])
             if a == b:
                 continue
-            for side in (a, b):
-                if side:
-                    segments.setdefault(side, [0, np.zeros(3), 0, 0.0])
+            if a and b:
+                for side in (a, b):
                     segments[side][2] += 1
                     segments[side][3] += u
-            if a and b:
                 edge = edges.setdefault((min(a, b), max(a, b)), [0, 0.0, np.zeros(3)])
                 edge[0] += 1
                 edge[1] += u
@@ -43,7 +43,7 @@ def brute_force(segmentation, uncertainty, voxel_size, origin):
     return segments, edges
 
 
-def test_blocks_add_up_to_a_loop_over_the_boundary_pairs():
+def test_blocks_add_up_to_a_loop_over_the_pairs_across_two_segments():
     rng = np.random.default_rng(0)
     shape, voxel_size, origin = (6, 12, 10), np.array([40.0, 4.0, 4.0]), np.array([400.0, 0.0, 8.0])
     segmentation = np.kron(rng.integers(0, 6, (3, 4, 5)), np.ones((2, 3, 2), dtype=np.int64)).astype(np.uint64)

@@ -36,7 +36,8 @@ def test_wrong_affinities_are_those_a_loop_over_voxel_pairs_finds():
     truth = rng.integers(0, 4, size=(2, 6, 7))
     offsets = [(0, -1, 0), (0, 0, -1), (-1, 0, 0), (0, 2, -3)]
     affs = rng.integers(0, 256, size=(len(offsets), *truth.shape)).astype(np.uint8)
-    affs[:, :, 0] = 128  # 0.502: "same"
+    affs[:, :, 0] = 153  # 0.6, on the threshold: "same"
+    affs[:, :, 1] = 152
     uncertainty = rng.random((len(offsets), *truth.shape)).astype(np.float16)
     scores, wrong = [], []
     for c, o in enumerate(offsets):
@@ -44,9 +45,9 @@ def test_wrong_affinities_are_those_a_loop_over_voxel_pairs_finds():
             j = tuple(np.add(i, o))
             if any(x < 0 or x >= s for x, s in zip(j, truth.shape)) or truth[i] == 0 or truth[j] == 0:
                 continue
-            wrong.append((affs[c][i] >= 128) != (truth[i] == truth[j]))
+            wrong.append((affs[c][i] / 255 >= 0.6) != (truth[i] == truth[j]))
             scores.append(uncertainty[c][i])
-    result = pair_errors(affs, uncertainty, truth, offsets)
+    result = pair_errors(affs, uncertainty, truth, offsets, threshold=0.6)
     assert result["items"] == len(wrong) and result["wrong"] == pytest.approx(np.mean(wrong))
     assert result["auc"] == pytest.approx(brute_auc(scores, wrong))
 

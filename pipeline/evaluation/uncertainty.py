@@ -5,8 +5,9 @@ levels a proofreader meets them.
 
 - pairs: every voxel pair (i, i + offset) of every affinity channel with
   both voxels labelled (> 0; label 0 is background or unknown, which the
-  masks do not model); wrong where the affinity thresholded at 0.5
-  disagrees with "same label";
+  masks do not model); wrong where the affinity thresholded as the
+  segmentation thresholds it (a mutex watershed's bias: above attracts,
+  below repels) disagrees with "same label";
 - segments: the proofreading list's segments (uncertainty along their
   boundary); wrong where no ground-truth object overlaps the segment with
   IoU > 0.5 (PQ's match: a split piece, a merge or a spurious segment);
@@ -40,16 +41,21 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((pos * (below + neg / 2)).sum() / (p * n))
 
 
-def pair_errors(affs: np.ndarray, uncertainty: np.ndarray, truth: np.ndarray, offsets) -> dict[str, float]:
+def pair_errors(affs: np.ndarray, uncertainty: np.ndarray, truth: np.ndarray, offsets,
+                threshold: float) -> dict[str, float]:
     """`affs` (C, Z, Y, X) uint8 (0..255 for [0, 1]), `uncertainty` of the
     same shape, `truth` (Z, Y, X) labels: the AUC of the uncertainty for
-    wrong thresholded affinities, the pairs and the fraction wrong."""
+    affinities on the wrong side of `threshold` (in [0, 1]; one on it
+    counts as "same"), the pairs and the fraction wrong."""
+    # the uint8 levels at or above the threshold; a mutex watershed's edge
+    # attracts above its bias (pipeline/kernels/mutex.py)
+    level = int(np.ceil(threshold * 255))
     scores, wrong = [], []
     for c, offset in enumerate(offsets):
         here, there = offset_pairs(truth.shape, offset)
         a, b = truth[here], truth[there]
         labelled = (a > 0) & (b > 0)
-        predicted_same = affs[c][here][labelled] >= 128
+        predicted_same = affs[c][here][labelled] >= level
         wrong.append(predicted_same != (a[labelled] == b[labelled]))
         scores.append(uncertainty[c][here][labelled])
     scores, wrong = np.concatenate(scores), np.concatenate(wrong)
