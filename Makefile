@@ -10,7 +10,7 @@ INSTALLED := $(VENV)/.installed
 GROUNDTRUTH := data/fib25_medulla/groundtruth.h5
 LABELS := runs/fib25.zarr/labels
 
-.PHONY: demo test bench accuracy accuracy-mutex nuclei nuclei-crac accuracy-nuclei sparse-nuclei latent-masks-table clean
+.PHONY: demo test bench accuracy accuracy-mutex nuclei nuclei-crac nuclei-latent accuracy-nuclei sparse-nuclei latent-masks-table clean
 
 $(INSTALLED): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +73,11 @@ nuclei: $(INSTALLED) runs/nuclei.zarr/raw/.zarray runs/nuclei.zarr/labels/.zarra
 # the bundled CRAC model (trained on 10% of the nuclei) on the test pages
 nuclei-crac: $(INSTALLED) runs/nuclei.zarr/raw/.zarray runs/nuclei.zarr/labels/.zarray
 	$(BIN)/python pipeline/predict.py configs/nuclei_crac.json
+
+# the bundled latent-mask model on the test pages: scores, the uncertainty
+# dataset and the proofreading list (RUN_DIR/proofreading/*.csv)
+nuclei-latent: $(INSTALLED) runs/nuclei.zarr/raw/.zarray runs/nuclei.zarr/labels/.zarray
+	$(BIN)/python pipeline/predict.py configs/nuclei_latent.json
 
 # the nuclei table: classical, affinity, PEA ablation (trains 3 models)
 accuracy-nuclei: $(INSTALLED) runs/nuclei.zarr/raw/.zarray runs/nuclei.zarr/labels/.zarray
