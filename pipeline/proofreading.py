@@ -11,7 +11,7 @@ edges of their boundary). A segment's border with the background (label
 0) counts for neither: there the foreground decided, not the masks, and on
 the nuclei such borders, where the masks agree, hid the doubt between
 segments (the ROC AUC of the segments' uncertainty for wrong segments was
-0.37 with them, 0.82 without; docs/latent_masks.md). A
+0.38 with them, 0.83 without, on the nuclei; docs/latent_masks.md). A
 counts the pairs whose first voxel it holds, so each pair counts once, and
 the segments' sizes and centres over its own voxels; its sums go to
 RUN_DIR/proofreading/BLOCK.npz, which the master adds up (as evaluation
