@@ -92,7 +92,7 @@ def test_the_proofreading_list_is_a_layer_of_points(tmp_path, run_config):
     _, run_dir = open_run(config)
     run_dir.proofreading.mkdir()
     (run_dir.proofreading / "segments.csv").write_text(
-        "segment,voxels,z,y,x,boundary_pairs,uncertainty\n7,100,1210.0,30.5,44.0,40,0.2\n9,50,1300.0,10.0,20.0,8,0.1\n")
+        "segment,voxels,z,y,x,contact_pairs,uncertainty\n7,100,1210.0,30.5,44.0,40,0.2\n9,50,1300.0,10.0,20.0,8,0.1\n")
     (run_dir.proofreading / "edges.csv").write_text("segment_a,segment_b,z,y,x,pairs,uncertainty\n7,9,1250.0,20.0,30.0,6,0.15\n")
     viewer, lines = serve(config, "127.0.0.1", 0)
     layer = viewer.state.layers["proofreading"]

@@ -1,6 +1,6 @@
 """Block-wise sums of the proofreading list (pipeline/proofreading.py):
 the segmentation and the uncertainty of block + one voxel, the block's
-boundary pairs and segments, into RUN_DIR/proofreading/blocks/BLOCK.npz,
+pairs across two segments and its segments, into RUN_DIR/proofreading/blocks/BLOCK.npz,
 which the master adds up."""
 
 from __future__ import annotations
