@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.evaluation.metrics import contingency_pairs
 from pipeline.kernels.rag import offset_pairs
 
 
@@ -74,13 +75,13 @@ def _keyed(truth: np.ndarray, per_section: bool) -> np.ndarray:
 def _overlaps(segmentation: np.ndarray, truth: np.ndarray):
     """(segment, object, voxels) of every overlap of a segment and an object
     (both > 0), and each one's size."""
-    seg, obj = segmentation.ravel().astype(np.uint64), truth.ravel()
-    both = (seg > 0) & (obj > 0)
-    pairs, counts = np.unique(np.stack([seg[both], obj[both]], axis=1), axis=0, return_counts=True)
-    seg_ids, seg_sizes = np.unique(seg[seg > 0], return_counts=True)
-    obj_ids, obj_sizes = np.unique(obj[obj > 0], return_counts=True)
-    return pairs.reshape(-1, 2), counts, dict(zip(seg_ids.tolist(), seg_sizes.tolist())), \
-        dict(zip(obj_ids.tolist(), obj_sizes.tolist()))
+    seg_of, obj_of, counts = contingency_pairs(segmentation, truth)
+    obj_ids, at = np.unique(obj_of, return_inverse=True)
+    obj_sizes = np.bincount(at.ravel(), weights=counts, minlength=len(obj_ids)).astype(np.int64)
+    seg_ids, seg_sizes = np.unique(segmentation[segmentation > 0], return_counts=True)
+    inside = seg_of > 0
+    return np.stack([seg_of[inside], obj_of[inside]], axis=1), counts[inside], \
+        dict(zip(seg_ids.tolist(), seg_sizes.tolist())), dict(zip(obj_ids.tolist(), obj_sizes.tolist()))
 
 
 def segment_errors(segmentation: np.ndarray, truth: np.ndarray, segments: list[tuple[int, float]],
