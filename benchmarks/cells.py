@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -74,6 +75,20 @@ def run_cells(cells: Iterable[tuple[str, Callable[[], dict]]], stored: Path, arg
         write_atomically(stored, json.dumps(results, indent=2))
         print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in cell.items() if k in shown), flush=True)
     return results
+
+
+def summary(rows: list[dict], keys: tuple[str, ...]) -> str:
+    """One table cell: the mean of each score in `keys`, and with several
+    seeds the half range (n seeds)."""
+    if not rows:
+        return "not run"
+    parts = []
+    for key in keys:
+        values = [r[key] for r in rows]
+        spread = f" ± {(max(values) - min(values)) / 2:.3f}" if len(values) > 1 else ""
+        parts.append(f"{key.upper()} {statistics.mean(values):.3f}{spread}")
+    seeds = f" ({len(rows)} seeds)" if len(rows) > 1 else ""
+    return ", ".join(parts) + seeds
 
 
 def train(cell: Path, base: Path, changes: dict) -> tuple[Path, float | None, float | None]:

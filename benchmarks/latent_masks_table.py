@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.accuracy import Experiment, run_experiment  # noqa: E402
-from benchmarks.cells import measured, table_main, train  # noqa: E402
+from benchmarks.cells import measured, summary, table_main, train  # noqa: E402
 from pipeline.cli import cli_main  # noqa: E402
 from pipeline.config import AbsPath, RoiConfig, RunConfig, Strict, ZarrPath, load_json  # noqa: E402
 from pipeline.evaluation.uncertainty import pair_errors, segment_errors  # noqa: E402
@@ -75,11 +75,16 @@ class Cell(Strict):
     model: AbsPath | None = None
     biases: list[Annotated[float, Field(gt=0, lt=1)]]
     representation: str | None = None  # model.representation of the runs
+    # training seeds (the config's `seed`): the table gives their mean and
+    # half range; seed 0's cell is named as the row, another's "ROW seed N"
+    seeds: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] = [0]
 
     @model_validator(mode="after")
     def _one(self) -> Cell:
         if (self.train is None) == (self.model is None):
             raise ValueError("give exactly one of train or model")
+        if self.model is not None and self.seeds != [0]:
+            raise ValueError("seeds are for a cell that trains, not a bundled model")
         return self
 
 
@@ -123,13 +128,14 @@ def uncertainty_scores(run_dir: RunDir, bias: float) -> dict | None:
             **segment_errors(segmentation, truth, segments, edges, per_section=layout.partitioner.sections_are_images)}
 
 
-def run_cell(config: TableConfig, name: str, row: str, dataset_name: str) -> dict:
+def run_cell(config: TableConfig, name: str, row: str, dataset_name: str, seed: int) -> dict:
     cell, dataset = config.rows[row][dataset_name], config.datasets[dataset_name]
     out = Path(config.out_dir)
     if cell.model is not None:
         model, wall, cpu = Path(cell.model), None, None
     else:
-        model, wall, cpu = train(out / re.sub(r"[^\w.-]+", "_", name), Path(cell.train), cell.changes)
+        changes = {**cell.changes, "seed": seed} if seed else cell.changes
+        model, wall, cpu = train(out / re.sub(r"[^\w.-]+", "_", name), Path(cell.train), changes)
     experiment = Experiment(name=re.sub(r"[^\w.-]+", "_", name), model=str(model), raw=dataset.raw,
                             ground_truth=dataset.ground_truth, validation_roi=dataset.validation_roi,
                             test_roi=dataset.test_roi, run=dataset.run, biases=cell.biases, select=dataset.select,
@@ -145,10 +151,16 @@ def run_cell(config: TableConfig, name: str, row: str, dataset_name: str) -> dic
 
 
 def cells(config: TableConfig):
+    """(name, row, dataset, seed) of every cell in the order run."""
     for dataset in config.datasets:
         for row, by_dataset in config.rows.items():
             if dataset in by_dataset:
-                yield f"{dataset}: {row}", row, dataset
+                for seed in by_dataset[dataset].seeds:
+                    yield seed_name(f"{dataset}: {row}", seed), row, dataset, seed
+
+
+def seed_name(name: str, seed: int) -> str:
+    return name if seed == 0 else f"{name} seed {seed}"
 
 
 def tables(config: TableConfig, results: dict[str, dict]) -> str:
@@ -159,9 +171,11 @@ def tables(config: TableConfig, results: dict[str, dict]) -> str:
     for row in config.rows:
         cells = []
         for dataset in datasets:
-            r = results.get(f"{dataset}: {row}")
-            cells.append("not run" if r is None else
-                         ", ".join(f"{r[k]:.3f}" for k in SCORES[config.datasets[dataset].select]))
+            if dataset not in config.rows[row]:
+                cells.append("—")
+                continue
+            names = (seed_name(f"{dataset}: {row}", s) for s in config.rows[row][dataset].seeds)
+            cells.append(summary([results[n] for n in names if n in results], SCORES[config.datasets[dataset].select]))
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     auc = ["| cell | pairs: AUC (wrong) | segments: AUC (wrong) | edges: AUC (wrong) |", "| --- | --- | --- | --- |"]
     for name, r in results.items():
@@ -180,8 +194,8 @@ def tables(config: TableConfig, results: dict[str, dict]) -> str:
 
 def main() -> None:
     table_main("python benchmarks/latent_masks_table.py", __doc__, "configs/latent_masks_table.json", TableConfig, "latent_masks_table.json",
-               lambda config: ((name, partial(run_cell, config, name, row, dataset))
-                              for name, row, dataset in cells(config)),
+               lambda config: ((name, partial(run_cell, config, name, row, dataset, seed))
+                              for name, row, dataset, seed in cells(config)),
                tables, tuple(k for keys in SCORES.values() for k in keys))
 
 

@@ -30,7 +30,6 @@ came from; the tables go beside it as .md and are printed.
 from __future__ import annotations
 
 import re
-import statistics
 import subprocess
 import sys
 from functools import partial
@@ -43,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.accuracy import Experiment, run_experiment  # noqa: E402
-from benchmarks.cells import measured, table_main, train  # noqa: E402
+from benchmarks.cells import measured, summary, table_main, train  # noqa: E402
 from pipeline.cli import cli_main  # noqa: E402
 from pipeline.config import AbsPath, RoiConfig, Strict, ZarrPath, load_json  # noqa: E402
 
@@ -141,21 +140,6 @@ def run_cell(config: SparseNucleiConfig, name: str, fraction, column_name: str, 
     return {"name": name, **score(config, name, model, column), "train_s": wall, "train_cpu_s": cpu, **measured()}
 
 
-def summary(rows: list[dict]) -> str:
-    """One table cell: the mean of each score, and with several seeds the
-    half range (n seeds)."""
-    if not rows:
-        return "not run"
-    parts = []
-    for key in SCORES:
-        values = [r[key] for r in rows]
-        mean = statistics.mean(values)
-        spread = f" ± {(max(values) - min(values)) / 2:.3f}" if len(values) > 1 else ""
-        parts.append(f"{key.upper()} {mean:.3f}{spread}")
-    seeds = f" ({len(rows)} seeds)" if len(rows) > 1 else ""
-    return ", ".join(parts) + seeds
-
-
 def tables(config: SparseNucleiConfig, results: dict[str, dict]) -> str:
     columns = list(config.columns)
     lines = ["| annotated nuclei | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
@@ -163,9 +147,9 @@ def tables(config: SparseNucleiConfig, results: dict[str, dict]) -> str:
         cells = []
         for column in columns:
             rows = [results[n] for n in results if n.startswith(f"{percent(fraction)} {column} seed ")]
-            cells.append(summary(rows))
+            cells.append(summary(rows, SCORES))
         lines.append(f"| {percent(fraction)} | " + " | ".join(cells) + " |")
-    dense = [summary([results[f"100% {c}"]]) if f"100% {c}" in results else "—" for c in columns]
+    dense = [summary([results[f"100% {c}"]], SCORES) if f"100% {c}" in results else "—" for c in columns]
     lines.append("| 100% (dense, bundled) | " + " | ".join(dense) + " |")
     head = f"{percent(config.ablation_fraction)} {config.ablation_column}"
     ablation = [f"| {config.ablation_column} at {percent(config.ablation_fraction)} | AJI | PQ | SBD | mutex bias | training s |",
