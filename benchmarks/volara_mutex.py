@@ -19,7 +19,11 @@ its bias where affseg subtracts), long-range stride 1 3 3; the graph
 mutex watershed over the mean affinity of each class of offsets between
 two fragments, one edge per class (volara `AffAgglom.scores` and
 `GraphMWS.weights` (1, 0) and (1, -1); affseg's mutex_graph and segments),
-SQLite on both sides, N local workers. affseg also removes segments below
+SQLite on both sides. Each chain runs twice: with N local worker
+processes, and in one process (affseg's `launcher.kind: "in_process"`,
+volara's `run_blockwise(multiprocessing=False)`), since on a sample this
+small a worker process's start (its imports) is a large part of the CPU.
+affseg also removes segments below
 `mutex.min_size` (200 voxels, its default) by growing the others over them;
 volara has no such step. Each side runs as a child process whose CPU time
 (user + system, its workers included) is read from the kernel when it
@@ -51,6 +55,7 @@ def nearest(offset) -> bool:
 
 
 def volara_side(affs: str, offsets: list, out: Path, workers: int) -> None:
+    """workers 0: volara's serial mode, every block in this process."""
     """volara's chain: ExtractFrags -> AffAgglom -> GraphMWS -> Relabel."""
     from funlib.persistence import open_ds
     from volara.blockwise import AffAgglom, ExtractFrags, GraphMWS, Relabel
@@ -67,38 +72,47 @@ def volara_side(affs: str, offsets: list, out: Path, workers: int) -> None:
     extract = ExtractFrags(
         db=db, affs_data=affs_data, frags_data=fragments, block_size=BLOCK, context=CONTEXT,
         bias=[0.0 if nearest(o) else -1.0 for o in offsets],
-        strides=[(1, 1, 1) if nearest(o) else STRIDE for o in offsets], num_workers=workers)
+        strides=[(1, 1, 1) if nearest(o) else STRIDE for o in offsets], num_workers=max(workers, 1))
     agglom = AffAgglom(
         db=db, affs_data=affs_data, frags_data=fragments, block_size=BLOCK,
         context=tuple(max(c, r) for c, r in zip(CONTEXT, reach)),
         scores={"adjacent": [o for o in offsets if nearest(o)], "long_range": [o for o in offsets if not nearest(o)]},
-        num_workers=workers)
+        num_workers=max(workers, 1))
     mws = GraphMWS(db=db, lut=lut, weights={"adjacent": (1.0, 0.0), "long_range": (1.0, -1.0)},
                    roi=(volume.roi.offset, volume.roi.shape))
     relabel = Relabel(frags_data=fragments, seg_data=Labels(store=out / "volara.zarr" / "segmentation"), lut=lut,
-                      block_size=BLOCK, num_workers=workers)
-    (extract + agglom + mws + relabel).run_blockwise(multiprocessing=True)
+                      block_size=BLOCK, num_workers=max(workers, 1))
+    if workers:
+        (extract + agglom + mws + relabel).run_blockwise(multiprocessing=True)
+    else:
+        # in serial mode volara sets Relabel up (reading the look-up table)
+        # before GraphMWS has written it: the relabelling runs after
+        (extract + agglom + mws).run_blockwise(multiprocessing=False)
+        relabel.run_blockwise(multiprocessing=False)
 
 
 def affseg_side(affs: Path, offsets: list, out: Path, workers: int) -> Path:
-    """affseg's main job from the given affinities, partition mutex_3d."""
+    """affseg's main job from the given affinities, partition mutex_3d;
+    workers 0: launcher in_process, every block in the master."""
     volume = json.loads((affs / ".zattrs").read_text())
     voxel = volume["voxel_size"]
+    name = f"affseg_{workers}"
     config = {
-        "run_dir": str(out / "affseg"),
+        "run_dir": str(out / name),
         "raw": str(REPO / "data/fib25_medulla/fib25.zarr/raw"),
         "ground_truth": None,
         "affinities": {"dataset": str(affs), "offsets": offsets},
         "partition": "mutex_3d",
         "mutex": {"biases": [0.0 if nearest(o) else 1.0 for o in offsets], "long_range_stride": list(STRIDE)},
         "postprocess": {"block_shape": [b * v for b, v in zip(BLOCK, voxel)],
-                        "context": [c * v for c, v in zip(CONTEXT, voxel)], "workers": workers},
+                        "context": [c * v for c, v in zip(CONTEXT, voxel)], "workers": max(workers, 1)},
+        "launcher": {"kind": "local" if workers else "in_process"},
     }
-    config_path = out / "affseg.json"
+    config_path = out / f"{name}.json"
     config_path.write_text(json.dumps(config, indent=2))
     subprocess.run([sys.executable, str(REPO / "pipeline/predict.py"), str(config_path)], check=True,
                    stdout=subprocess.DEVNULL)
-    return out / "affseg" / "volumes.zarr" / "segmentation"
+    return out / name / "volumes.zarr" / "segmentation"
 
 
 def measured(run):
@@ -151,28 +165,39 @@ def main() -> None:
         sys.exit("volara_mutex: --volara-python PATH is required (see --help for the install line)")
     if not affs.exists():
         sys.exit(f"volara_mutex: {affs} does not exist: run `make bench` first, or name affinities")
+    if args.workers < 1:
+        sys.exit("volara_mutex: --workers must be at least 1 (the one-process rows are always run)")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    (out / "offsets.json").write_text(json.dumps(offsets))
     rows = {}
-    seg, cpu, wall = measured(lambda: affseg_side(affs, offsets, out, args.workers))
-    rows["affseg mutex_3d"] = (cpu, wall, score(seg, Path(args.ground_truth)))
-    _, cpu, wall = measured(lambda: subprocess.run(
-        [args.volara_python, __file__, str(affs), "--volara-side", "--out", str(out), "--workers", str(args.workers)],
-        check=True, cwd=out, stdout=subprocess.DEVNULL))
-    # volara writes zarr v3, which affseg's zarr 2 does not read: its
-    # interpreter exports the segmentation, outside the measured run
-    subprocess.run([args.volara_python, "-c", "import sys, numpy, zarr; "
-                    "numpy.save(sys.argv[2], zarr.open_array(sys.argv[1], mode='r')[:])",
-                    str(out / "volara.zarr" / "segmentation"), str(out / "volara_segmentation.npy")], check=True)
-    rows["volara 1.0.5"] = (cpu, wall, score(out / "volara_segmentation.npy", Path(args.ground_truth)))
-    print(f"{affs}: {args.workers} workers, blocks {BLOCK}, context {CONTEXT} voxels")
-    print(f"{'chain':<18}{'CPU s':>8}{'wall s':>8}{'VOI':>8}{'split':>8}{'merge':>8}{'ARAND':>8}")
+    # each chain with its worker processes, and in one process (affseg's
+    # in_process launcher, volara's serial mode)
+    for workers in (args.workers, 0):
+        label = f"{args.workers} workers" if workers else "one process"
+        seg, cpu, wall = measured(lambda: affseg_side(affs, offsets, out, workers))
+        rows[f"affseg, {label}"] = (cpu, wall, score(seg, Path(args.ground_truth)))
+        side = out / f"volara_{workers}"
+        side.mkdir()
+        (side / "offsets.json").write_text(json.dumps(offsets))
+        _, cpu, wall = measured(lambda: subprocess.run(
+            [args.volara_python, __file__, str(affs), "--volara-side", "--out", str(side), "--workers", str(workers)],
+            check=True, cwd=side, stdout=subprocess.DEVNULL))
+        # volara writes zarr v3, which affseg's zarr 2 does not read: its
+        # interpreter exports the segmentation, outside the measured run
+        subprocess.run([args.volara_python, "-c", "import sys, numpy, zarr; "
+                        "numpy.save(sys.argv[2], zarr.open_array(sys.argv[1], mode='r')[:])",
+                        str(side / "volara.zarr" / "segmentation"), str(side / "segmentation.npy")], check=True)
+        rows[f"volara, {label}"] = (cpu, wall, score(side / "segmentation.npy", Path(args.ground_truth)))
+    print(f"{affs}: blocks {BLOCK}, context {CONTEXT} voxels")
+    print(f"{'chain':<24}{'CPU s':>8}{'wall s':>8}{'VOI':>8}{'split':>8}{'merge':>8}{'ARAND':>8}")
     for name, (cpu, wall, s) in rows.items():
-        print(f"{name:<18}{cpu:>8.1f}{wall:>8.1f}{s['voi']:>8.3f}{s['voi_split']:>8.3f}"
+        print(f"{name:<24}{cpu:>8.1f}{wall:>8.1f}{s['voi']:>8.3f}{s['voi_split']:>8.3f}"
               f"{s['voi_merge']:>8.3f}{s['arand']:>8.3f}")
-    affseg_cpu, volara_cpu = rows["affseg mutex_3d"][0], rows["volara 1.0.5"][0]
-    print(f"affseg uses {affseg_cpu / volara_cpu:.3f} of volara's CPU")
+    volara = rows[f"volara, {args.workers} workers"][0]
+    for name, (cpu, _, _) in rows.items():
+        if name.startswith("affseg"):
+            print(f"{name} uses {cpu / volara:.3f} of volara's CPU with {args.workers} workers "
+                  f"and {cpu / rows['volara, one process'][0]:.3f} of volara's in one process")
 
 
 if __name__ == "__main__":

@@ -232,7 +232,10 @@ class Resources(Strict):
 
 
 class LauncherConfig(Strict):
-    kind: Literal["local", "slurm", "lsf"] = "local"
+    # "local": worker processes on this machine; "slurm", "lsf": cluster
+    # jobs; "in_process": every block in the master process, one after
+    # another (pipeline/orchestration/in_process.py: small volumes, pdb)
+    kind: Literal["local", "slurm", "lsf", "in_process"] = "local"
     # per step resources; steps not named get the defaults
     resources: dict[Literal["predict", "fragments", "agglomerate", "relabel"], Resources] = Field(
         default_factory=dict
@@ -302,11 +305,20 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _sqlite_stays_local(self) -> RunConfig:
-        if self.store == "sqlite" and self.launcher.kind != "local" and not self.launcher.allow_sqlite:
+        if self.store == "sqlite" and self.launcher.kind in ("slurm", "lsf") and not self.launcher.allow_sqlite:
             raise ValueError(
                 f"store: SQLite with the {self.launcher.kind} launcher is refused: cluster workers share run_dir "
                 f"over a network file system, where SQLite's locks are unsafe; use a mongodb:// store (or set "
                 f"launcher.allow_sqlite: true if run_dir's file system supports POSIX locks)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _in_process_is_one_worker(self) -> RunConfig:
+        if self.launcher.kind == "in_process" and (self.predict.workers, self.postprocess.workers) != (1, 1):
+            raise ValueError(
+                f"launcher.kind in_process runs one block at a time in the master process: predict.workers "
+                f"({self.predict.workers}) and postprocess.workers ({self.postprocess.workers}) must be 1"
             )
         return self
 

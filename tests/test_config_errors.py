@@ -47,6 +47,9 @@ CASES = {
     "unreachable mongodb": ({"store": "mongodb://127.0.0.1:9/affseg", "store_timeout_s": 1}, "cannot reach MongoDB at mongodb://127.0.0.1:9/affseg"),
     "not a store": ({"store": "postgres://x"}, "store: 'postgres://x' is neither"),
     "sqlite on a cluster": ({"launcher": {"kind": "slurm"}}, "store: SQLite with the slurm launcher is refused"),
+    "in_process with workers": ({"launcher": {"kind": "in_process"}, "postprocess__workers": 2},
+                                "launcher.kind in_process runs one block at a time in the master process: "
+                                "predict.workers (1) and postprocess.workers (2) must be 1"),
     "threshold listed twice": ({"agglomerate": {"thresholds": [0.3, 0.3], "threshold": 0.3}}, "lists a value twice"),
     "threshold not listed": ({"agglomerate": {"thresholds": [0.3], "threshold": 0.5}}, "must be one of thresholds"),
     "epsilon above thresholds": (

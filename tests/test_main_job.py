@@ -325,6 +325,65 @@ def test_a_block_that_keeps_failing_fails_the_run_with_its_cause(reference, run_
     np.testing.assert_array_equal(volume(run_dir, "segmentation"), volume(reference, "segmentation"))
 
 
+def test_in_process_runs_every_block_in_the_master_with_the_same_segmentation(reference, run_config, tmp_path):
+    """launcher in_process: the same volumes and scores as the reference's
+    worker processes, from the master alone (no worker logs), with the
+    report's counts and a progress log that status reads as done."""
+    config = run_config(tmp_path / "config.json", launcher={"kind": "in_process"},
+                        postprocess={"block_shape": [200, 800, 800], "context": [100, 300, 300], "workers": 1})
+    run_dir = Path(json.loads(config.read_text())["run_dir"])
+    process = subprocess.Popen([sys.executable, "pipeline/predict.py", str(config)], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    workers = set()
+    try:
+        # a predict block takes seconds here: a worker process would be seen
+        while process.poll() is None:
+            workers.update(s for s in ("predict", "fragments", "agglomerate", "relabel", "evaluate")
+                           if worker_pids(s, run_dir / "config.json"))
+            time.sleep(0.05)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0 and not workers, workers
+    for name in ("affs", "fragments", "segmentation"):
+        np.testing.assert_array_equal(volume(run_dir, name), volume(reference, name))
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["scores"] == json.loads((reference / "report.json").read_text())["scores"]
+    for step in ("predict", "fragments", "agglomerate", "relabel", "evaluate"):
+        assert report["steps"][step]["completed"] == report["steps"][step]["blocks"] > 0
+        assert report["steps"][step]["cpu_s"] > 0
+    status = read_status(run_dir / "progress.jsonl")
+    assert status["finished"]
+    for step in ("predict", "fragments", "agglomerate", "relabel", "evaluate"):
+        assert status["steps"][step]["state"] == "done", status
+        assert status["steps"][step]["completed"] == status["steps"][step]["total"] > 0
+
+
+def test_in_process_stops_at_a_failing_block_and_the_rerun_resumes(reference, run_config, tmp_path):
+    """A block's exception stops an in_process run with its step, block and
+    cause in one line (the traceback in the step's log); the repaired
+    re-run does only what is left and equals the reference."""
+    offsets = json.loads((reference / "layout.json").read_text())["offsets"]
+    config = run_config(tmp_path / "config.json", launcher={"kind": "in_process"}, model=None,
+                        affinities={"dataset": str(reference / "volumes.zarr" / "affs"), "offsets": offsets},
+                        postprocess={"block_shape": [200, 800, 800], "context": [100, 300, 300], "workers": 1})
+    run_dir = tmp_path / "run"
+    blocker = run_dir / "volumes.zarr" / "fragments" / "1" / "1"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("")
+    result = run_cli("pipeline/predict.py", str(config))
+    assert result.returncode == 1
+    assert "run failed: fragments: block" in result.stderr and "failed (KeyError" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" in (run_dir / "logs" / "fragments" / "in_process.err").read_text()
+    assert not (run_dir / "report.json").exists()
+
+    blocker.unlink()
+    run_predict(config)
+    report = json.loads((run_dir / "report.json").read_text())
+    assert 0 < report["steps"]["fragments"]["skipped"] < report["steps"]["fragments"]["blocks"]
+    np.testing.assert_array_equal(volume(run_dir, "segmentation"), volume(reference, "segmentation"))
+
+
 @pytest.mark.parametrize("chunk", [
     # sections 128..159, y and x 64..127: inside the test ROI, and none of
     # the master's samples

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import daisy
 
+from pipeline.orchestration.in_process import BlockFailed, InProcessStep, run_in_process
 from pipeline.orchestration.launchers import failed_workers
 from pipeline.orchestration.progress import ProgressLog
 
@@ -63,12 +64,21 @@ def native_stderr_to(path: Path) -> Iterator[None]:
 
 
 def run_daisy(pipeline, progress: ProgressLog, report: dict, logs: Path) -> None:
-    steps = [task.task_id for task in (pipeline.tasks if isinstance(pipeline, daisy.Pipeline) else [pipeline])]
+    tasks = pipeline.tasks if isinstance(pipeline, daisy.Pipeline) else [pipeline]
+    steps = [task.task_id for task in tasks]
     failed_before = {step: failed_workers(logs, step) for step in steps}
-    server = daisy.Server()
     with native_stderr_to(logs / "daisy.log"):
-        states = server.run_blockwise(pipeline, progress=progress, summary=False)
-    per_task = (server.last_tracking_summary or {}).get("per_task", {})
+        # the launcher kind made the process functions: block functions of
+        # this process (in_process) or worker commands
+        if all(isinstance(task.process_function, InProcessStep) for task in tasks):
+            try:
+                states, per_task = run_in_process(tasks, pipeline, progress, logs)
+            except BlockFailed as e:
+                raise RunFailed(str(e)) from e
+        else:
+            server = daisy.Server()
+            states = server.run_blockwise(pipeline, progress=progress, summary=False)
+            per_task = (server.last_tracking_summary or {}).get("per_task", {})
     failed = []
     for step, state in states.items():
         blocks = int(state.completed_count)

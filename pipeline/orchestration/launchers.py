@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import LauncherConfig, Resources
+from pipeline.orchestration.in_process import InProcessStep
 
 
 @dataclass(frozen=True)
@@ -92,5 +93,9 @@ def failed_workers(logs: Path, step: str) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def make_launcher(step: str, config_path: str, launcher: LauncherConfig) -> Launcher:
+def make_launcher(step: str, config_path: str, launcher: LauncherConfig) -> Launcher | InProcessStep:
+    """A daisy task's process function: a worker command, or for the
+    in_process kind a block function of the master's."""
+    if launcher.kind == "in_process":
+        return InProcessStep(step, config_path)
     return Launcher(step, config_path, launcher.kind, launcher.resources.get(step, Resources()))
