@@ -174,8 +174,10 @@ def tables(config: TableConfig, results: dict[str, dict]) -> str:
             if dataset not in config.rows[row]:
                 cells.append("—")
                 continue
-            names = (seed_name(f"{dataset}: {row}", s) for s in config.rows[row][dataset].seeds)
-            cells.append(summary([results[n] for n in names if n in results], SCORES[config.datasets[dataset].select]))
+            seeds = config.rows[row][dataset].seeds
+            runs = [results[n] for n in (seed_name(f"{dataset}: {row}", s) for s in seeds) if n in results]
+            missing = f" (seeds run: {len(runs)} of {len(seeds)})" if 0 < len(runs) < len(seeds) else ""
+            cells.append(summary(runs, SCORES[config.datasets[dataset].select]) + missing)
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     auc = ["| cell | pairs: AUC (wrong) | segments: AUC (wrong) | edges: AUC (wrong) |", "| --- | --- | --- | --- |"]
     for name, r in results.items():
