@@ -81,8 +81,8 @@ def main() -> None:
                         help="voxels (default 100 155 155: the bench's block and context)")
     parser.add_argument("--rounds", type=int, default=3, help="timed calls per implementation (best counts)")
     parser.add_argument("--tie-runs", type=int, nargs="+", default=[8], metavar="N",
-                        help="affseg's kernel with ties shuffled in runs of N edges, one row each (0: unshuffled; "
-                             "default 8, the kernel's TIE_RUN)")
+                        help="affseg's kernel with ties shuffled in runs of N edges, N a power of two, one row "
+                             "each (0: unshuffled; default 8, the kernel's TIE_RUN)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -92,6 +92,8 @@ def main() -> None:
 
     from pipeline.evaluation.metrics import Contingency, scores
 
+    if any(run < 0 or run & (run - 1) for run in args.tie_runs):
+        sys.exit(f"mutex_kernel: --tie-runs takes 0 or powers of two, not {args.tie_runs}")
     path = Path(args.affs)
     if not path.exists():
         sys.exit(f"mutex_kernel: {path} does not exist: run `make bench` first, or name affinities")

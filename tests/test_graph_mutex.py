@@ -93,3 +93,40 @@ def test_order_keys_take_strong_edges_first_and_repulsion_at_a_tie():
     keys, counts = order_keys(np.array([255, -255, 1, -1, 0, 128, 128], dtype=np.int16))
     assert list(keys) == [1, 0, 509, 508, 510, 255, 255]
     assert counts.sum() == 7 and counts[255] == 2 and counts[510] == 1
+
+
+def test_edge_strengths_are_the_pair_weighted_means_of_each_class_of_offsets():
+    from fractions import Fraction
+
+    from pipeline.orchestration.segments import edge_strengths
+    from pipeline.storage.graph_records import Edges
+
+    rng = np.random.default_rng(4)
+    n, channels = 300, 6
+    nearest = np.array([True, True, True, False, False, False])
+    # biases on the 1/510 grid (shifts of x.5 on the uint8 scale: ties to round half to even)
+    biases = np.array([0.0, 0.1, 0.3, 1.0, 0.5, 0.7])
+    pairs = rng.integers(0, 5, (n, channels)).astype(np.uint32)
+    pairs[rng.random((n, channels)) < 0.4] = 0
+    pairs[:10, :3] = 0  # linked by long-range offsets only
+    pairs[10:20, 3:] = 0  # by the nearest neighbours only
+    affinities = np.where(pairs > 0, rng.integers(0, 256, (n, channels)), 0).astype(np.uint8)
+    u = np.arange(n, dtype=np.uint64) + 1
+    v = u + 1000
+    edges = Edges(u, v, {"linked": pairs > 0, "affinities": affinities, "pairs": pairs})
+    got = list(edge_strengths(edges, nearest, biases))
+    assert len(got) == 2
+    ties = 0
+    for (gu, gv, strength), members in zip(got, (nearest, ~nearest)):
+        expected = {}
+        for i in range(n):
+            count = sum(int(pairs[i, c]) for c in range(channels) if members[c])
+            if count:
+                total = sum(int(pairs[i, c]) * (int(affinities[i, c]) - Fraction(biases[c] * 255).limit_denominator(2))
+                            for c in range(channels) if members[c])
+                expected[int(u[i])] = round(total / count)  # half to even, as np.rint
+                ties += (total / count).denominator == 2
+        assert strength.dtype == np.int16
+        assert dict(zip(gu.tolist(), strength.tolist())) == expected
+        np.testing.assert_array_equal(gv, gu + 1000)
+    assert ties > 10  # means halfway between two strengths: the rounding is tested

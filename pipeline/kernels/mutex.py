@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from pipeline.kernels.compiled.grid_mutex import LEVELS, grid_edges, shuffle_buckets
+from pipeline.kernels.compiled.grid_mutex import LEVELS, grid_edges, tie_order
 from pipeline.kernels.graph_mutex import mutex_clusters
 from pipeline.kernels.watershed import relabel_consecutive
 
@@ -27,7 +27,7 @@ def stride_mask(shape, offset, stride, rng: np.random.Generator | None = None) -
     return keep
 
 
-TIE_RUN = 8
+TIE_RUN = 8  # a power of two: the scatter finds an edge's run by a shift
 
 
 def mutex_watershed(affs: np.ndarray, offsets, biases, strides=None, rng: np.random.Generator | None = None,
@@ -95,13 +95,20 @@ def edge_order(affs: np.ndarray, offsets, biases, strides=None, rng: np.random.G
     inside = np.ones(grid, dtype=bool) if foreground is None else np.asarray(foreground, dtype=bool).reshape(grid)
     affs = np.ascontiguousarray(affs.reshape(len(affs), *grid))
     index_type = np.int32 if int(np.prod(grid)) < 2**31 else np.int64
-    # two passes: count each bucket's edges, then deal them into one array
+    run_bits = TIE_RUN.bit_length() - 1
+    if TIE_RUN != 1 << run_bits:
+        raise ValueError(f"TIE_RUN must be a power of two, not {TIE_RUN}")
+    # two passes: count each bucket's edges, then deal them into one array,
+    # each bucket's runs of ties where `tie_order` draws them
     counts = np.zeros(2 * LEVELS + 1, dtype=np.int64)
-    grid_edges(affs, offsets3, bias2, keep, inside, counts, np.empty((0, 2), dtype=index_type), False)
+    none = np.empty(0, dtype=np.int64)
+    grid_edges(affs, offsets3, bias2, keep, inside, counts, np.empty((0, 2), dtype=index_type), none, none,
+               run_bits, False)
     bounds = np.concatenate([[0], np.cumsum(counts[: 2 * LEVELS])])  # strength 0 is no edge
+    first_run, run_start = tie_order(bounds, np.uint64(tie_seed), run_bits)
     pairs = np.empty((bounds[-1], 2), dtype=index_type)
-    grid_edges(affs, offsets3, bias2, keep, inside, bounds[:-1].copy(), pairs, True)
-    shuffle_buckets(pairs, bounds, np.uint64(tie_seed), TIE_RUN)
+    grid_edges(affs, offsets3, bias2, keep, inside, np.zeros_like(counts), pairs, first_run, run_start, run_bits,
+               True)
     return pairs, bounds
 
 

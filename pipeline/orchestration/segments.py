@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.config import threshold_key
+from pipeline.kernels.compiled.graph_mutex import class_strengths
 from pipeline.kernels.graph_mutex import LEVELS, mutex_lut
 from pipeline.kernels.lut import FragmentIndex, build_luts
 from pipeline.orchestration.run_layout import RunDir, RunLayout
@@ -43,13 +44,12 @@ def edge_strengths(edges: Edges, nearest: np.ndarray, biases: np.ndarray):
     on the uint8 scale. Yields (u, v, strength) for each class, for the
     edges that class links: two edges between one pair, as volara's
     adjacent and long-range edges."""
-    pairs = edges["pairs"].astype(np.int64)
-    signed = edges["affinities"].astype(np.float64) - np.asarray(biases, dtype=np.float64) * LEVELS
+    pairs, affinities = np.ascontiguousarray(edges["pairs"]), np.ascontiguousarray(edges["affinities"])
+    shift = np.asarray(biases, dtype=np.float64) * LEVELS
+    strength, has = np.empty(len(pairs), dtype=np.int16), np.empty(len(pairs), dtype=bool)
     for members in (nearest, ~nearest):
-        count = pairs[:, members].sum(axis=1)
-        has = count > 0
-        mean = (pairs[:, members] * signed[:, members]).sum(axis=1)[has] / count[has]
-        yield edges.u[has], edges.v[has], np.clip(np.rint(mean), -LEVELS, LEVELS).astype(np.int16)
+        class_strengths(pairs, affinities, shift, members, LEVELS, strength, has)
+        yield edges.u[has], edges.v[has], strength[has]
 
 
 def write_mutex_lut(layout: RunLayout, run_dir: RunDir, store: GraphStore, key: str, biases, min_size: int) -> dict[str, int]:

@@ -65,6 +65,26 @@ def strength_buckets(strength, levels, keys, counts) -> bool:
 
 
 @njit(cache=True, nogil=True)
+def class_strengths(pairs, affinities, shift, members, levels, strength, has) -> None:
+    """Per edge i, over the channels c in `members`: the pair-weighted mean
+    of affinities[i, c] - shift[c] (pairs (E, C) uint32, affinities (E, C)
+    uint8 means), rounded half to even and clipped to -levels..levels, into
+    strength[i]; has[i]: some member channel links the edge. One pass, no
+    (E, C) temporaries (numpy's took 0.45 s of the bench's 0.8 s master
+    step)."""
+    for i in range(pairs.shape[0]):
+        count = np.int64(0)
+        total = 0.0
+        for c in range(pairs.shape[1]):
+            if members[c] and pairs[i, c] > 0:
+                count += np.int64(pairs[i, c])
+                total += np.float64(pairs[i, c]) * (np.float64(affinities[i, c]) - shift[c])
+        has[i] = count > 0
+        if count > 0:
+            strength[i] = min(levels, max(-levels, np.int64(np.rint(total / count))))
+
+
+@njit(cache=True, nogil=True)
 def _key(a, b, n):
     lo, hi = (a, b) if a < b else (b, a)
     return np.int64(lo) * np.int64(n) + np.int64(hi)

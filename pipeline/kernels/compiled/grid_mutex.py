@@ -11,8 +11,8 @@ affs / 255 - bias exactly, for every bias that is a multiple of 1/510
 (0, 0.1, ..., 0.5, ..., 1 all are). Strength 0 is no edge. Buckets as the
 graph kernel's (`bucket_of`): the strongest first, repulsion before
 attraction at equal strength, voxel pairs within a bucket channel by
-channel, voxels in C order, until `shuffle_buckets` takes runs of them in
-a seeded random order (pipeline/kernels/mutex.py `edge_order` says why).
+channel, voxels in C order, in runs taken in a seeded random order
+(`tie_order`; pipeline/kernels/mutex.py `edge_order` says why).
 Tested against mwatershed (tests/test_mutex_kernel.py)."""
 
 from __future__ import annotations
@@ -26,13 +26,17 @@ LEVELS = 510
 
 
 @njit(cache=True, nogil=True)
-def grid_edges(affs, offsets, bias2, keep, foreground, cursor, pairs, scatter) -> None:
+def grid_edges(affs, offsets, bias2, keep, foreground, seen, pairs, first_run, run_start, run_bits, scatter) -> None:
     """affs (C, Z, Y, X) uint8, offsets (C, 3), bias2 (C,) ints in 0..510,
-    keep (C, Z, Y, X) and foreground (Z, Y, X) bools. Counting pass
-    (`scatter` False): cursor[k] += the number of edges of bucket k.
-    Scatter pass: pairs[cursor[k]] <- (p, p + offset), flat voxel indices,
-    cursor[k] advanced; `cursor` must hold each bucket's start."""
+    keep (C, Z, Y, X) and foreground (Z, Y, X) bools; seen[k] (zeros on
+    entry) += the number of edges of bucket k. Counting pass (`scatter`
+    False): nothing else. Scatter pass: the j-th edge of bucket k, (p, p +
+    offset) as flat voxel indices, goes to pairs[run_start[first_run[k] +
+    j >> run_bits] + j % 2^run_bits] (`tie_order`): each bucket in its
+    runs' shuffled order, with no pass of its own over the pairs (the
+    separate shuffle took twice the time of this scatter)."""
     channels, depth, height, width = affs.shape
+    within = (np.int64(1) << run_bits) - 1
     for c in range(channels):
         dz, dy, dx = offsets[c, 0], offsets[c, 1], offsets[c, 2]
         step = (dz * height + dy) * width + dx
@@ -47,10 +51,11 @@ def grid_edges(affs, offsets, bias2, keep, foreground, cursor, pairs, scatter) -
                         continue
                     key = bucket_of(strength, LEVELS)
                     if scatter:
-                        at = cursor[key]
+                        j = seen[key]
+                        at = run_start[first_run[key] + (j >> run_bits)] + (j & within)
                         pairs[at, 0] = row + x
                         pairs[at, 1] = row + x + step
-                    cursor[key] += 1
+                    seen[key] += 1
 
 
 @njit(cache=True, nogil=True)
@@ -63,28 +68,36 @@ def _splitmix(state):
 
 
 @njit(cache=True, nogil=True)
-def shuffle_buckets(pairs, bounds, seed, run) -> None:
-    """Each bucket's pairs (pairs[bounds[k]:bounds[k + 1]]) in a random
-    order of their own, in place, as runs of `run` consecutive pairs taken
-    in a random order (Fisher-Yates with splitmix64 from `seed`: the same
-    order for the same seed on any machine). A run keeps neighbouring
-    voxels together, which the union-find's memory needs."""
+def tie_order(bounds, seed, run_bits):
+    """Where `grid_edges` puts each bucket's edges: within bucket k
+    (pairs[bounds[k]:bounds[k + 1]]) runs of 2^run_bits consecutive edges
+    (in channel-by-channel, C order) in a random order of the bucket's own
+    (Fisher-Yates with splitmix64 from `seed`, bucket after bucket: the
+    same order for the same seed on any machine). A run keeps neighbouring
+    voxels together, which the union-find's memory needs. Returns
+    (first_run: bucket k's runs are first_run[k]..first_run[k + 1] - 1,
+    run_start: where each run's first edge goes)."""
+    run = np.int64(1) << run_bits
+    buckets = len(bounds) - 1
+    first_run = np.zeros(buckets + 1, dtype=np.int64)
+    for k in range(buckets):
+        first_run[k + 1] = first_run[k] + (bounds[k + 1] - bounds[k] + run - 1) // run
+    run_start = np.empty(first_run[-1], dtype=np.int64)
+    order = np.empty(max(1, np.max(np.diff(first_run))), dtype=np.int64)
     state = np.uint64(seed)
-    scratch = np.empty_like(pairs[: max(1, np.max(np.diff(bounds)))])
-    for k in range(len(bounds) - 1):
+    for k in range(buckets):
         low, high = bounds[k], bounds[k + 1]
-        runs = (high - low + run - 1) // run
-        if runs < 2:
-            continue
-        order = np.arange(runs)
-        for i in range(runs - 1, 0, -1):
-            state, z = _splitmix(state)
-            j = np.int64(z % np.uint64(i + 1))
-            order[i], order[j] = order[j], order[i]
-        at = 0
-        for r in order:
-            start = low + r * run
-            stop = min(high, start + run)
-            scratch[at : at + stop - start] = pairs[start:stop]
-            at += stop - start
-        pairs[low:high] = scratch[: high - low]
+        runs = first_run[k + 1] - first_run[k]
+        for i in range(runs):
+            order[i] = i
+        if runs >= 2:
+            for i in range(runs - 1, 0, -1):
+                state, z = _splitmix(state)
+                j = np.int64(z % np.uint64(i + 1))
+                order[i], order[j] = order[j], order[i]
+        at = low
+        for i in range(runs):
+            r = order[i]
+            run_start[first_run[k] + r] = at
+            at += min(high, low + (r + 1) * run) - (low + r * run)
+    return first_run, run_start
