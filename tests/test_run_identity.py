@@ -27,6 +27,12 @@ from pipeline.orchestration.job import open_run
 from tests.conftest import BASELINE, RAW, REPO, assert_one_line_error, run_cli
 
 
+# these tests are about what a run's results belong to, not how its blocks
+# are run: one process, without worker start-ups
+IN_PROCESS = {"launcher": {"kind": "in_process"}, "predict": {"device": "cpu", "output_shape": [40, 80, 80], "workers": 1},
+              "postprocess": {"block_shape": [200, 800, 800], "context": [100, 300, 300], "workers": 1}}
+
+
 def run_predict(config: Path) -> dict:
     result = run_cli("pipeline/predict.py", str(config))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -44,10 +50,11 @@ def test_runs_with_the_same_folder_name_keep_their_own_graphs(tmp_path, run_conf
     uri = mongodb_uri.rstrip("/") + "/"
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
-    first = run_config(tmp_path / "a" / "config.json", run_dir=str(tmp_path / "a" / "exp"), store=uri, **BASELINE)
+    first = run_config(tmp_path / "a" / "config.json", run_dir=str(tmp_path / "a" / "exp"), store=uri, **BASELINE,
+                       **IN_PROCESS)
     # another epsilon: another graph, so a mix-up changes the scores
     second = run_config(tmp_path / "b" / "config.json", run_dir=str(tmp_path / "b" / "exp"), store=uri,
-                        fragments={"method": "waterz", "epsilon_agglomerate": 0.1}, **BASELINE)
+                        fragments={"method": "waterz", "epsilon_agglomerate": 0.1}, **BASELINE, **IN_PROCESS)
     before = run_predict(first)["scores"]
     run_predict(second)
     again = run_predict(first)
@@ -77,7 +84,7 @@ def test_a_database_of_another_run_is_refused(tmp_path, run_config, mongodb_uri)
 
 
 def test_a_resumed_run_whose_graph_was_lost_redoes_the_graph_steps(tmp_path, run_config):
-    config = run_config(tmp_path / "config.json", **BASELINE)
+    config = run_config(tmp_path / "config.json", **BASELINE, **IN_PROCESS)
     run_dir = tmp_path / "run"
     before = run_predict(config)["scores"]
     (run_dir / "graph.sqlite").unlink()
@@ -96,7 +103,8 @@ def test_close_thresholds_keep_their_own_tables_and_relabel_follows_the_chosen_o
     run_dir = RunDir(tmp_path / "run")
     counts = {}
     for chosen in (0.3205, 0.3245, 0.3205):
-        config = run_config(tmp_path / "config.json", agglomerate={"thresholds": thresholds, "threshold": chosen}, **BASELINE)
+        config = run_config(tmp_path / "config.json", agglomerate={"thresholds": thresholds, "threshold": chosen},
+                            **BASELINE, **IN_PROCESS)
         report = run_predict(config)
         assert report["steps"]["relabel"]["skipped"] == 0
         fragments = open_ds(run_dir.volumes / "fragments")
