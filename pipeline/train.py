@@ -39,10 +39,13 @@ from pipeline.cli import cli_main
 from pipeline.config import load_json
 from pipeline.orchestration.devices import choose_device
 from pipeline.training.config import TrainConfig
-from pipeline.training.loop import Training
 
 
 def train(config: TrainConfig, device: str, init_from: Path | None = None) -> Path:
+    # imported here, after the config is checked: the loop brings gunpowder
+    # (2 s of imports), and a bad config is refused without waiting for it
+    from pipeline.training.loop import Training
+
     training = Training(config, device, init_from)
     started = time.time()
     first = training.run(config.iterations)
