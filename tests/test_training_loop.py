@@ -203,3 +203,44 @@ def test_bad_optimiser_and_schedule_settings_are_one_line(tmp_path, nuclei):
 def test_optimizer_defaults_are_torchs_adam():
     assert OptimizerConfig().model_dump() == {"name": "adam", "learning_rate": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8,
                                               "weight_decay": 0.0, "amsgrad": False}
+
+
+def test_best_share_is_the_densest_box_of_the_mask():
+    import numpy as np
+    from skimage.transform import integral_image
+
+    from pipeline.training.gunpowder_pipeline import best_share
+
+    rng = np.random.default_rng(3)
+    mask = rng.random((3, 12, 15)) < 0.3
+    mask[1, 2:7, 3:9] = True  # one dense patch
+    integral = integral_image(mask.astype(np.uint32))
+    for window in ((1, 1, 1), (1, 5, 6), (2, 4, 7), (3, 12, 15), (1, 12, 2)):
+        counts = [int(mask[z:z + window[0], y:y + window[1], x:x + window[2]].sum())
+                  for z in range(3 - window[0] + 1) for y in range(12 - window[1] + 1) for x in range(15 - window[2] + 1)]
+        assert best_share(integral, window) == max(counts) / math.prod(window), window
+    assert best_share(integral, (4, 1, 1)) == 0.0  # no box that large fits
+
+
+def test_a_min_annotated_no_location_reaches_is_one_line_not_a_hang(tmp_path, nuclei):
+    """Sparse sampling draws locations until one holds `min_annotated` of
+    annotated instance voxels; where none can, it drew forever (a training
+    on 5% of the nuclei hung before its first batch). Here the densest
+    64 x 64 box of the nuclei is 0.81 nuclei, and the batches come from a
+    PreCache worker, whose error reaches the user as its one line."""
+    raw, labels = nuclei
+    config = nuclei_config(tmp_path, nuclei, output_shape=[1, 64, 64], min_annotated=0.9, precache_workers=1,
+                           augment={"elastic": None, "defects": None, "intensity": None},
+                           volumes=[{"raw": raw, "labels": labels, "sparse": True,
+                                     "roi": {"offset": [0, 0, 0], "shape": [40, 520, 696]}}])
+    path = tmp_path / "train.json"
+    path.write_text(config.model_dump_json())
+    result = run_cli("pipeline/train.py", str(path), timeout=300)
+    # the error comes once the batches are asked for: under the progress bar
+    *bar, error = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and all(line.startswith("train:") for line in bar), result.stderr[-3000:]
+    assert error.startswith("affseg: error: min_annotated: no location of volumes.0 has 0.9 of its (1, 64, 64) voxels")
+    # reachable: the same volume trains
+    path.write_text(config.model_copy(update={"min_annotated": 0.5, "iterations": 2}).model_dump_json())
+    result = run_cli("pipeline/train.py", str(path), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -59,6 +59,21 @@ def check_shapes(model, input_shape: Coordinate, output_shape: Coordinate) -> No
         )
 
 
+def user_error_of(error: Exception) -> UserError | None:
+    """The UserError a pipeline node raised, or None. PreCache's workers
+    hand the main process only the formatted traceback of an exception
+    (the type is lost with the process), so it is found by its last line."""
+    while error is not None:
+        text = str(error).rstrip()
+        marker = f"{UserError.__module__}.{UserError.__qualname__}: "
+        if marker in text:
+            return UserError(text[text.rindex(marker) + len(marker):].splitlines()[0])
+        if isinstance(error, UserError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def batch_seed(seed: int, iteration: int) -> int:
     """The gunpowder seed of iteration's batch: a function of the config's
     seed and the iteration, so a resumed run draws the batches it would
@@ -144,7 +159,10 @@ class Training:
             # PreCache's workers share one request, so a seeded one would
             # give them all the same batch: seeds only without it
             self.request._random_seed = batch_seed(self.config.seed, self.iteration)
-        batch = self.pipeline.request_batch(self.request)
+        try:
+            batch = self.pipeline.request_batch(self.request)
+        except gp.PipelineRequestError as e:
+            raise user_error_of(e) or e
         k = self.keys
 
         def tensor(key, dtype=torch.float32):
