@@ -36,7 +36,7 @@ from functools import partial
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -70,6 +70,9 @@ class SparseNucleiConfig(Strict):
     fractions: list[Annotated[float, Field(gt=0, lt=1)]]
     # training seeds per fraction ("0.1": [0, 1]); other fractions: [0]
     seeds: dict[str, list[int]] = {}
+    # per fraction, the training's min_annotated where the training configs'
+    # is one no location reaches ("0.05": 0.02; train.py refuses it)
+    min_annotated: dict[str, Annotated[float, Field(gt=0, lt=1)]] = {}
     columns: dict[str, Column]
     # CRAC method settings changed for each ablation row, at one fraction
     ablation_column: str
@@ -77,6 +80,15 @@ class SparseNucleiConfig(Strict):
     ablations: dict[str, dict]
     # RunConfig sections for every run (predict, mutex, postprocess)
     run: dict
+
+    @model_validator(mode="after")
+    def _keys_are_fractions(self) -> SparseNucleiConfig:
+        known = {f"{fraction:g}" for fraction in self.fractions}
+        for field in ("seeds", "min_annotated"):
+            unknown = sorted(set(getattr(self, field)) - known)
+            if unknown:
+                raise ValueError(f"{field}: {unknown} are not among the fractions {sorted(known)}")
+        return self
 
 
 def percent(fraction: float) -> str:
@@ -133,6 +145,8 @@ def run_cell(config: SparseNucleiConfig, name: str, fraction, column_name: str, 
     if fraction is None:
         return {"name": name, **score(config, name, Path(column.dense_model), column), "train_s": None, **measured()}
     overrides = {"volumes": [sparse_copy(config, fraction)], "seed": seed}
+    if f"{fraction:g}" in config.min_annotated:
+        overrides["min_annotated"] = config.min_annotated[f"{fraction:g}"]
     if changes:
         method = load_json(str(column.train))["method"]
         overrides["method"] = {**method, **changes}
@@ -148,7 +162,9 @@ def tables(config: SparseNucleiConfig, results: dict[str, dict]) -> str:
         for column in columns:
             rows = [results[n] for n in results if n.startswith(f"{percent(fraction)} {column} seed ")]
             cells.append(summary(rows, SCORES))
-        lines.append(f"| {percent(fraction)} | " + " | ".join(cells) + " |")
+        changed = config.min_annotated.get(f"{fraction:g}")
+        label = percent(fraction) + ("" if changed is None else f" (min_annotated {changed:g})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     dense = [summary([results[f"100% {c}"]], SCORES) if f"100% {c}" in results else "—" for c in columns]
     lines.append("| 100% (dense, bundled) | " + " | ".join(dense) + " |")
     head = f"{percent(config.ablation_fraction)} {config.ablation_column}"
