@@ -105,6 +105,15 @@ def nuclei(tmp_path_factory) -> tuple[str, str]:
     return str(container / "raw"), str(container / "labels")
 
 
+# the test crop's block-wise settings: 2 x 2 x 2 = 8 blocks; context about
+# 10 x 30 x 30 voxels, enough for agglomeration near a block border to see
+# the objects it joins
+PREDICT = {"device": "cpu", "output_shape": [40, 80, 80], "workers": 1}
+POSTPROCESS = {"block_shape": [200, 800, 800], "context": [100, 300, 300], "workers": 2}
+# the same blocks, every one in the master process (launcher in_process)
+IN_PROCESS = {"launcher": {"kind": "in_process"}, "predict": PREDICT, "postprocess": {**POSTPROCESS, "workers": 1}}
+
+
 @pytest.fixture(scope="session")
 def run_config(labels):
     """Writes a run config for the test crop; keyword arguments override keys."""
@@ -117,13 +126,11 @@ def run_config(labels):
             "roi": TEST_ROI,
             "model": {"checkpoint": str(MODEL)},
             "store": "sqlite",
-            "predict": {"device": "cpu", "output_shape": [40, 80, 80], "workers": 1},
+            "predict": PREDICT,
             "fragments": {"method": "waterz", "epsilon_agglomerate": 0.3},
             # the demo's operating threshold (see the README's results)
             "agglomerate": {"thresholds": [0.3, 0.5, 0.7], "threshold": 0.5},
-            # 2 x 2 x 2 = 8 blocks; context about 10 x 30 x 30 voxels, enough for
-            # agglomeration near a block border to see the objects it joins
-            "postprocess": {"block_shape": [200, 800, 800], "context": [100, 300, 300], "workers": 2},
+            "postprocess": POSTPROCESS,
         }
         config.update(overrides)
         path.write_text(json.dumps(config))

@@ -25,7 +25,7 @@ from pipeline.orchestration.partitioners import Waterz
 from pipeline.orchestration.run_layout import RunDir
 from pipeline.status import read_status
 from pipeline.storage.graph_store import open_store
-from tests.conftest import RAW, REPO, assert_one_line_error, run_cli
+from tests.conftest import IN_PROCESS, RAW, REPO, assert_one_line_error, run_cli
 from tests.test_lut import reference_segments
 
 
@@ -329,8 +329,7 @@ def test_in_process_runs_every_block_in_the_master_with_the_same_segmentation(re
     """launcher in_process: the same volumes and scores as the reference's
     worker processes, from the master alone (no worker logs), with the
     report's counts and a progress log that status reads as done."""
-    config = run_config(tmp_path / "config.json", launcher={"kind": "in_process"},
-                        postprocess={"block_shape": [200, 800, 800], "context": [100, 300, 300], "workers": 1})
+    config = run_config(tmp_path / "config.json", **IN_PROCESS)
     run_dir = Path(json.loads(config.read_text())["run_dir"])
     process = subprocess.Popen([sys.executable, "pipeline/predict.py", str(config)], cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -364,9 +363,8 @@ def test_in_process_stops_at_a_failing_block_and_the_rerun_resumes(reference, ru
     cause in one line (the traceback in the step's log); the repaired
     re-run does only what is left and equals the reference."""
     offsets = json.loads((reference / "layout.json").read_text())["offsets"]
-    config = run_config(tmp_path / "config.json", launcher={"kind": "in_process"}, model=None,
-                        affinities={"dataset": str(reference / "volumes.zarr" / "affs"), "offsets": offsets},
-                        postprocess={"block_shape": [200, 800, 800], "context": [100, 300, 300], "workers": 1})
+    config = run_config(tmp_path / "config.json", **IN_PROCESS, model=None,
+                        affinities={"dataset": str(reference / "volumes.zarr" / "affs"), "offsets": offsets})
     run_dir = tmp_path / "run"
     blocker = run_dir / "volumes.zarr" / "fragments" / "1" / "1"
     blocker.parent.mkdir(parents=True)

@@ -24,13 +24,11 @@ from pipeline.kernels.lut import LookUpTable
 from pipeline.orchestration.partitioners import Waterz
 from pipeline.orchestration.run_layout import RunDir
 from pipeline.orchestration.job import open_run
-from tests.conftest import BASELINE, RAW, REPO, assert_one_line_error, run_cli
+from tests.conftest import BASELINE, IN_PROCESS, RAW, REPO, assert_one_line_error, run_cli
 
 
-# these tests are about what a run's results belong to, not how its blocks
-# are run: one process, without worker start-ups
-IN_PROCESS = {"launcher": {"kind": "in_process"}, "predict": {"device": "cpu", "output_shape": [40, 80, 80], "workers": 1},
-              "postprocess": {"block_shape": [200, 800, 800], "context": [100, 300, 300], "workers": 1}}
+# the jobs below run in one process (IN_PROCESS): these tests are about what
+# a run's results belong to, not how its blocks are run
 
 
 def run_predict(config: Path) -> dict:
