@@ -18,6 +18,18 @@ class UserError(Exception):
     """A problem with the user's config or data, described in one line."""
 
 
+class RunFailed(Exception):
+    """A run (or evaluation) that stopped for a reason a re-run of the same
+    command gets past: blocks that did not finish, a store that stopped
+    answering. The command says so in one line and exits with EXIT_FAILED."""
+
+
+class StoreLost(RunFailed):
+    """A graph store that answered the run before and does not now (a
+    restarted server, a network outage): the run fails and its re-run
+    resumes, where a store never reached is a UserError (a wrong URI)."""
+
+
 def describe_validation_error(error: pydantic.ValidationError, source: str = "config") -> str:
     first = error.errors()[0]
     field = ".".join(str(p) for p in first["loc"])

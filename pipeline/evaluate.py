@@ -24,10 +24,10 @@ from daisy import logging as daisy_logging
 
 from pipeline.config import RunConfig, threshold_key
 from pipeline.cli import cli_main, run_command
-from pipeline.errors import EXIT_FAILED, UserError
+from pipeline.errors import EXIT_FAILED, RunFailed, UserError
 from pipeline.evaluation.instance_metrics import SCORES as INSTANCE_SCORES
 from pipeline.evaluation.metrics import Contingency, scores
-from pipeline.orchestration.daisy_run import RunFailed, run_daisy
+from pipeline.orchestration.daisy_run import run_daisy
 from pipeline.orchestration.master_lock import master_lock
 from pipeline.orchestration.progress import ProgressLog
 from pipeline.orchestration.run_layout import RunDir, RunLayout, check_ground_truth

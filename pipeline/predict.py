@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # run as `python pipeline/predict.py`
 
 from pipeline.cli import cli_main
 from pipeline.config import RunConfig, load_json
-from pipeline.errors import EXIT_FAILED
+from pipeline.errors import EXIT_FAILED, RunFailed
 from pipeline.orchestration.supervisor import supervise
 from pipeline.storage.credentials import move_inline_password
 
@@ -42,7 +42,6 @@ def main() -> int:
     # only the master needs the job (torch, zarr, daisy: seconds to import);
     # the supervisor and a refused config stay quick
     from pipeline.evaluate import format_table
-    from pipeline.orchestration.daisy_run import RunFailed
     from pipeline.orchestration.job import run
     from pipeline.orchestration.run_layout import RunDir
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.errors import UserError
+from pipeline.errors import StoreLost, UserError
 from pipeline.storage.graph_records import EDGE_ATTRIBUTES, Attribute, Edges, Nodes, encode_edges
 from pipeline.storage.graph_store import BLOCK_RANGE, VALID_DATABASE, RunOwner, default_database, open_store
 
@@ -173,8 +173,22 @@ def test_unreachable_mongodb_names_the_uri_without_waiting_for_the_request_timeo
     started = time.monotonic()
     with pytest.raises(UserError, match="cannot reach MongoDB at mongodb://127.0.0.1:9/affseg"):
         # the master's first contact (FIRST_CONTACT_S), here 1 s, not the 120 s of a request
-        open_store(uri, tmp_path, "0" * 32, timeout_s=120, reach_s=1)
+        open_store(uri, tmp_path, "0" * 32, timeout_s=120, first_contact_s=1)
     assert time.monotonic() - started < 30
+
+
+def test_a_server_the_run_reached_before_and_that_is_gone_is_an_outage_not_a_bad_config(tmp_path, mongodb_process):
+    # the master's first contact says "cannot reach" (exit 2: a wrong URI);
+    # any later open, a worker's or the master's segments step, fails the
+    # run for a re-run (exit 1) once the server is away longer than timeout_s
+    uri = mongodb_process.uri + "gone"
+    open_store(uri, tmp_path, "0" * 32, first_contact_s=15).close()
+    mongodb_process.kill()
+    with pytest.raises(UserError, match="cannot reach MongoDB at"):
+        open_store(uri, tmp_path, "0" * 32, timeout_s=120, first_contact_s=1)
+    with pytest.raises(StoreLost, match=r"stopped answering \(ServerSelectionTimeoutError\)$") as lost:
+        open_store(uri, tmp_path, "0" * 32, timeout_s=1)
+    assert not isinstance(lost.value, UserError)
 
 
 def test_default_database_names_never_collide_and_are_always_valid():
@@ -235,14 +249,14 @@ def test_a_full_sqlite_database_says_so(tmp_path):
 def test_a_frozen_mongodb_server_fails_the_request_instead_of_stalling_it(tmp_path, mongodb_process):
     import time
 
-    from pymongo.errors import AutoReconnect
-
     with open_store(mongodb_process.uri + "frozen", tmp_path, "0" * 32, timeout_s=1) as store:
         store.write_nodes(0, nodes([1], 0))
         mongodb_process.freeze()
         try:
             started = time.time()
-            with pytest.raises(AutoReconnect):  # NetworkTimeout and ServerSelectionTimeoutError are kinds of it
+            # an outage the run's re-run gets past, not a bad config
+            with pytest.raises(StoreLost, match=r"^store: MongoDB at mongodb://127\.0\.0\.1:\d+/frozen stopped answering "
+                                                r"\((NetworkTimeout|AutoReconnect|ServerSelectionTimeoutError)\)$"):
                 store.write_nodes(1, nodes([2], 1))
             # five attempts of about a second, with 7.5 s of back-off between them
             assert time.time() - started < 30

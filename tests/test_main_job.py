@@ -19,9 +19,12 @@ import torch
 import zarr
 from funlib.persistence import open_ds, prepare_ds
 
+from pipeline.config import RunConfig
+from pipeline.errors import RunFailed
 from pipeline.evaluation.metrics import evaluate_arrays
 from pipeline.kernels.lut import LookUpTable
 from pipeline.orchestration.partitioners import Waterz
+from pipeline.orchestration.progress import ProgressLog
 from pipeline.orchestration.run_layout import RunDir
 from pipeline.status import read_status
 from pipeline.storage.graph_store import open_store
@@ -420,8 +423,10 @@ def test_blocks_that_time_out_fail_the_run_saying_so(run_config, tmp_path):
 def test_mongodb_killed_mid_step_and_restarted_loses_nothing(reference, run_config, tmp_path, mongodb_process):
     config = run_config(tmp_path / "config.json", store=mongodb_process.uri)
     run_dir = Path(json.loads(config.read_text())["run_dir"])
-    process = subprocess.Popen([sys.executable, "pipeline/predict.py", str(config)], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    stderr = tmp_path / "stderr"
+    with stderr.open("w") as err:
+        process = subprocess.Popen([sys.executable, "pipeline/predict.py", str(config)], cwd=REPO,
+                                   stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
     try:
         deadline = time.time() + 600
         while True:
@@ -441,9 +446,31 @@ def test_mongodb_killed_mid_step_and_restarted_loses_nothing(reference, run_conf
     # the store's retries may ride out the outage, or blocks fail and the
     # same command finishes them
     if code != 0:
-        assert code == 1
+        assert code == 1, stderr.read_text()[-2000:]
         run_predict(config)
     np.testing.assert_array_equal(volume(run_dir, "segmentation"), volume(reference, "segmentation"))
+
+
+def test_a_store_lost_after_the_run_reached_it_fails_the_run_for_a_re_run_not_as_a_bad_config(run_config, tmp_path,
+                                                                                                mongodb_process):
+    # CI once killed the server just before the master's segments step: the
+    # run said "cannot reach MongoDB" as for a wrong URI (exit 2), not that
+    # a re-run resumes (exit 1)
+    path = run_config(tmp_path / "config.json", store=mongodb_process.uri, store_timeout_s=1, **IN_PROCESS)
+    run_dir = RunDir(run_predict(path))
+    mongodb_process.kill()
+    # a re-run that cannot reach the store at its start: as a wrong URI
+    result = run_cli("pipeline/predict.py", str(path))
+    assert_one_line_error(result, "store: cannot reach MongoDB at")
+    # the server gone after the start: the master's segments step, as the
+    # re-run that found it would run it
+    config, layout = RunConfig(**json.loads(path.read_text())), run_dir.read_layout()
+    progress = ProgressLog(run_dir.progress, ["segments"], {}, bars=False)
+    with pytest.raises(RunFailed, match=r"^segments: store: MongoDB at mongodb://127\.0\.0\.1:\d+/ stopped answering "
+                                        r"\(ServerSelectionTimeoutError\)$"):
+        layout.partitioner.finish(config, layout, run_dir, progress, {"steps": {}}, done=set(layout.block_steps))
+    mongodb_process.start()
+    assert run_cli("pipeline/predict.py", str(path)).returncode == 0
 
 
 def _on_a_cluster() -> dict:

@@ -14,13 +14,10 @@ from pathlib import Path
 
 import daisy
 
+from pipeline.errors import RunFailed
 from pipeline.orchestration.in_process import BlockFailed, InProcessStep, run_in_process
 from pipeline.orchestration.launchers import failed_workers
 from pipeline.orchestration.progress import ProgressLog
-
-
-class RunFailed(Exception):
-    pass
 
 
 _ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*")
@@ -132,7 +129,10 @@ def report_finished(step: str, blocks: int, progress: ProgressLog, report: dict)
 def master_step(step: str, progress: ProgressLog, report: dict, function):
     progress.log_step(step, "start")
     started = time.time()
-    result = function()
+    try:
+        result = function()
+    except RunFailed as e:  # a lost store: the failure line names the step
+        raise RunFailed(f"{step}: {e}") from e
     wall = time.time() - started
     report["steps"][step] = {
         "wall_s": round(wall, 2),

@@ -63,7 +63,7 @@ def open_run(config: RunConfig, held: ExitStack | None = None) -> tuple[RunLayou
     owner = RunOwner(run_id, str(run_dir.path.resolve()), socket.gethostname())
     # reach the store and check whose graph it holds before touching the
     # run dir: a bad URI or a store of another run leaves nothing behind
-    with run_store(config, run_dir, run_id, reach_s=FIRST_CONTACT_S) as store:
+    with run_store(config, run_dir, run_id, first_contact_s=FIRST_CONTACT_S) as store:
         store.check_owner(owner)
         fresh = claim_run_dir(run_dir, record, run_id)
         known = store.claim(owner)

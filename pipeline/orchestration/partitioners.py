@@ -143,9 +143,11 @@ class GraphPartitioner(Partitioner):
 
     def finish(self, config: RunConfig, layout: RunLayout, run_dir: RunDir, progress: ProgressLog, report: dict,
                done: Collection[str]) -> None:
-        with run_store(config, run_dir) as store:
-            report["graph"] = master_step("segments", progress, report,
-                                          lambda: self.build_tables(config, layout, run_dir, store))
+        def segments() -> dict[str, int]:
+            with run_store(config, run_dir) as store:
+                return self.build_tables(config, layout, run_dir, store)
+
+        report["graph"] = master_step("segments", progress, report, segments)
         if self.relabel_step not in done:
             run_daisy(step_task(self.relabel_step, config, layout, run_dir), progress, report, run_dir.logs)
 

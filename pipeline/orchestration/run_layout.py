@@ -493,11 +493,11 @@ class RunDir:
 
 
 def run_store(config: RunConfig, run_dir: RunDir, run_id: str | None = None,
-              reach_s: float | None = None) -> GraphStore:
+              first_contact_s: float | None = None) -> GraphStore:
     """The run's graph store; `run_id` before the directory records one.
-    `reach_s`: see open_store."""
+    `first_contact_s`: see open_store."""
     return open_store(config.store, run_dir.path, run_id or run_dir.run_id(), config.store_password_file,
-                      config.store_timeout_s, reach_s)
+                      config.store_timeout_s, first_contact_s)
 
 
 def model_identity(config: RunConfig) -> str | dict:

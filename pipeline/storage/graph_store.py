@@ -34,7 +34,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from pipeline.errors import UserError
+from pipeline.errors import StoreLost, UserError
 from pipeline.storage.graph_records import Edges, Nodes, Record, columns_needed, decode, edges_of, encode_edges, encode_nodes, nodes_of
 from pipeline.storage.credentials import hide_in, masked, password, split_password, with_password
 
@@ -332,13 +332,14 @@ class MongoGraphStore(GraphStore):
     """For clusters where many workers write at once. One client per worker
     process (the store is opened once in a worker's set-up), a document
     per record (block, part, meta and a binary field per column), retries
-    with back-off on transient connection errors."""
+    with back-off on transient connection errors, StoreLost when they do
+    not pass (see open_store)."""
 
     RETRIES = 5
     COLLECTIONS = {"nodes": "node_records", "edges": "edge_records"}
 
     def __init__(self, uri: str, default_database: str, secret: str | None = None, timeout_s: float = STORE_TIMEOUT_S,
-                 reach_s: float | None = None):
+                 first_contact_s: float | None = None):
         import pymongo
         from pymongo.errors import PyMongoError
 
@@ -357,12 +358,15 @@ class MongoGraphStore(GraphStore):
         except (PyMongoError, ValueError) as e:  # pymongo checks the URI's syntax here
             raise UserError(f"store: not a valid MongoDB URI: {hide_in(str(e), secret)}") from e
         try:
-            with pymongo.timeout(min(reach_s or timeout_s, timeout_s)):
+            with pymongo.timeout(min(first_contact_s or timeout_s, timeout_s)):
                 self.client.admin.command("ping")
         except PyMongoError as e:
             self.client.close()
-            reason = "authentication failed" if isinstance(e, pymongo.errors.OperationFailure) and e.code == 18 else type(e).__name__
-            raise UserError(f"store: cannot reach MongoDB at {self.uri}: {reason}") from e
+            refused = isinstance(e, pymongo.errors.OperationFailure) and e.code == 18
+            if refused or first_contact_s is not None:
+                reason = "authentication failed" if refused else type(e).__name__
+                raise UserError(f"store: cannot reach MongoDB at {self.uri}: {reason}") from e
+            raise self._lost(e) from e
         self.db = self.client[name]
         self.name = f"MongoDB database {name!r}"
         self.records = {kind: self.db[collection] for kind, collection in self.COLLECTIONS.items()}
@@ -381,15 +385,18 @@ class MongoGraphStore(GraphStore):
         for collection in self.records.values():
             self._retry(lambda: collection.create_index([("block", 1), ("part", 1)], unique=True))
 
+    def _lost(self, error: Exception) -> StoreLost:
+        return StoreLost(f"store: MongoDB at {self.uri} stopped answering ({type(error).__name__})")
+
     def _retry(self, operation):
-        from pymongo.errors import AutoReconnect, NetworkTimeout
+        from pymongo.errors import AutoReconnect  # NetworkTimeout and ServerSelectionTimeoutError are kinds of it
 
         for attempt in range(self.RETRIES):
             try:
                 return operation()
-            except (AutoReconnect, NetworkTimeout):
+            except AutoReconnect as e:
                 if attempt == self.RETRIES - 1:
-                    raise
+                    raise self._lost(e) from e
                 time.sleep(0.5 * 2**attempt)
 
     def reset(self) -> None:
@@ -485,14 +492,20 @@ def default_database(run_dir: Path, run_id: str) -> str:
 
 
 def open_store(store: str, run_dir: Path, run_id: str, password_file: str | None = None,
-               timeout_s: float = STORE_TIMEOUT_S, reach_s: float | None = None) -> GraphStore:
+               timeout_s: float = STORE_TIMEOUT_S, first_contact_s: float | None = None) -> GraphStore:
     """`store` is a RunConfig.store value: 'sqlite' or a MongoDB URI; a URI
     without a database gets the run's own (`default_database`). A password
     not in the URI comes from the environment or `password_file`
-    (pipeline/storage/credentials.py). `reach_s` bounds the wait for the
-    server's first answer (default: `timeout_s`)."""
+    (pipeline/storage/credentials.py).
+
+    `first_contact_s` is for a run's first contact (the master's start):
+    the wait for the server's first answer, and a server that does not
+    answer is the user's to fix (UserError: a wrong host or port). Without
+    it the run reached the server before, and one that does not answer
+    within `timeout_s` is an outage (StoreLost: the run fails and its
+    re-run resumes)."""
     if store == "sqlite":
         return SqliteGraphStore(run_dir / "graph.sqlite")
     secret = password(Path(password_file) if password_file else None)
     return MongoGraphStore(store, default_database=default_database(run_dir, run_id), secret=secret, timeout_s=timeout_s,
-                           reach_s=reach_s)
+                           first_contact_s=first_contact_s)
