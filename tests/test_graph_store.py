@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -189,6 +190,14 @@ def test_a_server_the_run_reached_before_and_that_is_gone_is_an_outage_not_a_bad
     with pytest.raises(StoreLost, match=r"stopped answering \(ServerSelectionTimeoutError\)$") as lost:
         open_store(uri, tmp_path, "0" * 32, timeout_s=1)
     assert not isinstance(lost.value, UserError)
+    # a server restarted while a worker opens the store: ridden out by the
+    # retries of every request (about 12 s of them at timeout_s 1)
+    restart = threading.Timer(2, mongodb_process.start)
+    restart.start()
+    try:
+        open_store(uri, tmp_path, "0" * 32, timeout_s=1).close()
+    finally:
+        restart.join()
 
 
 def test_default_database_names_never_collide_and_are_always_valid():

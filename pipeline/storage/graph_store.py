@@ -358,15 +358,22 @@ class MongoGraphStore(GraphStore):
         except (PyMongoError, ValueError) as e:  # pymongo checks the URI's syntax here
             raise UserError(f"store: not a valid MongoDB URI: {hide_in(str(e), secret)}") from e
         try:
-            with pymongo.timeout(min(first_contact_s or timeout_s, timeout_s)):
-                self.client.admin.command("ping")
+            if first_contact_s is None:
+                # a server the run reached before: ride out a restart as every request does
+                self._retry(lambda: self.client.admin.command("ping"))
+            else:
+                with pymongo.timeout(min(first_contact_s, timeout_s)):
+                    self.client.admin.command("ping")
+        except StoreLost:
+            self.client.close()
+            raise
         except PyMongoError as e:
             self.client.close()
             refused = isinstance(e, pymongo.errors.OperationFailure) and e.code == 18
-            if refused or first_contact_s is not None:
-                reason = "authentication failed" if refused else type(e).__name__
-                raise UserError(f"store: cannot reach MongoDB at {self.uri}: {reason}") from e
-            raise self._lost(e) from e
+            if not refused and first_contact_s is None:
+                raise self._lost(e) from e
+            reason = "authentication failed" if refused else type(e).__name__
+            raise UserError(f"store: cannot reach MongoDB at {self.uri}: {reason}") from e
         self.db = self.client[name]
         self.name = f"MongoDB database {name!r}"
         self.records = {kind: self.db[collection] for kind, collection in self.COLLECTIONS.items()}
