@@ -16,9 +16,13 @@ import pytest
 from funlib.geometry import Coordinate, Roi
 from funlib.persistence import open_ds
 
+from pipeline.config import RunConfig
+from pipeline.errors import RunFailed
 from pipeline.kernels.lut import LookUpTable
+from pipeline.orchestration.progress import ProgressLog
 from pipeline.orchestration.resume import Cells, DoneMarkers, _box_sums
-from pipeline.orchestration.run_layout import RunLayout
+from pipeline.orchestration.run_layout import RunDir, RunLayout
+from pipeline.storage.graph_store import open_store
 from pipeline.orchestration.tasks import step_geometry
 from tests.conftest import BASELINE, run_cli
 
@@ -68,6 +72,31 @@ def test_deleted_affinities_and_graph_are_redone_not_built_on(finished, run_conf
     assert "affseg: resuming: redoing blocks whose output is gone or was built on such a block: predict 4," in stderr
     for name in ("affs", "fragments", "segmentation"):
         np.testing.assert_array_equal(volume(run_dir, name), volume(finished, name))
+
+
+def test_a_graph_lost_during_the_run_fails_its_segments_step_instead_of_segmenting_what_is_left(finished, run_config,
+                                                                                                    tmp_path):
+    """A MongoDB server back without its data while workers still wrote:
+    the run once exited 0 with 5566 segments where the undamaged run has
+    2610 (the blocks written after the loss only). Here graph.sqlite is
+    deleted and one block's records come back, as a worker would write them,
+    before the master's segments step."""
+    config_path, run_dir = copy_of(finished, run_config, tmp_path)
+    config, directory = RunConfig(**json.loads(config_path.read_text())), RunDir(run_dir)
+    (run_dir / "graph.sqlite").unlink()
+    with open_store("sqlite", run_dir, directory.run_id()) as store, \
+            open_store("sqlite", finished, RunDir(finished).run_id()) as kept:
+        store.write_nodes(0, kept.read_nodes([0]))
+    layout = directory.read_layout()
+    progress = ProgressLog(directory.progress, ["segments"], {}, bars=False)
+    with pytest.raises(RunFailed, match=r"^segments: store: .*graph\.sqlite lost this run's graph during the run \(its "
+                                        r"owner record is gone\); empty it .* the run then redoes its graph steps$"):
+        layout.partitioner.finish(config, layout, directory, progress, {"steps": {}}, done=set(layout.block_steps))
+    # as the line says: emptied, the re-run redoes the graph and equals the undamaged run
+    (run_dir / "graph.sqlite").unlink()
+    report, stderr = run_predict(config_path)
+    assert "redoing blocks whose output is gone or was built on such a block: fragments 8, agglomerate 8" in stderr
+    np.testing.assert_array_equal(volume(run_dir, "segmentation"), volume(finished, "segmentation"))
 
 
 def test_deleted_fragments_with_another_threshold_are_redone(finished, run_config, tmp_path):

@@ -145,6 +145,7 @@ class GraphPartitioner(Partitioner):
                done: Collection[str]) -> None:
         def segments() -> dict[str, int]:
             with run_store(config, run_dir) as store:
+                store.check_holds_run(run_dir.run_id())
                 return self.build_tables(config, layout, run_dir, store)
 
         report["graph"] = master_step("segments", progress, report, segments)

@@ -148,6 +148,20 @@ class GraphStore(ABC):
         self.check_owner(owner)
         return False
 
+    def check_holds_run(self, run_id: str) -> None:
+        """Before the master reads the whole graph: the owner record is
+        written once, at the run's start, so a store without it lost the
+        run's graph since (a dropped database, a server back without its
+        data, a deleted graph.sqlite) and holds at most the blocks written
+        after; read, it gives a wrong segmentation without a word."""
+        recorded = self._recorded_owner()
+        if recorded is None or recorded["id"] != run_id:
+            # the blocks written since are in it, unclaimed: the re-run
+            # refuses such a store until it is emptied (check_owner)
+            raise StoreLost(f"store: {self.name} lost this run's graph during the run (its owner record is gone); "
+                            f"empty it (drop the database, or delete graph.sqlite) and re-run the same command: "
+                            f"the run then redoes its graph steps")
+
     @abstractmethod
     def _replace(self, kind: str, block: int, records: list[Record]) -> None:
         """Replace every record of `block` of `kind` ('nodes' or 'edges')."""
